@@ -1,0 +1,258 @@
+"""GRPO objective: group-relative advantages and the clipped policy-gradient loss.
+
+Pure torch, no distributed code. The learner actor calls these per micro-batch.
+
+Notation: N completions (rows), T completion tokens per row (right-padded), ``mask[N, T]`` is 1 on
+real completion tokens (prompt and padding tokens are never part of these tensors or are masked).
+
+Per valid token ``(i, t)``::
+
+    ratio      = exp(logp - old_logp)
+    pg         = -min(ratio * A_i, clip(ratio, 1 - eps_low, 1 + eps_high) * A_i)
+    kl (k3)    = exp(ref_logp - logp) - (ref_logp - logp) - 1
+    token_loss = pg + beta * kl
+
+Aggregations (``loss_agg``), with ``m`` the mask, ``L_i = sum_t m_it`` and ``sum`` over the rows
+and tokens this call receives:
+
+``"seq_mean_token_mean"`` (original GRPO, alias ``"grpo"``)
+    ``sum_i [sum_t token_loss_it m_it / max(L_i, 1)] / num_seqs``; every row counts once, a row
+    without valid tokens contributes 0 but still counts in ``num_seqs`` (as in TRL).
+``"token_mean"`` (DAPO, alias ``"dapo"``)
+    ``sum_it token_loss_it m_it / num_tokens``: every valid token of the (global) batch weighs the same.
+``"seq_mean_token_sum_norm"`` (Dr. GRPO, alias ``"dr_grpo"``)
+    ``sum_it token_loss_it m_it / (num_seqs * max_len_norm)`` with a constant ``max_len_norm``
+    (the generation budget ``max_tokens``; defaults to ``T`` of this call).
+
+Micro-batches and data-parallel ranks
+-------------------------------------
+By default ``num_seqs`` / ``num_tokens`` are those of the tensors passed in, so the result is the
+loss of that batch alone. When one optimiser step is computed from several pieces (gradient
+accumulation over micro-batches, and/or data-parallel ranks), pass the counts of the *whole* step:
+
+* ``global_num_seqs``: number of rows in the full batch (all micro-batches of all ranks),
+* ``global_num_tokens``: number of valid tokens (``mask.sum()``) in the full batch,
+* ``max_len_norm``: the same constant for every piece (Dr. GRPO).
+
+Then every aggregation is a plain sum over pieces divided by a constant, hence
+``sum(grpo_loss(piece, global_*)) == grpo_loss(full batch)`` exactly, and so are the gradients.
+Under data parallelism the gradients are *averaged* over ``world_size`` ranks, so a rank
+multiplies its micro-batch loss by ``world_size`` (``loss_scale=world_size``) to make the
+all-reduced gradient equal the full-batch gradient (``vlgrpo.learner.learner_actor`` does this).
+
+``num_iterations`` (μ) > 1: pass the log-probs recorded before the first update of this batch as
+``old_logprobs`` (computed once by the learner, or by the sampler). With μ = 1 leave it ``None``:
+the ratio is then ``exp(logp - logp.detach()) == 1`` with the right gradient (as in TRL).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+LOSS_AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+_LOSS_AGG_ALIASES = {
+    "grpo": "seq_mean_token_mean",
+    "dapo": "token_mean",
+    "dr_grpo": "seq_mean_token_sum_norm",
+}
+
+
+def normalize_loss_agg(loss_agg: str) -> str:
+    """Canonical aggregation name (accepts the aliases ``grpo``/``dapo``/``dr_grpo``)."""
+    name = _LOSS_AGG_ALIASES.get(loss_agg, loss_agg)
+    if name not in LOSS_AGGREGATIONS:
+        raise ValueError(
+            f"unknown loss_agg {loss_agg!r}; choose one of {LOSS_AGGREGATIONS} "
+            f"(aliases {sorted(_LOSS_AGG_ALIASES)})"
+        )
+    return name
+
+
+@torch.no_grad()
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    scale_by_std: bool = True,
+    eps: float = 1e-4,
+) -> tuple[torch.Tensor, int]:
+    """Group-relative advantages for group-major rewards.
+
+    ``rewards[N]`` holds ``N / group_size`` groups, rows ``g*G .. g*G+G-1`` being group ``g``.
+    Returns ``(advantages[N] float32, num_zero_std_groups)``:
+
+    * ``scale_by_std=True`` (GRPO): ``(r - mean_g) / (std_g + eps)``, ``std_g`` unbiased (as TRL);
+    * ``scale_by_std=False`` (Dr. GRPO): ``r - mean_g``.
+
+    A group whose rewards are all equal gets exactly 0 (no float noise from the mean) and is
+    counted in ``num_zero_std_groups`` (a group of size 1 always is).
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    n = rewards.numel()
+    if group_size < 1 or n % group_size != 0:
+        raise ValueError(f"{n} rewards cannot be split in groups of {group_size}")
+    r = rewards.detach().to(torch.float32).view(-1, group_size)
+    mean = r.mean(dim=1, keepdim=True)
+    adv = r - mean
+    zero = (r.max(dim=1).values == r.min(dim=1).values)  # [num_groups]
+    if scale_by_std:
+        if group_size > 1:
+            std = r.std(dim=1, keepdim=True, unbiased=True)
+        else:
+            std = torch.zeros_like(mean)
+        adv = adv / (std + eps)
+    adv = torch.where(zero.unsqueeze(1), torch.zeros_like(adv), adv)
+    return adv.reshape(-1), int(zero.sum().item())
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    loss_agg: str = "seq_mean_token_mean",
+    max_len_norm: Optional[int] = None,
+    *,
+    global_num_seqs: Optional[float] = None,
+    global_num_tokens: Optional[float] = None,
+    importance_weights: Optional[torch.Tensor] = None,
+    loss_scale: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped GRPO loss of one (micro-)batch. See the module docstring for the formulas.
+
+    Args:
+        logprobs: ``[N, T]`` log-probs of the completion tokens under the current policy (with grad).
+        old_logprobs: ``[N, T]`` log-probs before this batch's first update (no grad), or ``None``
+            for ``logprobs.detach()`` (μ = 1).
+        advantages: ``[N]`` one advantage per row.
+        mask: ``[N, T]`` 1 on tokens that count (bool or 0/1).
+        ref_logprobs: ``[N, T]`` reference-model log-probs; required when ``beta != 0``. When given
+            with ``beta == 0`` the KL is still reported (not added to the loss).
+        beta: KL coefficient (k3 estimator).
+        epsilon_low / epsilon_high: clip range ``[1 - epsilon_low, 1 + epsilon_high]``.
+        loss_agg: ``seq_mean_token_mean`` | ``token_mean`` | ``seq_mean_token_sum_norm`` (or the
+            aliases ``grpo`` | ``dapo`` | ``dr_grpo``).
+        max_len_norm: Dr. GRPO constant normaliser (default ``T``).
+        global_num_seqs / global_num_tokens: counts of the whole optimiser step (see module
+            docstring) so that micro-batch losses add up to the full-batch loss.
+        importance_weights: optional ``[N, T]`` per-token weights (no grad) multiplying the
+            policy-gradient term, e.g. truncated importance sampling between the sampler's and the
+            learner's log-probs.
+        loss_scale: multiplies the returned loss (``world_size`` under data-parallel averaging).
+
+    Returns:
+        ``(loss, metrics)``; ``loss`` is a scalar with grad. ``metrics`` holds detached 0-dim
+        tensors: ``pg_loss`` and ``kl_loss`` (the two parts of ``loss`` before ``loss_scale``),
+        token means over the valid tokens of this call (``ratio_mean``, ``kl_mean``,
+        ``clip_frac_low``, ``clip_frac_high``, ``clip_frac``, ``adv_mean``), ``ratio_min``,
+        ``ratio_max``, and the counts ``num_tokens`` / ``num_seqs`` (weights for combining token
+        means across micro-batches).
+    """
+    agg = normalize_loss_agg(loss_agg)
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [N, T], got {tuple(logprobs.shape)}")
+    n, t = logprobs.shape
+    if mask.shape != logprobs.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != logprobs shape {tuple(logprobs.shape)}")
+    if advantages.shape != (n,):
+        raise ValueError(f"advantages must be [{n}], got {tuple(advantages.shape)}")
+    if beta != 0.0 and ref_logprobs is None:
+        raise ValueError("beta != 0 needs ref_logprobs")
+
+    m = mask.to(logprobs.dtype)
+    if old_logprobs is None:
+        old_logprobs = logprobs.detach()
+    adv = advantages.to(logprobs.dtype).unsqueeze(1)  # [N, 1]
+
+    log_ratio = logprobs - old_logprobs.to(logprobs.dtype)
+    # Masked positions may hold garbage (e.g. -inf): keep them finite so 0 * x stays 0.
+    log_ratio = torch.where(m > 0, log_ratio, torch.zeros_like(log_ratio))
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    pg = -torch.min(ratio * adv, clipped * adv)
+    if importance_weights is not None:
+        pg = pg * importance_weights.detach().to(pg.dtype)
+
+    kl = None
+    if ref_logprobs is not None:
+        d = ref_logprobs.to(logprobs.dtype) - logprobs
+        d = torch.where(m > 0, d, torch.zeros_like(d))
+        kl = torch.exp(d) - d - 1.0
+
+    num_tokens_local = m.sum()
+    num_seqs = float(global_num_seqs) if global_num_seqs is not None else float(n)
+    if num_seqs <= 0:
+        raise ValueError("global_num_seqs must be positive")
+
+    def aggregate(x: torch.Tensor) -> torch.Tensor:
+        xm = x * m
+        if agg == "seq_mean_token_mean":
+            per_seq = xm.sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+            return per_seq.sum() / num_seqs
+        if agg == "token_mean":
+            denom = (
+                torch.as_tensor(float(global_num_tokens), dtype=x.dtype, device=x.device)
+                if global_num_tokens is not None
+                else num_tokens_local.clamp(min=1.0)
+            )
+            return xm.sum() / denom
+        # seq_mean_token_sum_norm
+        norm = float(max_len_norm) if max_len_norm is not None else float(t)
+        return xm.sum() / (num_seqs * norm)
+
+    pg_loss = aggregate(pg)
+    loss = pg_loss
+    kl_loss = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    if kl is not None and beta != 0.0:
+        kl_loss = beta * aggregate(kl)
+        loss = loss + kl_loss
+    if loss_scale != 1.0:
+        loss = loss * loss_scale
+
+    with torch.no_grad():
+        valid = m > 0
+        denom = num_tokens_local.clamp(min=1.0)
+
+        def tmean(x: torch.Tensor) -> torch.Tensor:
+            return (x * m).sum() / denom
+
+        adv_b = adv.expand_as(ratio)
+        low = ((ratio < 1.0 - epsilon_low) & (adv_b < 0)).to(m.dtype)
+        high = ((ratio > 1.0 + epsilon_high) & (adv_b > 0)).to(m.dtype)
+        big = torch.finfo(ratio.dtype).max
+        has_valid = bool(valid.any())
+        metrics = {
+            "pg_loss": pg_loss.detach(),
+            "kl_loss": kl_loss.detach(),
+            "ratio_mean": tmean(ratio),
+            "ratio_min": torch.where(valid, ratio, torch.full_like(ratio, big)).min()
+            if has_valid else torch.ones((), dtype=ratio.dtype, device=ratio.device),
+            "ratio_max": torch.where(valid, ratio, torch.full_like(ratio, -big)).max()
+            if has_valid else torch.ones((), dtype=ratio.dtype, device=ratio.device),
+            "clip_frac_low": tmean(low),
+            "clip_frac_high": tmean(high),
+            "clip_frac": tmean(low + high),
+            "adv_mean": tmean(adv_b),
+            "num_tokens": num_tokens_local.detach(),
+            "num_seqs": torch.tensor(float(n), device=logprobs.device),
+        }
+        if kl is not None:
+            metrics["kl_mean"] = tmean(kl)
+    return loss, metrics
+
+
+def truncated_importance_weights(
+    old_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """``min(exp(old_logp - sampling_logp), cap)``: truncated importance sampling (TIS) between the
+    sampler (e.g. vLLM) and the learner's log-probs of the same policy weights, as in TRL's
+    ``vllm_importance_sampling_correction``. No grad."""
+    with torch.no_grad():
+        return torch.exp(old_logprobs.float() - sampling_logprobs.float()).clamp(max=cap).to(
+            old_logprobs.dtype
+        )

@@ -1,0 +1,167 @@
+"""The VLM Module interface: everything model-family specific lives behind these 11 functions.
+
+Adopted from VLM-R1 (``assets/add_new_model.md``), with two changes callers may rely on:
+
+* No hidden global state. A module instance holds what ``post_model_init`` learned about one
+  (model, processor) pair; create one instance per model (``vlgrpo.modules.get_module`` does).
+* ``prepare_model_inputs`` takes the images *per prompt* (``images[i]`` is the list of images of
+  ``prompts_text[i]``) and returns a dict whose keys are exactly ``input_ids``, ``attention_mask``
+  and ``get_custom_multimodal_keywords()`` (those that apply to the batch: a text-only batch has no
+  ``pixel_values``). Nothing else, so the learner can pass the dict straight to ``forward``.
+
+Call order used everywhere (rollout engines, learner, reference model):
+
+    module = get_module("qwen")
+    model_cls = module.get_model_class(path, init_kwargs)
+    model = model_cls.from_pretrained(path, **init_kwargs)
+    processor = module.get_processing_class().from_pretrained(path, **processing_kwargs)
+    module.post_model_init(model, processor)
+    texts = module.prepare_prompt(processor, examples)
+    inputs = module.prepare_model_inputs(processor, texts, images)
+    model(**inputs)                                     # learner: all custom keywords
+    gen = {k: v for k, v in inputs.items() if k not in module.get_non_generate_params()}
+    model.generate(**gen)                               # rollout
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+Conversation = list[dict[str, Any]]
+"""A chat in the transformers format: ``[{"role": "user", "content": [{"type": "image"},
+{"type": "text", "text": "..."}]}, ...]``. A plain string ``content`` is allowed too."""
+
+
+class VLMModule(ABC):
+    """Base class of every model family. Subclass it and register the class (see ``registry``)."""
+
+    def __init__(self) -> None:
+        # Filled by post_model_init; per instance, never global.
+        self.model_config: Any = None
+
+    # 1
+    @abstractmethod
+    def get_vlm_key(self) -> str:
+        """Short identifier of the family, e.g. ``"qwen"``; the key users write in configs."""
+
+    # 2
+    @abstractmethod
+    def get_model_class(self, model_id: str, model_init_kwargs: dict[str, Any]) -> type:
+        """The ``transformers`` class whose ``from_pretrained(model_id, **model_init_kwargs)`` loads
+        the policy. May read ``config.json`` of ``model_id`` to pick between versions."""
+
+    # 3
+    def post_model_init(self, model: torch.nn.Module, processing_class: Any) -> None:
+        """Called once after model and processor are loaded (before DeepSpeed/vLLM wrap them).
+        Record per-model facts here (token ids, image token counts) and adapt the model so that its
+        forward accepts every key of ``get_custom_multimodal_keywords``."""
+        self.model_config = getattr(model, "config", None)
+
+    # 4
+    def is_embeds_input(self) -> bool:
+        """True if ``generate`` must be called with ``inputs_embeds`` instead of ``input_ids``."""
+        return False
+
+    # 5
+    @abstractmethod
+    def get_processing_class(self) -> type:
+        """Class with ``from_pretrained`` that builds the processor (usually ``AutoProcessor``)."""
+
+    # 6
+    @abstractmethod
+    def get_vision_modules_keywords(self) -> list[str]:
+        """Substrings of parameter names that belong to the vision tower (frozen on request)."""
+
+    # 7
+    @abstractmethod
+    def get_custom_multimodal_keywords(self) -> list[str]:
+        """Model-input keys besides ``input_ids``/``attention_mask`` that the forward receives."""
+
+    # 8
+    def get_non_generate_params(self) -> list[str]:
+        """Subset of the custom multimodal keywords that must not be passed to ``generate``."""
+        return []
+
+    # 9
+    def get_custom_processing_keywords(self) -> list[tuple[str, str]]:
+        """``(component, keyword)`` pairs of processor options this family understands, e.g.
+        ``("image_processor", "max_pixels")``. Config values under these keywords are set on
+        ``getattr(processor, component)`` by ``apply_processing_kwargs``."""
+        return []
+
+    # 10
+    @abstractmethod
+    def prepare_prompt(self, processing_class: Any, inputs: Sequence[dict[str, Any]]) -> list[str]:
+        """Render each example's ``"prompt"`` conversation with the chat template (generation
+        prompt appended). Returns one string per example, with the family's image placeholders."""
+
+    # 11
+    @abstractmethod
+    def prepare_model_inputs(
+        self,
+        processing_class: Any,
+        prompts_text: Sequence[str],
+        images: Sequence[Sequence[Image.Image]],
+        return_tensors: str = "pt",
+        padding: bool = True,
+        padding_side: str = "left",
+        add_special_tokens: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Tokenise prompts and process images. ``images[i]`` are the images of prompt ``i`` (may
+        be empty). Returns exactly ``input_ids``, ``attention_mask`` and the custom multimodal
+        keywords that apply (all of them when any image is present)."""
+
+    # -- helpers shared by all families (not part of the 11) -------------------------------------
+    def apply_processing_kwargs(self, processing_class: Any, kwargs: dict[str, Any]) -> None:
+        """Set the family's custom processing keywords (e.g. ``max_pixels``) on the processor.
+        Unknown keys are an error naming the allowed ones."""
+        allowed = {kw: comp for comp, kw in self.get_custom_processing_keywords()}
+        for key, value in kwargs.items():
+            if key not in allowed:
+                raise ValueError(
+                    f"processing option {key!r} is not understood by the {self.get_vlm_key()!r} "
+                    f"module; allowed: {sorted(allowed) or 'none'}"
+                )
+            setattr(getattr(processing_class, allowed[key]), key, value)
+
+    def generate_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``inputs`` without the non-generate params: what ``generate`` may receive."""
+        drop = set(self.get_non_generate_params())
+        return {k: v for k, v in inputs.items() if k not in drop}
+
+    def forward_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Exactly ``input_ids``, ``attention_mask`` and the custom multimodal keywords present."""
+        keep = ["input_ids", "attention_mask", *self.get_custom_multimodal_keywords()]
+        return {k: inputs[k] for k in keep if k in inputs}
+
+    def append_completions(
+        self,
+        inputs: dict[str, torch.Tensor],
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Forward inputs for prompt + completion: ``input_ids`` and ``attention_mask`` are extended
+        with the (right-padded) completion tokens and mask; every other per-token input (a tensor of
+        the same [B, L] shape as ``input_ids``, e.g. Qwen's ``mm_token_type_ids``) with zeros (text);
+        per-image inputs are kept as they are. Row ``i`` of the completions belongs to prompt row ``i``."""
+        ids = inputs["input_ids"]
+        out = {}
+        for key, value in inputs.items():
+            if key == "input_ids":
+                out[key] = torch.cat([ids, completion_ids.to(ids)], dim=1)
+            elif key == "attention_mask":
+                out[key] = torch.cat([value, completion_mask.to(value)], dim=1)
+            elif torch.is_tensor(value) and value.shape == ids.shape:
+                out[key] = torch.cat([value, torch.zeros_like(completion_ids).to(value)], dim=1)
+            else:
+                out[key] = value
+        return out
+
+    def tokenizer(self, processing_class: Any) -> Any:
+        return getattr(processing_class, "tokenizer", processing_class)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(key={self.get_vlm_key()!r})"

@@ -1,0 +1,109 @@
+"""The ``qwen`` VLM module: Qwen2-VL, Qwen2.5-VL and Qwen3-VL (where transformers has it)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from .base import VLMModule
+from .loading import read_model_config
+
+_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _token_type_keyword() -> tuple[str, ...]:
+    """transformers >= 5 computes Qwen's multimodal RoPE positions from ``mm_token_type_ids`` (returned
+    by the processor) and refuses image inputs without it, in forward and in generate. Where the
+    installed transformers takes it, it is a custom keyword too (a per-token input, zero on text)."""
+    import inspect
+
+    from transformers import Qwen2VLForConditionalGeneration
+
+    params = inspect.signature(Qwen2VLForConditionalGeneration.forward).parameters
+    return ("mm_token_type_ids",) if "mm_token_type_ids" in params else ()
+
+
+class QwenModule(VLMModule):
+    """Qwen-VL family. The forward takes ``pixel_values`` and ``image_grid_thw`` (plus
+    ``mm_token_type_ids`` on transformers >= 5); all are also generate inputs. Images are resized by the processor between ``min_pixels`` and ``max_pixels``."""
+
+    model_types = tuple(_CLASSES)
+
+    def get_vlm_key(self) -> str:
+        return "qwen"
+
+    def get_model_class(self, model_id: str, model_init_kwargs: dict[str, Any]) -> type:
+        import transformers
+
+        model_type = read_model_config(model_id).get("model_type", "")
+        if model_type not in _CLASSES:
+            raise ValueError(
+                f"{model_id}: model_type {model_type!r} is not a Qwen-VL model; the 'qwen' module "
+                f"supports {sorted(_CLASSES)}"
+            )
+        name = _CLASSES[model_type]
+        if not hasattr(transformers, name):
+            raise ImportError(f"{name} needs a newer transformers (installed: {transformers.__version__})")
+        return getattr(transformers, name)
+
+    def get_processing_class(self) -> type:
+        from transformers import AutoProcessor
+
+        return AutoProcessor
+
+    def get_vision_modules_keywords(self) -> list[str]:
+        return ["visual"]
+
+    def get_custom_multimodal_keywords(self) -> list[str]:
+        return ["pixel_values", "image_grid_thw", *_token_type_keyword()]
+
+    def get_custom_processing_keywords(self) -> list[tuple[str, str]]:
+        return [("image_processor", "max_pixels"), ("image_processor", "min_pixels")]
+
+    def apply_processing_kwargs(self, processing_class: Any, kwargs: dict[str, Any]) -> None:
+        super().apply_processing_kwargs(processing_class, kwargs)
+        # transformers >= 4.5x reads the pixel budget from image_processor.size; keep both in sync.
+        ip = processing_class.image_processor
+        size = dict(getattr(ip, "size", None) or {})
+        if "min_pixels" in kwargs:
+            size["shortest_edge"] = kwargs["min_pixels"]
+        if "max_pixels" in kwargs:
+            size["longest_edge"] = kwargs["max_pixels"]
+        if size:
+            ip.size = size
+
+    def prepare_prompt(self, processing_class: Any, inputs: Sequence[dict[str, Any]]) -> list[str]:
+        return [
+            processing_class.apply_chat_template(ex["prompt"], tokenize=False, add_generation_prompt=True)
+            for ex in inputs
+        ]
+
+    def prepare_model_inputs(
+        self,
+        processing_class: Any,
+        prompts_text: Sequence[str],
+        images: Sequence[Sequence[Image.Image]],
+        return_tensors: str = "pt",
+        padding: bool = True,
+        padding_side: str = "left",
+        add_special_tokens: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        flat = [im for per_prompt in images for im in per_prompt]
+        out = processing_class(
+            text=list(prompts_text),
+            images=flat or None,
+            return_tensors=return_tensors,
+            padding=padding,
+            padding_side=padding_side,
+            add_special_tokens=add_special_tokens,
+        )
+        return self.forward_inputs(dict(out))

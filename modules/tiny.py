@@ -1,0 +1,270 @@
+"""Tiny, randomly initialised VLMs built from config, for tests, the demo and benchmarks.
+
+The model hub is not needed: a byte-level BPE tokenizer is trained offline on a small corpus (with
+each family's special tokens and the words of the synthetic tasks as single tokens), wrapped in
+``PreTrainedTokenizerFast`` and combined with the family's *real* processor classes and a chat
+template in the family's format. Everything is written with ``save_pretrained`` so that it loads
+through exactly the path a hub checkpoint such as ``Qwen/Qwen2.5-VL-3B-Instruct`` takes
+(``from_pretrained`` of the model class and ``AutoProcessor``), in transformers and in vLLM.
+
+    vlgrpo tiny-model --family qwen2-vl /tmp/tiny-qwen2vl
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl")
+
+
+@dataclass(frozen=True)
+class SizePreset:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int  # head_dim = hidden / heads stays >= 32 (vLLM's CPU attention rejects 16)
+    kv_heads: int
+    vision_hidden: int
+    vision_depth: int
+
+
+SIZES: dict[str, SizePreset] = {
+    "micro": SizePreset(64, 128, 2, 2, 1, 32, 1),  # ~0.2M params: per-step overhead dominates
+    "tiny": SizePreset(128, 384, 2, 4, 2, 64, 1),  # ~1M params: default for tests and the demo
+    "small": SizePreset(512, 1408, 6, 8, 4, 128, 2),  # ~20M params: compute dominates
+}
+
+VOCAB_SIZE = 512
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+INTERNVL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
+                    "<video>"]
+
+# Words that must be single tokens: answers of the synthetic tasks and the reasoning format tags.
+TASK_WORDS = ["red", "green", "blue", "yellow", "left", "right", "yes", "no", "one", "two", "three",
+              "four", "circle", "square", "triangle", "shape", "colour", "color",
+              "<think>", "</think>", "<answer>", "</answer>"] + [str(i) for i in range(10)]
+
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _corpus(seed: int) -> list[str]:
+    rng = random.Random(seed)
+    base = [
+        "What colour is the shape? Answer with one word: red, green, blue or yellow.",
+        "How many shapes are in the image? Answer with a number.",
+        "Is the shape on the left or on the right?",
+        "<think>The shape is red.</think><answer>red</answer>",
+        "You are a helpful assistant.",
+        "system user assistant",
+        "The quick brown fox jumps over the lazy dog. A picture of a circle, a square and a triangle.",
+        "Please think step by step and put the final answer in <answer> </answer> tags.",
+    ]
+    lines = list(base)
+    for _ in range(400):
+        words = rng.choices(TASK_WORDS + base[0].split() + base[6].split(), k=rng.randint(3, 12))
+        lines.append(" ".join(words))
+    return lines
+
+
+def train_tokenizer(special_tokens: list[str], seed: int = 0):
+    """A byte-level BPE with ``VOCAB_SIZE`` entries; the specials get ids 0..len-1 in order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    words = [w for w in TASK_WORDS if w.startswith("<")]
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - len(words),
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = _corpus(seed)
+    # Frequent words become single tokens; repeat the task words (with the leading space variant).
+    corpus += [" ".join(TASK_WORDS)] * 200 + [" " + " ".join(TASK_WORDS)] * 200
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_tokens(words)  # the format tags: one token each
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=special_tokens[1:],
+        model_max_length=4096,
+    )
+    return fast
+
+
+def _qwen_text_kwargs(p: SizePreset, tok) -> dict[str, Any]:
+    return dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=p.hidden,
+        intermediate_size=p.intermediate,
+        num_hidden_layers=p.layers,
+        num_attention_heads=p.heads,
+        num_key_value_heads=p.kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def _build_qwen(family: str, p: SizePreset, tok):
+    import transformers as tf
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    head_dim = p.hidden // p.heads
+    mrope = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]  # sums to head_dim / 2
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope}
+    text = _qwen_text_kwargs(p, tok)
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if family == "qwen2-vl":
+        vision = dict(depth=p.vision_depth, embed_dim=p.vision_hidden, hidden_size=p.hidden, num_heads=2,
+                      mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        cfg = tf.Qwen2VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision,
+                               tie_word_embeddings=False, **tokens)
+        model_cls, proc_cls, img_cls = tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor, tf.Qwen2VLImageProcessor
+        patch = 14
+    elif family == "qwen2.5-vl":
+        vision = dict(depth=p.vision_depth + 1, hidden_size=p.vision_hidden, out_hidden_size=p.hidden,
+                      intermediate_size=2 * p.vision_hidden, num_heads=2, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=56, fullatt_block_indexes=[p.vision_depth])
+        cfg = tf.Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision,
+                                  tie_word_embeddings=False, **tokens)
+        model_cls, proc_cls, img_cls = (tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLProcessor,
+                                        tf.Qwen2VLImageProcessor)
+        patch = 14
+    else:  # qwen3-vl
+        rope3 = {**rope, "mrope_interleaved": True}
+        text3 = {**text, "head_dim": head_dim, "rope_parameters": rope3}
+        vision = dict(depth=p.vision_depth, hidden_size=p.vision_hidden, out_hidden_size=p.hidden,
+                      intermediate_size=2 * p.vision_hidden, num_heads=2, patch_size=16, spatial_merge_size=2,
+                      temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
+        cfg = tf.Qwen3VLConfig(text_config=text3, vision_config=vision, tie_word_embeddings=False, **tokens)
+        model_cls, proc_cls, img_cls = tf.Qwen3VLForConditionalGeneration, tf.Qwen3VLProcessor, tf.Qwen2VLImageProcessor
+        patch = 16
+    merge = 2
+    # Small images keep tests fast: at most 16x16 merged tokens, at least one.
+    pix = dict(min_pixels=(patch * merge) ** 2, max_pixels=(patch * merge) ** 2 * 16)
+    image_processor = img_cls(patch_size=patch, merge_size=merge, temporal_patch_size=2,
+                              size={"shortest_edge": pix["min_pixels"], "longest_edge": pix["max_pixels"]})
+    video_processor = _video_processor(family, patch, merge, pix)
+    processor = proc_cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+                         chat_template=QWEN_CHAT_TEMPLATE)
+    return cfg, model_cls, processor
+
+
+def _video_processor(family: str, patch: int, merge: int, pix: dict):
+    import transformers as tf
+
+    size = {"shortest_edge": pix["min_pixels"], "longest_edge": pix["max_pixels"]}
+    if family == "qwen3-vl":
+        return tf.Qwen3VLVideoProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2, size=size)
+    return tf.Qwen2VLVideoProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2, size=size)
+
+
+def _build_internvl(p: SizePreset, tok):
+    import transformers as tf
+
+    image_size, patch = 56, 14
+    seq_len = int((image_size // patch) ** 2 * 0.5**2)  # 4 tokens per tile
+    tok.start_image_token, tok.end_image_token = "<img>", "</img>"
+    tok.context_image_token, tok.video_token = "<IMG_CONTEXT>", "<video>"
+    text = {**_qwen_text_kwargs(p, tok), "model_type": "qwen2", "head_dim": p.hidden // p.heads,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}
+    vision = dict(hidden_size=p.vision_hidden, num_hidden_layers=p.vision_depth, num_attention_heads=2,
+                  intermediate_size=2 * p.vision_hidden, image_size=[image_size, image_size],
+                  patch_size=[patch, patch])
+    cfg = tf.InternVLConfig(vision_config=vision, text_config=text, image_seq_length=seq_len,
+                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                            downsample_ratio=0.5, tie_word_embeddings=False)
+    image_processor = tf.GotOcr2ImageProcessor(size={"height": image_size, "width": image_size},
+                                               crop_to_patches=True, min_patches=1, max_patches=4)
+    video_processor = tf.InternVLVideoProcessor(size={"height": image_size, "width": image_size})
+    processor = tf.InternVLProcessor(image_processor=image_processor, tokenizer=tok,
+                                     video_processor=video_processor, image_seq_length=seq_len,
+                                     chat_template=INTERNVL_CHAT_TEMPLATE)
+    return cfg, tf.InternVLForConditionalGeneration, processor
+
+
+def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Build, seed and save a tiny ``family`` model with its processor into ``out_dir``.
+    Returns ``out_dir``. Deterministic for a given (family, seed, size)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    p = SIZES[size]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if family == "internvl":
+        tok = train_tokenizer(INTERNVL_SPECIAL, seed)
+        tok_extra = {"start_image_token": "<img>", "end_image_token": "</img>",
+                     "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+        tok = _with_extra_special(tok, tok_extra)
+        cfg, model_cls, processor = _build_internvl(p, tok)
+    else:
+        tok = train_tokenizer(QWEN_SPECIAL, seed)
+        cfg, model_cls, processor = _build_qwen(family, p, tok)
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
+    model.generation_config.eos_token_id = cfg.get_text_config().eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    meta = {"family": family, "size": size, "seed": seed,
+            "num_parameters": sum(t.numel() for t in model.parameters())}
+    (out / "vlgrpo_tiny.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def _with_extra_special(tok, extra: dict[str, str]):
+    """Rebuild the tokenizer with named extra special tokens (InternVL's processor reads
+    ``tokenizer.start_image_token`` etc., which must survive ``save_pretrained``)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok.backend_tokenizer,
+        eos_token=tok.eos_token,
+        pad_token=tok.pad_token,
+        model_max_length=tok.model_max_length,
+        extra_special_tokens=extra,
+    )

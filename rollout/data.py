@@ -1,0 +1,349 @@
+"""VLM-R1 JSONL datasets, read as-is, and a deterministic resumable prompt sampler.
+
+Each JSONL row looks like::
+
+    {"id": "42", "image": "coco/1.jpg" | ["a.png", "b.png"] | absent,
+     "conversations": [{"from": "human", "value": "<image>What is ...?"},
+                       {"from": "gpt", "value": "answer"}],
+     "accu_reward_method": "mcq",          # optional: else the source's default, else "default"
+     "options": ["red", "green"]}          # optional: copied into Sample.meta["options"]
+
+Several files can be combined, each with its own image folder and default reward method
+(:class:`DataSource`). A row becomes a :class:`~vlgrpo.rollout.types.Sample` whose ``prompt`` is a
+transformers chat conversation with one ``{"type": "image"}`` item where each ``<image>``
+placeholder was (images without a placeholder go first).
+
+Bad rows never crash loading: invalid JSON, no question, no answer, a missing image file, an
+unreadable or corrupt image are skipped, logged (the first few per file, then a summary) and
+counted by reason in ``dataset.skipped``. Only a file with *no* usable row is an error.
+
+Images are checked when the dataset is loaded and decoded again (RGB) each time a sample is
+built, so memory stays small. ``image_check="decode"`` (default) fully decodes every image once at
+load time, which catches truncated files; ``"header"`` only opens each file (fast, for large
+datasets) and an image that then fails to decode is counted, dropped and skipped by the sampler
+when it is first drawn.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from .types import Sample
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+ImageCheck = Literal["decode", "header"]
+
+IMAGE_PLACEHOLDER = "<image>"
+_HUMAN_ROLES = ("human", "user")
+_ANSWER_ROLES = ("gpt", "assistant")
+_MAX_WARNINGS_PER_FILE = 5
+
+
+class BadRow(Exception):
+    """A row that cannot become a Sample; ``reason`` is the key counted in ``dataset.skipped``."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class DataSource:
+    """One JSONL file. ``image_folder`` defaults to the file's directory; ``accu_reward_method`` is
+    the default for rows that do not set their own."""
+
+    path: PathLike
+    image_folder: Optional[PathLike] = None
+    accu_reward_method: Optional[str] = None
+
+
+@dataclass
+class Record:
+    """A validated row: everything but the decoded images."""
+
+    sample_id: str
+    prompt: list[dict[str, Any]]
+    image_paths: list[Path]
+    solution: str
+    accu_reward_method: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row parsing
+# ---------------------------------------------------------------------------------------------
+
+
+def build_prompt(question: str, num_images: int) -> list[dict[str, Any]]:
+    """A one-turn user conversation: an image item per ``<image>`` placeholder, text in between.
+
+    Images beyond the placeholders are put first; placeholders beyond the images are dropped.
+    """
+    pieces = question.split(IMAGE_PLACEHOLDER)
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(max(0, num_images - (len(pieces) - 1)))]
+    placed = len(content)
+    for i, piece in enumerate(pieces):
+        if i > 0 and placed < num_images:
+            content.append({"type": "image"})
+            placed += 1
+        text = piece.strip()
+        if text:
+            content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+def _question_and_answer(row: dict[str, Any]) -> tuple[str, str]:
+    conv = row.get("conversations")
+    if not isinstance(conv, list):
+        raise BadRow("no_question", "no 'conversations' list")
+    turns = [t for t in conv if isinstance(t, dict)]
+    q_idx = next((i for i, t in enumerate(turns) if t.get("from") in _HUMAN_ROLES), None)
+    if q_idx is None or not isinstance(turns[q_idx].get("value"), str):
+        raise BadRow("no_question", "no human turn")
+    answer = next((t.get("value") for t in turns[q_idx + 1:] if t.get("from") in _ANSWER_ROLES), None)
+    if not isinstance(answer, str) or not answer.strip():
+        raise BadRow("no_answer", "no gpt answer")
+    return turns[q_idx]["value"], answer.strip()
+
+
+def _image_names(row: dict[str, Any]) -> list[str]:
+    image = row.get("image")
+    if image is None:
+        return []
+    if isinstance(image, str):
+        return [image] if image else []
+    if isinstance(image, list) and all(isinstance(x, str) and x for x in image):
+        return list(image)
+    raise BadRow("bad_row", f"'image' must be a string or a list of strings, got {image!r}")
+
+
+def check_image(path: Path, mode: ImageCheck = "decode") -> tuple[int, int]:
+    """(w, h) of the image at ``path``; raises BadRow ``missing_image`` / ``unreadable_image``."""
+    if not path.is_file():
+        raise BadRow("missing_image", f"no file {path}")
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            if mode == "decode":
+                im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds (OSError, SyntaxError, ...)
+        raise BadRow("unreadable_image", f"{path}: {type(e).__name__}: {e}") from e
+    return size
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image as RGB; raises BadRow ``missing_image`` / ``unreadable_image``."""
+    if not path.is_file():
+        raise BadRow("missing_image", f"no file {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # noqa: BLE001
+        raise BadRow("unreadable_image", f"{path}: {type(e).__name__}: {e}") from e
+
+
+def parse_row(
+    row: Any, source: DataSource, image_folder: Path, line_no: int, image_check: ImageCheck = "decode"
+) -> Record:
+    """Validate one decoded JSON row and turn it into a Record (raises BadRow)."""
+    if not isinstance(row, dict):
+        raise BadRow("bad_row", f"row is a {type(row).__name__}, not an object")
+    question, answer = _question_and_answer(row)
+    paths = [image_folder / name for name in _image_names(row)]
+    sizes = [check_image(p, image_check) for p in paths]
+    meta: dict[str, Any] = {"source": str(source.path), "line": line_no, "image_paths": [str(p) for p in paths]}
+    if sizes:
+        meta["image_size"] = sizes[0]
+    options = row.get("options")
+    if options is not None:
+        if not isinstance(options, list):
+            raise BadRow("bad_row", f"'options' must be a list, got {options!r}")
+        meta["options"] = [str(o) for o in options]
+    method = row.get("accu_reward_method") or source.accu_reward_method or "default"
+    sample_id = str(row["id"]) if row.get("id") is not None else f"{Path(source.path).stem}:{line_no}"
+    return Record(sample_id, build_prompt(question, len(paths)), paths, answer, str(method), meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset
+# ---------------------------------------------------------------------------------------------
+
+
+class PromptDataset:
+    """Validated records of one or more JSONL files; ``ds[i]`` builds a Sample (images decoded).
+
+    ``skipped``: reason -> number of rows dropped (at load time, plus images that failed to decode
+    later under ``image_check="header"``); ``rows_per_source``: usable rows per file.
+    """
+
+    def __init__(self, records: list[Record], skipped: Counter, rows_per_source: dict[str, int]):
+        self.records = records
+        self.skipped: dict[str, int] = dict(skipped)
+        self.rows_per_source = rows_per_source
+        self._bad: set[int] = set()
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Sample:
+        rec = self.records[i]
+        images = [load_image(p) for p in rec.image_paths]
+        prompt = json.loads(json.dumps(rec.prompt))  # callers may mutate their copy
+        return Sample(rec.sample_id, prompt, images, rec.solution, rec.accu_reward_method, dict(rec.meta))
+
+    def is_bad(self, i: int) -> bool:
+        return i in self._bad
+
+    def get(self, i: int) -> Optional[Sample]:
+        """``self[i]``, or None (counted in ``skipped``, remembered) if its images fail to load."""
+        if i in self._bad:
+            return None
+        try:
+            return self[i]
+        except BadRow as e:
+            self._bad.add(i)
+            self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
+            logger.warning("skipping row %s (%s)", self.records[i].sample_id, e)
+            return None
+
+
+Dataset = PromptDataset
+
+
+def _read_source(source: DataSource, image_check: ImageCheck) -> tuple[list[Record], Counter]:
+    path = Path(source.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    folder = Path(source.image_folder) if source.image_folder is not None else path.parent
+    records: list[Record] = []
+    skipped: Counter = Counter()
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise BadRow("invalid_json", str(e)) from e
+                records.append(parse_row(row, source, folder, line_no, image_check))
+            except BadRow as e:
+                skipped[e.reason] += 1
+                if sum(skipped.values()) <= _MAX_WARNINGS_PER_FILE:
+                    logger.warning("%s:%d: skipping row (%s)", path, line_no, e)
+    if skipped:
+        logger.warning("%s: %d usable rows, skipped %d: %s", path, len(records), sum(skipped.values()), dict(skipped))
+    if not records:
+        raise ValueError(f"no usable rows in {path} (image folder {folder}); skipped: {dict(skipped) or 'empty file'}")
+    return records, skipped
+
+
+def load_datasets(
+    sources: Union[DataSource, Sequence[DataSource]], image_check: ImageCheck = "decode"
+) -> PromptDataset:
+    """Load and validate JSONL files into one dataset (rows in file order, files in given order).
+
+    Raises FileNotFoundError for a missing file and ValueError for a file without any usable row;
+    bad rows are only skipped and counted (see the module docstring).
+    """
+    if isinstance(sources, DataSource):
+        sources = [sources]
+    if not sources:
+        raise ValueError("load_datasets needs at least one DataSource")
+    if image_check not in ("decode", "header"):
+        raise ValueError(f"image_check must be 'decode' or 'header', got {image_check!r}")
+    records: list[Record] = []
+    skipped: Counter = Counter()
+    per_source: dict[str, int] = {}
+    for src in sources:
+        recs, skip = _read_source(src, image_check)
+        records.extend(recs)
+        skipped.update(skip)
+        per_source[str(src.path)] = per_source.get(str(src.path), 0) + len(recs)
+    return PromptDataset(records, skipped, per_source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler
+# ---------------------------------------------------------------------------------------------
+
+
+class PromptSampler:
+    """Endless, seeded batches of Samples: each epoch is a fresh permutation of the dataset
+    (``seed`` and epoch number determine it), and a batch runs on into the next epoch rather than
+    coming out short. ``state_dict()`` / ``load_state_dict()`` resume exactly (epoch, position).
+
+    Rows whose images fail to decode at draw time are skipped (and counted by the dataset).
+    """
+
+    def __init__(self, dataset: PromptDataset, batch_size: int, seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(dataset) == 0:
+            raise ValueError("PromptSampler needs a non-empty dataset")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+
+    def _next_index(self) -> int:
+        if self.position >= len(self._order):
+            self.epoch += 1
+            self.position = 0
+            self._order = self._permutation(self.epoch)
+        idx = int(self._order[self.position])
+        self.position += 1
+        return idx
+
+    def __iter__(self) -> Iterator[list[Sample]]:
+        return self
+
+    def __next__(self) -> list[Sample]:
+        batch: list[Sample] = []
+        misses = 0
+        while len(batch) < self.batch_size:
+            sample = self.dataset.get(self._next_index())
+            if sample is None:
+                misses += 1
+                if misses > len(self.dataset):
+                    raise RuntimeError("no row of the dataset can be loaded any more (all images failed)")
+                continue
+            batch.append(sample)
+        return batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_rows": len(self.dataset)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at ``state``'s epoch and position (its seed too, when present)."""
+        if state.get("num_rows", len(self.dataset)) != len(self.dataset):
+            logger.warning("sampler state was saved for %d rows, dataset has %d: resume is not exact",
+                           state["num_rows"], len(self.dataset))
+        self.seed = int(state.get("seed", self.seed))
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._order = self._permutation(self.epoch)

@@ -1,0 +1,37 @@
+"""The generation-engine interface shared by the vLLM engine (production) and the transformers
+engine (CPU fallback). Engines are plain objects; the rollout actor wraps one."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Iterable, Sequence
+
+import torch
+
+from .types import GenerationResult, Sample, SamplingConfig
+
+
+class GenerationEngine(ABC):
+    """Generate G completions per prompt and take new weights in place.
+
+    Subclasses get ``model_path`` (a Hugging Face checkpoint directory or hub id) and a VLM module;
+    prompts are rendered with ``module.prepare_prompt`` and multimodal inputs never carry
+    ``module.get_non_generate_params()``.
+    """
+
+    weights_version: int = 0
+
+    @abstractmethod
+    def generate(self, samples: Sequence[Sample], sampling: SamplingConfig) -> list[GenerationResult]:
+        """One ``GenerationResult`` per sample, each with ``sampling.n`` completions."""
+
+    @abstractmethod
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """Copy ``(hf_name, tensor)`` pairs into the engine's model (names as in the HF state_dict
+        of the checkpoint) and set ``weights_version``. Returns the number of tensors loaded."""
+
+    def tokenizer(self):
+        """The tokenizer used to decode completions (pad/eos ids for batching)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the engine's memory (optional)."""

@@ -1,0 +1,193 @@
+"""Synthetic visual tasks for tiny randomly initialised VLMs, written as VLM-R1 JSONL + PNG images.
+
+Tasks (``TASKS``):
+
+- ``color`` (default): one filled shape (circle, square or triangle) of one of four colours on a
+  white background; answer the colour word. ``accu_reward_method`` ``default``.
+- ``count``: 1-4 shapes, one per quadrant at most; answer the digit. ``numeric``.
+- ``position``: one shape entirely in the left or the right half; answer ``left`` / ``right``.
+  ``default``.
+
+Every row carries its answer options in a top-level ``options`` field (``data.py`` copies it to
+``Sample.meta["options"]``), which the dense ``choice`` reward uses: a model from scratch first
+learns to say option words at all (``choice``), then the right one (``accuracy``). Questions and
+options are short and fixed so a tiny tokenizer can hold each option word as one token
+(:func:`corpus` gives the texts to train it on).
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+from PIL import Image, ImageDraw
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 25, 25),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 230),
+    "yellow": (240, 210, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUND = (255, 255, 255)
+
+Box = tuple[int, int, int, int]
+Generator = Callable[[random.Random, int], tuple[Image.Image, str]]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A synthetic task: its fixed question, answer options, accuracy method and image generator
+    (``generate(rng, image_size) -> (image, answer)``)."""
+
+    name: str
+    question: str
+    options: tuple[str, ...]
+    accu_reward_method: str
+    generate: Generator
+    description: str = ""
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, color: tuple[int, int, int]) -> None:
+    """Fill ``shape`` inside ``box`` = (x0, y0, x1, y1), inclusive pixel coordinates."""
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+
+
+def _random_box(rng: random.Random, region: Box, min_frac: float, max_frac: float) -> Box:
+    """A square box of side ``min_frac..max_frac`` of the region's smaller side, inside the region."""
+    rx0, ry0, rx1, ry1 = region
+    span = min(rx1 - rx0, ry1 - ry0)
+    side = max(2, int(span * rng.uniform(min_frac, max_frac)))
+    x0 = rng.randint(rx0, rx1 - side)
+    y0 = rng.randint(ry0, ry1 - side)
+    return x0, y0, x0 + side - 1, y0 + side - 1
+
+
+def _canvas(size: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    return image, ImageDraw.Draw(image)
+
+
+def _gen_color(rng: random.Random, size: int) -> tuple[Image.Image, str]:
+    image, draw = _canvas(size)
+    color = rng.choice(list(COLORS))
+    draw_shape(draw, rng.choice(SHAPES), _random_box(rng, (0, 0, size, size), 0.5, 0.85), COLORS[color])
+    return image, color
+
+
+def _gen_count(rng: random.Random, size: int) -> tuple[Image.Image, str]:
+    image, draw = _canvas(size)
+    half = size // 2
+    quadrants = [(0, 0, half, half), (half, 0, size, half), (0, half, half, size), (half, half, size, size)]
+    k = rng.randint(1, 4)
+    for region in rng.sample(quadrants, k):
+        draw_shape(draw, rng.choice(SHAPES), _random_box(rng, region, 0.5, 0.85), COLORS[rng.choice(list(COLORS))])
+    return image, str(k)
+
+
+def _gen_position(rng: random.Random, size: int) -> tuple[Image.Image, str]:
+    image, draw = _canvas(size)
+    side = rng.choice(["left", "right"])
+    half = size // 2
+    region = (0, 0, half, size) if side == "left" else (half, 0, size, size)
+    draw_shape(draw, rng.choice(SHAPES), _random_box(rng, region, 0.5, 0.9), COLORS[rng.choice(list(COLORS))])
+    return image, side
+
+
+TASKS: dict[str, TaskSpec] = {
+    "color": TaskSpec(
+        "color",
+        "What colour is the shape? Answer with one word: red, green, blue or yellow.",
+        tuple(COLORS),
+        "default",
+        _gen_color,
+        "one filled shape of one of four colours; answer the colour",
+    ),
+    "count": TaskSpec(
+        "count",
+        "How many shapes are there? Answer with one number: 1, 2, 3 or 4.",
+        ("1", "2", "3", "4"),
+        "numeric",
+        _gen_count,
+        "1-4 shapes, one per quadrant at most; answer the number",
+    ),
+    "position": TaskSpec(
+        "position",
+        "Is the shape on the left or on the right? Answer with one word: left or right.",
+        ("left", "right"),
+        "default",
+        _gen_position,
+        "one shape in the left or the right half; answer left or right",
+    ),
+}
+DEFAULT_TASK = "color"
+
+
+def get_task(task: str) -> TaskSpec:
+    try:
+        return TASKS[task]
+    except KeyError:
+        raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(TASKS)}") from None
+
+
+def make_row(spec: TaskSpec, index: int, image_rel: str, answer: str) -> dict:
+    """One VLM-R1 JSONL row."""
+    return {
+        "id": f"{spec.name}-{index:06d}",
+        "image": image_rel,
+        "conversations": [
+            {"from": "human", "value": f"<image>{spec.question}"},
+            {"from": "gpt", "value": answer},
+        ],
+        "accu_reward_method": spec.accu_reward_method,
+        "options": list(spec.options),
+    }
+
+
+def make_dataset(
+    task: str = DEFAULT_TASK,
+    n: int = 1000,
+    out_dir: Union[str, Path] = "synthetic_data",
+    seed: int = 0,
+    image_size: int = 56,
+) -> Path:
+    """Write ``n`` rows of ``task`` to ``out_dir/data.jsonl`` with PNGs under ``out_dir/images``
+    (paths relative to ``out_dir``, so ``out_dir`` is the image folder). Deterministic in ``seed``;
+    returns the JSONL path."""
+    spec = get_task(task)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8, got {image_size}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"{task}:{seed}")
+    jsonl = out / "data.jsonl"
+    with jsonl.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            image, answer = spec.generate(rng, image_size)
+            rel = f"images/{task}_{i:06d}.png"
+            image.save(out / rel)
+            f.write(json.dumps(make_row(spec, i, rel, answer)) + "\n")
+    return jsonl
+
+
+def corpus(tasks: Optional[Sequence[str]] = None) -> list[str]:
+    """The texts of the given tasks (default: all): questions and answer options, e.g. to train a
+    tiny tokenizer in which each option word is a single token."""
+    texts: list[str] = []
+    for name in tasks or list(TASKS):
+        spec = get_task(name)
+        texts.append(spec.question)
+        texts.extend(spec.options)
+    return texts
