@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import sys
 import textwrap
-import types
 
 import pytest
 import torch

@@ -1,0 +1,207 @@
+"""Configuration and the batch message of the learner (plain dataclasses, picklable by Ray)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Optional, Sequence
+
+import torch
+from PIL import Image
+
+from .grpo import normalize_loss_agg
+
+
+@dataclass
+class LearnerConfig:
+    """Everything one learner rank needs. Defaults follow TRL's ``GRPOConfig`` where they overlap.
+
+    Optimisation counts *optimiser steps*: one ``train_step`` performs ``num_iterations``
+    optimiser steps over the same batch (each one accumulating gradients over all micro-batches).
+    ``total_steps`` (for linear/cosine decay) is in optimiser steps as well.
+    """
+
+    model_path: str = ""
+    module: str = "auto"  # VLM module key ("qwen", "internvl", "pkg.mod:Class") or "auto"
+    processing_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"max_pixels": ...}
+    model_init_kwargs: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained kwargs
+
+    # parallelism / memory
+    zero_stage: int = 2  # 0: plain torch (gradients all-reduced by hand), 2 or 3: DeepSpeed ZeRO
+    micro_batch_size: int = 4  # rows per forward/backward on one rank; grad accumulation is derived
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = False  # freeze params matching module.get_vision_modules_keywords()
+    dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "bf16" / "fp16" / "fp32"
+    offload_optimizer: bool = False  # ZeRO CPU optimizer offload (builds DeepSpeed's cpu_adam op)
+    num_threads: Optional[int] = None  # torch CPU threads per rank (Ray sets 1); None: cores / world
+
+    # optimiser and schedule
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
+    min_lr_ratio: float = 0.0  # final lr / lr for linear and cosine
+    total_steps: int = 1000  # optimiser steps, for linear / cosine decay
+    grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
+
+    # GRPO objective
+    beta: float = 0.0  # KL coefficient; 0 loads no reference model
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2  # > epsilon_low: DAPO clip-higher
+    num_iterations: int = 1  # μ: optimiser steps per batch
+    loss_agg: str = "seq_mean_token_mean"  # | token_mean | seq_mean_token_sum_norm (or grpo/dapo/dr_grpo)
+    max_completion_length: Optional[int] = None  # Dr. GRPO constant; None: longest T of the batch
+    scale_adv_by_std: bool = True  # used by the controller's group_advantages
+    temperature: float = 1.0  # logits / temperature, as when sampling
+    tis_cap: Optional[float] = None  # truncated importance sampling vs sampling_logprobs (e.g. 2.0)
+    compute_entropy: bool = True
+
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.micro_batch_size < 1:
+            raise ValueError("micro_batch_size must be >= 1")
+        if self.num_iterations < 1:
+            raise ValueError("num_iterations must be >= 1")
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        self.loss_agg = normalize_loss_agg(self.loss_agg)
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+
+    def torch_dtype(self, on_gpu: bool) -> torch.dtype:
+        name = self.dtype
+        if name == "auto":
+            return torch.bfloat16 if on_gpu else torch.float32
+        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[name]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LearnerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown learner options {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainBatch:
+    """The rows one learner rank trains on (its shard of the step's global batch).
+
+    Prompts are stored once: ``prompts_text[p]`` / ``images[p]`` (chat-template text and that
+    prompt's images) and ``prompt_index[i]`` says which prompt row ``i`` completes. By default
+    (``prompt_index=None``) rows are group-major, ``len(rows) / len(prompts)`` per prompt.
+    The learner rebuilds model inputs with ``module.prepare_model_inputs`` per micro-batch.
+
+    ``completion_ids[N, T]`` are right-padded, ``completion_mask[N, T]`` is 1 on tokens that count
+    in the loss (the learner never sees prompt tokens in these tensors). Log-prob tensors are
+    ``[N, T]`` float with anything on masked positions.
+
+    ``old_logprobs``: log-probs before this batch's first update (for μ > 1 from an earlier pass);
+    ``None`` lets the learner compute them itself when needed. ``sampling_logprobs``: what the
+    sampler reported (used for truncated importance sampling and the learner/sampler mismatch
+    metric). ``ref_logprobs``: reference-model log-probs computed elsewhere (else the learner's own
+    reference model computes them when ``beta > 0``).
+
+    ``global_num_seqs`` / ``global_num_tokens``: counts of the full step across ranks; when None
+    the learners all-reduce them.
+    """
+
+    prompts_text: list[str]
+    images: list[list[Image.Image]]
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    advantages: torch.Tensor
+    sampling_logprobs: Optional[torch.Tensor] = None
+    old_logprobs: Optional[torch.Tensor] = None
+    ref_logprobs: Optional[torch.Tensor] = None
+    prompt_index: Optional[list[int]] = None
+    global_num_seqs: Optional[int] = None
+    global_num_tokens: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        n, t = self.completion_ids.shape
+        if self.completion_mask.shape != (n, t):
+            raise ValueError(f"completion_mask {tuple(self.completion_mask.shape)} != ids {(n, t)}")
+        if self.advantages.shape != (n,):
+            raise ValueError(f"advantages must be [{n}], got {tuple(self.advantages.shape)}")
+        for name in ("sampling_logprobs", "old_logprobs", "ref_logprobs"):
+            x = getattr(self, name)
+            if x is not None and x.shape != (n, t):
+                raise ValueError(f"{name} must be [{n}, {t}], got {tuple(x.shape)}")
+        if len(self.images) != len(self.prompts_text):
+            raise ValueError(f"{len(self.prompts_text)} prompts but {len(self.images)} image lists")
+        if self.prompt_index is None and self.prompts_text and n % len(self.prompts_text) != 0:
+            raise ValueError(f"{n} rows do not divide into {len(self.prompts_text)} prompts; pass prompt_index")
+        if self.prompt_index is not None and len(self.prompt_index) != n:
+            raise ValueError(f"prompt_index has {len(self.prompt_index)} entries for {n} rows")
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.completion_ids.shape[0])
+
+    def row_prompt_index(self) -> list[int]:
+        if self.prompt_index is not None:
+            return list(self.prompt_index)
+        if not self.prompts_text:
+            return []
+        g = self.num_rows // len(self.prompts_text)
+        return [i // g for i in range(self.num_rows)]
+
+    def select(self, rows: Sequence[int]) -> "TrainBatch":
+        """The rows ``rows`` (keeping only the prompts they use)."""
+        rows = list(rows)
+        pidx = self.row_prompt_index()
+        used = sorted({pidx[i] for i in rows})
+        remap = {p: k for k, p in enumerate(used)}
+        idx = torch.tensor(rows, dtype=torch.long)
+
+        def take(x):
+            return None if x is None else x.index_select(0, idx)
+
+        return replace(
+            self,
+            prompts_text=[self.prompts_text[p] for p in used],
+            images=[self.images[p] for p in used],
+            completion_ids=take(self.completion_ids),
+            completion_mask=take(self.completion_mask),
+            advantages=take(self.advantages),
+            sampling_logprobs=take(self.sampling_logprobs),
+            old_logprobs=take(self.old_logprobs),
+            ref_logprobs=take(self.ref_logprobs),
+            prompt_index=[remap[pidx[i]] for i in rows],
+        )
+
+    def split(self, num_shards: int) -> list["TrainBatch"]:
+        """Contiguous shards, one per data-parallel rank, sizes differing by at most one row.
+        Shards carry the global counts so each rank normalises the loss like the full batch."""
+        n = self.num_rows
+        if num_shards < 1:
+            raise ValueError("num_shards must be >= 1")
+        bounds = [round(k * n / num_shards) for k in range(num_shards + 1)]
+        g_seqs = self.global_num_seqs if self.global_num_seqs is not None else n
+        g_toks = (self.global_num_tokens if self.global_num_tokens is not None
+                  else int(self.completion_mask.bool().sum()))
+        out = []
+        for k in range(num_shards):
+            shard = self.select(range(bounds[k], bounds[k + 1]))
+            shard.global_num_seqs, shard.global_num_tokens = g_seqs, g_toks
+            out.append(shard)
+        return out
+
+    @classmethod
+    def from_rollout(cls, rollout: Any, advantages: torch.Tensor) -> "TrainBatch":
+        """From a ``vlgrpo.rollout.types.RolloutBatch`` (group-major) and its advantages ``[N]``."""
+        return cls(
+            prompts_text=list(rollout.prompts_text),
+            images=[list(x) for x in rollout.images],
+            completion_ids=rollout.completion_ids,
+            completion_mask=rollout.completion_mask,
+            advantages=advantages,
+            sampling_logprobs=rollout.sampling_logprobs,
+            prompt_index=None,
+        )
