@@ -160,6 +160,18 @@ class VLMModule(ABC):
                 out[key] = value
         return out
 
+    _VISION_TOKEN_ATTRS = ("image_token", "video_token", "start_image_token", "end_image_token",
+                           "vision_start_token", "vision_end_token")
+
+    def vision_token_ids(self, processing_class: Any) -> list[int]:
+        """Ids of the tokens only the processor may place (image/video placeholders, vision
+        start/end). Rollout engines forbid sampling them: a completion holding an image placeholder
+        cannot be scored by the learner (the model would look for image features that are absent)."""
+        tok = self.tokenizer(processing_class)
+        names = {getattr(processing_class, a, None) or getattr(tok, a, None) for a in self._VISION_TOKEN_ATTRS}
+        ids = {tok.convert_tokens_to_ids(n) for n in names if isinstance(n, str)}
+        return sorted(i for i in ids if isinstance(i, int) and i != tok.unk_token_id)
+
     def tokenizer(self, processing_class: Any) -> Any:
         return getattr(processing_class, "tokenizer", processing_class)
 

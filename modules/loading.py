@@ -3,6 +3,7 @@ learners and the reference model, for hub ids and local checkpoints alike."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,3 +46,43 @@ def load_model_and_processor(
     module.post_model_init(model, processor)
     model.eval()
     return model, processor
+
+
+def checkpoint_name_map(model: torch.nn.Module) -> Optional[dict[str, str]]:
+    """``{in-memory name: checkpoint name}`` for every tensor ``save_pretrained`` writes (tied
+    duplicates dropped, transformers' renamings reverted, e.g. Qwen2-VL's
+    ``model.language_model.layers.0...`` -> ``model.layers.0...``), in save order.
+
+    Returns None when the model's conversions are not pure renamings (tensors would be merged or
+    split on save); the caller then converts whole state dicts."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    persistent_buffers = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for b_name, b in mod.named_buffers(recurse=False):
+            if b is not None and b_name not in mod._non_persistent_buffers_set:
+                persistent_buffers[f"{mod_name}.{b_name}" if mod_name else b_name] = b
+    sd: dict[str, torch.Tensor] = {}
+    for name, t in {**params, **persistent_buffers}.items():
+        shape = tuple(getattr(t, "ds_shape", t.shape))
+        sd[name] = torch.empty(shape, dtype=t.dtype, device="meta")
+    try:
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        sd = remove_tied_weights_from_state_dict(sd, model)
+    except Exception as e:  # pragma: no cover - non-HF model or older transformers
+        warnings.warn(f"could not drop tied weights with transformers ({e}); keeping all names")
+    ids = {id(t): name for name, t in sd.items()}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5: checkpoint names are the in-memory names
+        return {name: name for name in sd}
+    reverted = revert_weight_conversion(model, dict(sd))
+    out: dict[str, str] = {}
+    for ck_name, t in reverted.items():
+        src = ids.get(id(t))
+        if src is None:
+            return None
+        out[src] = ck_name
+    if len(out) != len(sd):
+        return None
+    return out

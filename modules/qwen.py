@@ -81,6 +81,13 @@ class QwenModule(VLMModule):
         if size:
             ip.size = size
 
+    def vision_token_ids(self, processing_class: Any) -> list[int]:
+        tok = self.tokenizer(processing_class)
+        extra = [tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>")]
+        vocab = tok.get_vocab()
+        extra = [i for t, i in zip(("<|vision_start|>", "<|vision_end|>"), extra) if t in vocab]
+        return sorted(set(super().vision_token_ids(processing_class)) | set(extra))
+
     def prepare_prompt(self, processing_class: Any, inputs: Sequence[dict[str, Any]]) -> list[str]:
         return [
             processing_class.apply_chat_template(ex["prompt"], tokenize=False, add_generation_prompt=True)

@@ -73,6 +73,7 @@ class RolloutBatch:
     group_size: int
     timings: dict[str, float] = field(default_factory=dict)
     reward_errors: dict[str, int] = field(default_factory=dict)
+    pad_token_id: int = 0
 
     @property
     def num_prompts(self) -> int:
@@ -82,3 +83,40 @@ class RolloutBatch:
         """Weighted sum over reward functions, shape [N]."""
         w = torch.tensor(self.reward_weights, dtype=torch.float32)
         return (self.rewards * w).sum(-1)
+
+
+def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
+    """Join the batches of several workers (same reward functions and group size) into one,
+    re-padding completions to the longest."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.completion_ids.shape[1] for p in parts)
+
+    def pad(x: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+    pad_id = parts[0].pad_token_id
+    errors: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.reward_errors.items():
+            errors[k] = errors.get(k, 0) + v
+    timings = {k: max(p.timings.get(k, 0.0) for p in parts) for k in parts[0].timings}
+    timings["completion_tokens"] = sum(p.timings.get("completion_tokens", 0.0) for p in parts)
+    return RolloutBatch(
+        sample_ids=[s for p in parts for s in p.sample_ids],
+        prompts_text=[s for p in parts for s in p.prompts_text],
+        images=[s for p in parts for s in p.images],
+        completion_ids=torch.cat([pad(p.completion_ids, pad_id) for p in parts]),
+        completion_mask=torch.cat([pad(p.completion_mask, False) for p in parts]),
+        sampling_logprobs=torch.cat([pad(p.sampling_logprobs, 0.0) for p in parts]),
+        rewards=torch.cat([p.rewards for p in parts]),
+        reward_names=parts[0].reward_names,
+        reward_weights=parts[0].reward_weights,
+        completions_text=[s for p in parts for s in p.completions_text],
+        finish_reasons=[s for p in parts for s in p.finish_reasons],
+        weights_version=min(p.weights_version for p in parts),
+        group_size=parts[0].group_size,
+        timings=timings,
+        reward_errors=errors,
+        pad_token_id=pad_id,
+    )

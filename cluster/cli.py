@@ -1,0 +1,146 @@
+"""The ``vlgrpo`` command line.
+
+    vlgrpo train [--config run.yaml] [--resume DIR] [section.option=value ...]
+    vlgrpo eval --model DIR --data FILE.jsonl [--image-folder DIR] [--engine auto|transformers|vllm]
+    vlgrpo make-data [--task color] --n 256 OUT_DIR
+    vlgrpo tiny-model --family qwen2-vl [--size tiny] OUT_DIR
+    vlgrpo modules
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional, Sequence
+
+
+def _cmd_modules(args) -> int:
+    from ..modules import available_modules
+
+    for key, cls in available_modules().items():
+        print(f"{key}\t{cls.__module__}:{cls.__qualname__}")
+    return 0
+
+
+def _cmd_tiny_model(args) -> int:
+    from ..modules.tiny import build_tiny_model
+
+    path = build_tiny_model(args.family, args.out_dir, seed=args.seed, size=args.size)
+    meta = json.loads((path / "vlgrpo_tiny.json").read_text())
+    print(json.dumps({"path": str(path), **meta}))
+    return 0
+
+
+def _cmd_make_data(args) -> int:
+    from ..rollout.synthetic import make_dataset
+
+    path = make_dataset(args.task, args.n, args.out_dir, seed=args.seed, image_size=args.image_size)
+    print(json.dumps({"data": str(path), "image_folder": str(path.parent), "rows": args.n, "task": args.task}))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from ..rollout.data import DataSource, load_datasets
+    from ..rollout.types import SamplingConfig
+    from ..rollout.worker import EngineConfig, RolloutWorker
+
+    ds = load_datasets([DataSource(args.data, args.image_folder)])
+    rewards = [{"name": r} for r in args.rewards.split(",")]
+    worker = RolloutWorker(EngineConfig(model_path=args.model, module=args.module, engine=args.engine), rewards)
+    sampling = SamplingConfig(n=args.num_generations, temperature=args.temperature, max_tokens=args.max_tokens,
+                              seed=args.seed)
+    totals, per_fn, n, errors = 0.0, None, 0, 0
+    from tqdm import tqdm
+
+    rows = [ds.get(i) for i in range(len(ds))]
+    bad = sum(r is None for r in rows)
+    rows = [r for r in rows if r is not None]
+    names: list[str] = []
+    for start in tqdm(range(0, len(rows), args.batch_size), desc="eval", disable=not sys.stderr.isatty()):
+        batch = worker.generate(rows[start:start + args.batch_size], sampling)
+        names = batch.reward_names
+        totals += float(batch.total_rewards().sum())
+        s = batch.rewards.sum(0)
+        per_fn = s if per_fn is None else per_fn + s
+        n += batch.rewards.shape[0]
+        errors += sum(batch.reward_errors.values())
+    summary = {"rows": len(rows), "skipped": ds.num_skipped + bad, "completions": n,
+               "reward/mean": totals / max(n, 1), "reward_errors": errors}
+    for j, name in enumerate(names):
+        summary[f"reward/{name}"] = float(per_fn[j]) / max(n, 1)
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .config import ConfigError, load_config
+    from .controller import train
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"vlgrpo: config error: {e}", file=sys.stderr)
+        return 2
+    history = train(cfg, resume=args.resume)
+    last = history[-1] if history else {}
+    print(json.dumps({"output_dir": cfg.trainer.output_dir, "steps": last.get("step"),
+                      "reward/mean": last.get("reward/mean"),
+                      "weights_version": last.get("weights_version")}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlgrpo", description="GRPO for vision-language models on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a policy (no --config: tiny model on a synthetic task, on CPU)")
+    t.add_argument("--config", help="YAML config (see examples/); omitted: the embedded default")
+    t.add_argument("--resume", help="output dir or checkpoint dir to continue from")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.num_workers=4 trainer.total_steps=50")
+    t.set_defaults(fn=_cmd_train)
+
+    e = sub.add_parser("eval", help="roll out over a dataset with the configured rewards; prints one JSON line")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True, help="VLM-R1 JSONL file")
+    e.add_argument("--image-folder", default=None, help="folder the image paths are relative to (default: the file's)")
+    e.add_argument("--engine", default="auto", choices=["auto", "transformers", "vllm"])
+    e.add_argument("--module", default="auto")
+    e.add_argument("--num-generations", type=int, default=1)
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--max-tokens", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--rewards", default="accuracy,format", help="comma-separated reward names")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(fn=_cmd_eval)
+
+    d = sub.add_parser("make-data", help="write a synthetic visual task as VLM-R1 JSONL + images")
+    d.add_argument("--task", default="color")
+    d.add_argument("--n", type=int, default=256)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--image-size", type=int, default=56)
+    d.add_argument("out_dir")
+    d.set_defaults(fn=_cmd_make_data)
+
+    m = sub.add_parser("tiny-model", help="build a tiny random VLM (+ processor) and save_pretrained it")
+    m.add_argument("--family", required=True, choices=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl"])
+    m.add_argument("--size", default="tiny", choices=["micro", "tiny", "small"])
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("out_dir")
+    m.set_defaults(fn=_cmd_tiny_model)
+
+    s = sub.add_parser("modules", help="list registered VLM modules (key and class)")
+    s.set_defaults(fn=_cmd_modules)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

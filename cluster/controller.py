@@ -1,0 +1,380 @@
+"""The single controller: places actors and runs the GRPO step loop.
+
+    sample prompts -> rollout workers generate G completions each and score them
+                   -> group-relative advantages -> learner update (DeepSpeed ranks)
+                   -> weight sync (bucketed broadcast, versioned, verified) -> next step
+
+``mode: sync`` is on-policy. ``mode: async`` is one-step off-policy: the prompts of step t+1 are
+generated (with the weights of version t) while the learner updates on step t; staleness is recorded
+per step and the clipped objective uses the sampler's log-probs as the behaviour policy.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..learner.grpo import group_advantages
+from ..learner.types import LearnerConfig, TrainBatch
+from ..rollout.types import RolloutBatch, SamplingConfig, concat_rollouts
+from ..rollout.worker import EngineConfig
+from . import placement
+from .checkpoint import CheckpointManager, atomic_write_json, load_trainer_state
+from .config import Config
+from .metrics import MetricsLogger, ProgressBar, plot_metrics
+from .weight_sync import SyncGroupInfo, check_checksums, get_free_port, make_plan
+
+log = logging.getLogger("vlgrpo")
+
+
+class StageError(RuntimeError):
+    """A stage of the step (generate, update, sync, checkpoint) failed or timed out."""
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.trainer.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.resume_dir = resume
+        self.step = 0
+        self.version = 0
+        self.workers: list[Any] = []
+        self.worker_pgs: list[Any] = []
+        self.learners: list[Any] = []
+        self.sync_info: Optional[SyncGroupInfo] = None
+        self.synced_once: set[int] = set()  # worker ids that hold the frozen tensors already
+        self._next_worker_id = 0
+        self._pending: Optional[list] = None  # in-flight generation (async mode)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        from ..rollout.data import DataSource, PromptSampler, load_datasets
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.trainer.seed)
+        random.seed(cfg.trainer.seed)
+        self.model_path = self._model_path()
+        sources = [DataSource(**s) for s in cfg.data.sources] or [DataSource(self._synthetic_data())]
+        self.dataset = load_datasets(sources)
+        self.sampler = PromptSampler(self.dataset, cfg.trainer.prompts_per_step, seed=cfg.trainer.seed)
+        cfg.save(self.out / "config.yaml")
+
+        needed = cfg.learner.num_ranks * cfg.learner.cpus_per_rank + cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
+        placement.init_ray(cfg.trainer.ray_address, needed)
+        self.has_gpus = placement.cluster_gpus() > 0
+        self.sync_backend = cfg.sync.backend if cfg.sync.backend != "auto" else ("nccl" if self.has_gpus else "gloo")
+        self._start_learners()
+        for _ in range(cfg.rollout.num_workers):
+            self._start_worker()
+        self._call(self.workers, "health", stage="start rollout workers")
+
+        state = None
+        ckpt = self._resume_checkpoint()
+        if ckpt is not None:
+            state = load_trainer_state(ckpt)
+            self._call(self.learners, "load_checkpoint", str(ckpt / "learner"), stage="resume learner")
+            self.step, self.version = int(state["step"]), int(state["weights_version"])
+            self.sampler.load_state_dict(state["sampler"])
+            log.info("resumed from %s at step %d", ckpt, self.step)
+        self.metrics = MetricsLogger(self.out, use_tensorboard=cfg.trainer.tensorboard != "off",
+                                     resume_from_step=self.step if ckpt is not None else None)
+        self.checkpoints = CheckpointManager(self.out, keep_last=cfg.trainer.keep_checkpoints)
+        self._rebuild_sync_group()
+        self.sync_weights(full=True)  # every worker starts from the learner's weights
+
+    def _model_path(self) -> str:
+        m = self.cfg.model
+        if m.path:
+            return m.path
+        from ..modules.tiny import build_tiny_model
+
+        path = self.out / "base_model"
+        if not (path / "config.json").exists():
+            log.info("model.path is empty: building a tiny %s model in %s", m.tiny_family, path)
+            build_tiny_model(m.tiny_family, path, seed=self.cfg.trainer.seed, size=m.tiny_size)
+        return str(path)
+
+    def _synthetic_data(self) -> str:
+        from ..rollout.synthetic import make_dataset
+
+        d = self.cfg.data
+        path = self.out / "data" / d.synthetic_task
+        if not (path / "data.jsonl").exists():
+            make_dataset(d.synthetic_task, d.synthetic_size, path, seed=self.cfg.trainer.seed)
+        return str(path / "data.jsonl")
+
+    def _learner_config(self) -> LearnerConfig:
+        from dataclasses import fields
+
+        lc = self.cfg.learner
+        base = {f.name: getattr(lc, f.name) for f in fields(LearnerConfig)}
+        base.update(model_path=self.model_path, module=self.cfg.model.module,
+                    processing_kwargs=dict(self.cfg.model.processing_kwargs),
+                    temperature=self.cfg.rollout.temperature,
+                    max_completion_length=lc.max_completion_length or self.cfg.rollout.max_tokens,
+                    total_steps=lc.total_steps if lc.total_steps != 1000 else self.cfg.trainer.total_steps * lc.num_iterations)
+        return LearnerConfig(**base)
+
+    def _start_learners(self) -> None:
+        import ray
+
+        from .actors import learner_actor_class
+
+        n = self.cfg.learner.num_ranks
+        res = placement.learner_resources(self.cfg, self.has_gpus)
+        self.learner_pg = placement.placement_group([placement.bundle(res)] * n, "PACK", self.cfg.trainer.timeout_s)
+        probe = ray.remote(num_cpus=0)(_node_addr).options(
+            scheduling_strategy=placement.bundle_strategy(self.learner_pg, 0))
+        addr, port = ray.get(probe.remote())
+        cls = learner_actor_class()
+        lcfg = self._learner_config()
+        self.learners = [
+            cls.options(num_cpus=res.cpus, num_gpus=res.gpus,
+                        scheduling_strategy=placement.bundle_strategy(self.learner_pg, r)).remote(lcfg, r, n, addr, port)
+            for r in range(n)
+        ]
+        self._call(self.learners, "ping", stage="start learners")
+
+    def _start_worker(self) -> Any:
+        from .actors import rollout_actor_class
+
+        r = self.cfg.rollout
+        res = placement.worker_resources(self.cfg, self.has_gpus)
+        pg = placement.placement_group([placement.bundle(res)], "PACK", self.cfg.trainer.timeout_s)
+        ecfg = EngineConfig(model_path=self.model_path, module=self.cfg.model.module, engine=r.engine, dtype=r.dtype,
+                            processing_kwargs=dict(self.cfg.model.processing_kwargs),
+                            tensor_parallel_size=r.tensor_parallel_size,
+                            gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len,
+                            enforce_eager=r.enforce_eager, num_threads=r.num_threads,
+                            seed=self.cfg.trainer.seed + self._next_worker_id)
+        actor = rollout_actor_class().options(
+            num_cpus=res.cpus, num_gpus=res.gpus, scheduling_strategy=placement.bundle_strategy(pg, 0),
+        ).remote(ecfg, list(r.rewards), self._next_worker_id)
+        actor._vlgrpo_id = self._next_worker_id  # noqa: SLF001 (driver-side bookkeeping)
+        self._next_worker_id += 1
+        self.workers.append(actor)
+        self.worker_pgs.append(pg)
+        return actor
+
+    # ------------------------------------------------------------------ calls with bounds
+    def _get(self, refs, stage: str, timeout: Optional[float] = None):
+        import ray
+
+        try:
+            return ray.get(refs, timeout=timeout or self.cfg.trainer.timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            raise StageError(f"{stage}: no answer within {timeout or self.cfg.trainer.timeout_s:.0f}s "
+                             "(trainer.timeout_s); a worker or collective is hung") from e
+        except ray.exceptions.RayError as e:
+            raise StageError(f"{stage} failed: {e}") from e
+
+    def _call(self, actors, method: str, *args, stage: str, **kwargs):
+        return self._get([getattr(a, method).remote(*args, **kwargs) for a in actors], stage)
+
+    # ------------------------------------------------------------------ weight sync
+    def _rebuild_sync_group(self) -> None:
+        """(Re)form the sync group: learner rank 0 + current workers. Called when membership changes."""
+        import ray
+
+        if self.sync_info is not None:
+            self._call(self.learners[:1], "leave_sync_group", stage="leave sync group")
+            self._call(self.workers, "leave_sync_group", stage="leave sync group")
+        addr = ray.get(ray.remote(num_cpus=0)(_node_addr).options(
+            scheduling_strategy=placement.bundle_strategy(self.learner_pg, 0)).remote())[0]
+        port = ray.get(ray.remote(num_cpus=0)(get_free_port).options(
+            scheduling_strategy=placement.bundle_strategy(self.learner_pg, 0)).remote())
+        self.sync_info = SyncGroupInfo(addr, port, 1 + len(self.workers), self.sync_backend,
+                                       name=f"wsync-{port}-{len(self.workers)}", timeout_s=self.cfg.sync.timeout_s)
+        refs = [self.learners[0].join_sync_group.remote(self.sync_info)]
+        refs += [w.join_sync_group.remote(self.sync_info, i + 1) for i, w in enumerate(self.workers)]
+        self._get(refs, "form the weight-sync group")
+
+    def sync_weights(self, full: bool = False) -> dict[str, float]:
+        """Broadcast the learner's weights to every worker as version ``self.version``. Frozen
+        tensors travel only when some worker has never received them (``full``)."""
+        full = full or any(w._vlgrpo_id not in self.synced_once for w in self.workers)
+        specs = self._get([l.weight_specs.remote(trainable_only=not full) for l in self.learners],
+                          "sync: list weights")[0]
+        plan = make_plan(specs, self.version, self.cfg.sync.bucket_mb, verify=self.cfg.sync.verify)
+        t0 = time.perf_counter()
+        send = [l.send_weights.remote(plan) for l in self.learners]
+        recv = [w.receive_weights.remote(plan) for w in self.workers]
+        results = self._get(send + recv, f"weight sync v{self.version}", timeout=self.cfg.sync.timeout_s)
+        seconds = time.perf_counter() - t0
+        stats, received = results[0], results[len(send):]
+        if plan.verify:
+            check_checksums(stats.checksums, {f"rollout worker {r['worker']}": r["checksums"] for r in received},
+                            self.version)
+        for r in received:
+            if r["version"] != self.version:
+                raise StageError(f"rollout worker {r['worker']} reports weights v{r['version']} after sync v{self.version}")
+        self.synced_once.update(w._vlgrpo_id for w in self.workers)
+        return {"sync/seconds": seconds, "sync/mb": plan.nbytes / 2**20,
+                "sync/mb_per_s": plan.nbytes / 2**20 / max(seconds, 1e-9), "sync/tensors": len(plan.names),
+                "sync/full": float(full)}
+
+    # ------------------------------------------------------------------ scaling
+    def scale_rollout(self, num_workers: int) -> None:
+        """Add or remove rollout workers between steps; new workers get the current weights first."""
+        import ray
+
+        if num_workers < 1:
+            raise ValueError("need at least one rollout worker")
+        self._drain_pending()
+        while len(self.workers) > num_workers:
+            w, pg = self.workers.pop(), self.worker_pgs.pop()
+            ray.kill(w)
+            ray.util.remove_placement_group(pg)
+        while len(self.workers) < num_workers:
+            self._start_worker()
+        self._call(self.workers, "health", stage="start rollout workers")
+        self._rebuild_sync_group()
+        self.sync_weights()
+        self.cfg.rollout.num_workers = num_workers
+        log.info("rollout workers: %d", num_workers)
+
+    def _drain_pending(self) -> None:
+        if self._pending is not None:
+            self._get(self._pending, "finish in-flight generation")
+            self._pending = None
+
+    # ------------------------------------------------------------------ the step
+    def _sampling(self) -> SamplingConfig:
+        r = self.cfg.rollout
+        return SamplingConfig(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_tokens=r.max_tokens, seed=None)
+
+    def _launch_generation(self) -> list:
+        # The sampler state *before* this draw: a checkpoint taken while these prompts are still
+        # in flight (async mode) must let a resumed run draw them again.
+        self._sampler_state_undrawn = self.sampler.state_dict()
+        samples = next(self.sampler)
+        k = len(self.workers)
+        chunks = [samples[i::k] for i in range(k)]  # round-robin keeps chunk sizes within one
+        return [w.generate.remote(c, self._sampling()) for w, c in zip(self.workers, chunks) if c]
+
+    def _to_train_batch(self, rollout: RolloutBatch, off_policy: bool) -> tuple[TrainBatch, dict[str, float]]:
+        lc = self.cfg.learner
+        rewards = rollout.total_rewards()
+        adv, zero_groups = group_advantages(rewards, rollout.group_size, scale_by_std=lc.scale_adv_by_std)
+        batch = TrainBatch.from_rollout(rollout, adv)
+        if off_policy:  # behaviour policy = the sampler's weights (one version behind)
+            batch.old_logprobs = rollout.sampling_logprobs
+        return batch, {"zero_std_groups": float(zero_groups)}
+
+    def train_step(self) -> dict[str, float]:
+        t_step = time.perf_counter()
+        asynchronous = self.cfg.trainer.mode == "async"
+        t0 = time.perf_counter()
+        refs = self._pending if self._pending is not None else self._launch_generation()
+        self._pending = None
+        rollout = concat_rollouts(self._get(refs, f"step {self.step}: generate"))
+        t_gen = time.perf_counter() - t0
+        staleness = self.version - rollout.weights_version
+        if asynchronous and self.step + 1 < self.cfg.trainer.total_steps:
+            self._pending = self._launch_generation()  # overlaps the update below
+        batch, extra = self._to_train_batch(rollout, off_policy=staleness > 0)
+        t0 = time.perf_counter()
+        shards = batch.split(len(self.learners))
+        learner_metrics = self._get([l.train_step.remote(s) for l, s in zip(self.learners, shards)],
+                                    f"step {self.step}: learner update")[0]
+        t_train = time.perf_counter() - t0
+        self.version += 1
+        self.step += 1
+        sync_metrics = self.sync_weights()
+        metrics = self._step_metrics(rollout, learner_metrics, sync_metrics, extra)
+        metrics.update({"time/generate_s": t_gen, "time/train_s": t_train, "staleness/mean": float(staleness),
+                        "time/step_s": time.perf_counter() - t_step})
+        return metrics
+
+    def _step_metrics(self, rollout: RolloutBatch, learner: dict, sync: dict, extra: dict) -> dict[str, float]:
+        total = rollout.total_rewards()
+        m: dict[str, float] = {"step": self.step, "weights_version": self.version,
+                               "rollout/weights_version": rollout.weights_version,
+                               "reward/mean": float(total.mean()), "reward/std": float(total.std())}
+        for j, name in enumerate(rollout.reward_names):
+            m[f"reward/{name}"] = float(rollout.rewards[:, j].mean())
+        if "accuracy" in rollout.reward_names:
+            m["accuracy"] = m["reward/accuracy"]
+        lengths = rollout.completion_mask.sum(1).float()
+        m["response_length/mean"] = float(lengths.mean())
+        m["response_length/clipped_frac"] = sum(f == "length" for f in rollout.finish_reasons) / len(rollout.finish_reasons)
+        m["reward/errors"] = float(sum(rollout.reward_errors.values()))
+        m["data/skipped"] = float(self.dataset.num_skipped + getattr(self.sampler, "num_skipped", 0))
+        m["rollout/tokens_per_s"] = rollout.timings.get("completion_tokens", 0.0) / max(rollout.timings.get("generate_s", 0.0), 1e-9)
+        m.update({k: float(v) for k, v in learner.items() if isinstance(v, (int, float))})
+        m.update(sync)
+        m.update(extra)
+        return m
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        tmp = self.checkpoints.begin(self.step)
+        self._call(self.learners, "save_checkpoint", str(tmp / "learner"), stage="checkpoint: learner state")
+        self._call(self.learners, "save_pretrained", str(tmp / "policy"), stage="checkpoint: policy")
+        atomic_write_json(tmp / "trainer_state.json", {
+            "step": self.step, "weights_version": self.version, "sampler": self._sampler_state_undrawn if self._pending else self.sampler.state_dict(),
+            "seed": self.cfg.trainer.seed, "num_workers": len(self.workers)})
+        return self.checkpoints.commit(self.step, tmp)
+
+    def _resume_checkpoint(self) -> Optional[Path]:
+        if not self.resume_dir:
+            return None
+        root = Path(self.resume_dir)
+        if (root / "trainer_state.json").exists():
+            return root
+        ckpt = CheckpointManager(root).latest()
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume {root}: no complete checkpoint under it (looked in {root}/checkpoints)")
+        return ckpt
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> list[dict[str, float]]:
+        cfg = self.cfg.trainer
+        history = []
+        bar = ProgressBar(cfg.total_steps, initial=self.step)
+        try:
+            while self.step < cfg.total_steps:
+                metrics = self.train_step()
+                self.metrics.log(self.step, metrics)
+                bar.update(self.step, metrics)
+                history.append(metrics)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.total_steps:
+                    self.save_checkpoint()
+            self._drain_pending()
+            self.save_checkpoint()
+        finally:
+            bar.close()
+            self.metrics.close()
+        return history
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.workers + self.learners:
+            try:
+                ray.kill(a)
+            except Exception:  # already gone
+                pass
+        self.workers, self.learners = [], []
+
+
+def _node_addr() -> tuple[str, int]:
+    from .weight_sync import get_node_ip
+
+    return get_node_ip(), get_free_port()
+
+
+def train(cfg: Config, resume: Optional[str] = None) -> list[dict[str, float]]:
+    """Run a whole training job; returns the per-step metrics."""
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        trainer.shutdown()

@@ -1,0 +1,81 @@
+"""Ray start-up and placement: learner ranks in one placement group, each rollout worker in its own
+(so workers can be added and removed while the run goes on). GPU bundles where the cluster has
+GPUs, CPU bundles otherwise."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+log = logging.getLogger("vlgrpo")
+
+
+def init_ray(address: Optional[str], needed_cpus: float) -> None:
+    """Connect to a running cluster (``ray job submit`` sets RAY_ADDRESS) or start a local one.
+
+    A local one binds to 127.0.0.1 and gets at least ``needed_cpus`` logical CPUs (actors are
+    mostly idle while others compute, so oversubscribing a laptop's cores is intended)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on 127.0.0.1
+    ray.init(num_cpus=max(int(needed_cpus + 0.999), os.cpu_count() or 1), include_dashboard=False,
+             _node_ip_address="127.0.0.1", runtime_env=env, log_to_driver=True)
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+@dataclass
+class Resources:
+    cpus: float
+    gpus: float
+
+
+def learner_resources(cfg, has_gpus: bool) -> Resources:
+    g = cfg.learner.gpus_per_rank
+    return Resources(cfg.learner.cpus_per_rank, (1.0 if has_gpus else 0.0) if g < 0 else g)
+
+
+def worker_resources(cfg, has_gpus: bool) -> Resources:
+    g = cfg.rollout.gpus_per_worker
+    if g < 0:
+        g = float(cfg.rollout.tensor_parallel_size) if has_gpus else 0.0
+    return Resources(cfg.rollout.cpus_per_worker, g)
+
+
+def placement_group(bundles: list[dict[str, float]], strategy: str, timeout_s: float):
+    """Create and wait for a placement group; a clear error when the cluster cannot host it."""
+    import ray
+    from ray.util.placement_group import placement_group as make_pg
+
+    bundles = [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
+    pg = make_pg(bundles, strategy=strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        ray.util.remove_placement_group(pg)
+        raise RuntimeError(
+            f"the cluster cannot place {bundles} ({strategy}) within {timeout_s:.0f}s; available: "
+            f"{ray.available_resources()}. Lower learner.num_ranks / rollout.num_workers or the GPUs per actor"
+        )
+    return pg
+
+
+def bundle_strategy(pg, index: int) -> Any:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
+
+
+def bundle(res: Resources) -> dict[str, float]:
+    return {"CPU": res.cpus, "GPU": res.gpus}

