@@ -30,7 +30,6 @@ log() { echo "[setup_vllm_cpu +$(( $(date +%s) - START ))s] $*"; }
 if [[ ! -x "$VENV/bin/python" ]]; then
     log "creating venv $VENV with $PY"
     "$PY" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
 fi
 VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip)

@@ -23,9 +23,18 @@ class SyncedLearner(Learner):
             self.sync_group = None
 
     def weight_specs(self, trainable_only: bool) -> list[TensorSpec]:
-        """Collective (ZeRO-3 gathers to read full shapes): specs in export order, rank 0 only."""
+        """Specs of the tensors to sync, in ``named_weights`` order (not collective: full shapes
+        are read from ZeRO-3 metadata, nothing is gathered)."""
         keep = set(self.trainable_names()) if trainable_only else None
-        return [spec_of(n, t) for n, t in self.named_weights() if keep is None or n in keep]
+        try:
+            meta = self.weights_meta()
+        except NotImplementedError:  # checkpoint conversion merges tensors: read them for real
+            if self.cfg.zero_stage == 3:
+                raise NotImplementedError("weight sync of a model whose checkpoint conversion merges tensors "
+                                          "is not supported under ZeRO-3; use learner.zero_stage=2")
+            return [spec_of(n, t) for n, t in self.named_weights(all_ranks=True)
+                    if keep is None or n in keep]
+        return [TensorSpec(n, tuple(shape), dtype) for n, shape, dtype in meta if keep is None or n in keep]
 
     def send_weights(self, plan: SyncPlan) -> Optional[SyncStats]:
         """Collective over the learner group; rank 0 broadcasts ``plan`` to the rollout workers."""

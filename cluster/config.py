@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -54,7 +54,7 @@ class RolloutSection:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
-    max_tokens: int = 32
+    max_tokens: int = 12  # the embedded demo's answers are one word; set it for your task
     rewards: list = field(default_factory=lambda: [{"name": "accuracy", "weight": 1.0},
                                                    {"name": "choice", "weight": 0.5}])
 
@@ -83,7 +83,7 @@ class TrainerSection:
     output_dir: str = "runs/vlgrpo"
     checkpoint_every: int = 10  # steps; 0 = only at the end
     keep_checkpoints: int = 2
-    tensorboard: str = "auto"  # auto | on | off
+    tensorboard: Union[bool, str] = "auto"  # auto | true | false
     ray_address: Optional[str] = None  # None: connect to a running cluster if any (ray job), else local
     timeout_s: float = 600.0  # bound on any single Ray call (generation, update, sync)
 
@@ -120,7 +120,13 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(path, value, args[0])
+        errors = []
+        for a in args:
+            try:
+                return _coerce(path, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of " + "; ".join(errors))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -239,7 +245,7 @@ def validate(cfg: Config) -> None:
          f"split over learner.num_ranks={lr.num_ranks}; raise prompts_per_step or lower num_ranks")
     need(cfg.sync.backend in ("auto", "gloo", "nccl"), f"sync.backend={cfg.sync.backend!r}: use auto, gloo or nccl")
     need(cfg.sync.bucket_mb > 0, "sync.bucket_mb must be > 0")
-    need(t.tensorboard in ("auto", "on", "off"), f"trainer.tensorboard={t.tensorboard!r}: use auto, on or off")
+    need(t.tensorboard in ("auto", True, False), f"trainer.tensorboard={t.tensorboard!r}: use auto, true or false")
     need(bool(r.rewards), "rollout.rewards is empty: add at least one reward, e.g. [{name: accuracy}]")
     from ..rollout.rewards import RewardSet
 

@@ -46,6 +46,7 @@ class Trainer:
         self.workers: list[Any] = []
         self.worker_pgs: list[Any] = []
         self.learners: list[Any] = []
+        self.learner_pg: Any = None
         self.sync_info: Optional[SyncGroupInfo] = None
         self.synced_once: set[int] = set()  # worker ids that hold the frozen tensors already
         self._next_worker_id = 0
@@ -81,7 +82,7 @@ class Trainer:
             self.step, self.version = int(state["step"]), int(state["weights_version"])
             self.sampler.load_state_dict(state["sampler"])
             log.info("resumed from %s at step %d", ckpt, self.step)
-        self.metrics = MetricsLogger(self.out, use_tensorboard=cfg.trainer.tensorboard != "off",
+        self.metrics = MetricsLogger(self.out, use_tensorboard=cfg.trainer.tensorboard,
                                      resume_from_step=self.step if ckpt is not None else None)
         self.checkpoints = CheckpointManager(self.out, keep_last=cfg.trainer.keep_checkpoints)
         self._rebuild_sync_group()
@@ -198,8 +199,7 @@ class Trainer:
         """Broadcast the learner's weights to every worker as version ``self.version``. Frozen
         tensors travel only when some worker has never received them (``full``)."""
         full = full or any(w._vlgrpo_id not in self.synced_once for w in self.workers)
-        specs = self._get([l.weight_specs.remote(trainable_only=not full) for l in self.learners],
-                          "sync: list weights")[0]
+        specs = self._get(self.learners[0].weight_specs.remote(trainable_only=not full), "sync: list weights")
         plan = make_plan(specs, self.version, self.cfg.sync.bucket_mb, verify=self.cfg.sync.verify)
         t0 = time.perf_counter()
         send = [l.send_weights.remote(plan) for l in self.learners]
@@ -361,7 +361,10 @@ class Trainer:
                 ray.kill(a)
             except Exception:  # already gone
                 pass
-        self.workers, self.learners = [], []
+        for pg in self.worker_pgs + [getattr(self, "learner_pg", None)]:
+            if pg is not None:
+                ray.util.remove_placement_group(pg)
+        self.workers, self.learners, self.worker_pgs, self.learner_pg = [], [], [], None
 
 
 def _node_addr() -> tuple[str, int]:

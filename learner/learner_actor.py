@@ -29,6 +29,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from vlgrpo.modules.loading import checkpoint_name_map  # noqa: F401 (re-exported)
+
 from .grpo import grpo_loss, truncated_importance_weights
 from .logprobs import build_rows_inputs, per_token_logprobs
 from .types import LearnerConfig, TrainBatch
@@ -64,46 +66,6 @@ def lr_lambda_factory(cfg: LearnerConfig):
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
-
-
-def checkpoint_name_map(model: torch.nn.Module) -> Optional[dict[str, str]]:
-    """``{in-memory name: checkpoint name}`` for every tensor ``save_pretrained`` writes (tied
-    duplicates dropped, transformers' renamings reverted, e.g. Qwen2-VL's
-    ``model.language_model.layers.0...`` -> ``model.layers.0...``), in save order.
-
-    Returns None when the model's conversions are not pure renamings (tensors would be merged or
-    split on save); the caller then converts whole state dicts."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    persistent_buffers = {}
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        for b_name, b in mod.named_buffers(recurse=False):
-            if b is not None and b_name not in mod._non_persistent_buffers_set:
-                persistent_buffers[f"{mod_name}.{b_name}" if mod_name else b_name] = b
-    sd: dict[str, torch.Tensor] = {}
-    for name, t in {**params, **persistent_buffers}.items():
-        shape = tuple(getattr(t, "ds_shape", t.shape))
-        sd[name] = torch.empty(shape, dtype=t.dtype, device="meta")
-    try:
-        from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-        sd = remove_tied_weights_from_state_dict(sd, model)
-    except Exception as e:  # pragma: no cover - non-HF model or older transformers
-        warnings.warn(f"could not drop tied weights with transformers ({e}); keeping all names")
-    ids = {id(t): name for name, t in sd.items()}
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # transformers < 5: checkpoint names are the in-memory names
-        return {name: name for name in sd}
-    reverted = revert_weight_conversion(model, dict(sd))
-    out: dict[str, str] = {}
-    for ck_name, t in reverted.items():
-        src = ids.get(id(t))
-        if src is None:
-            return None
-        out[src] = ck_name
-    if len(out) != len(sd):
-        return None
-    return out
 
 
 def _set_seed(seed: int) -> None:
@@ -178,7 +140,11 @@ class Learner:
             if not self._frozen:
                 warnings.warn(f"freeze_vision: no parameter name contains any of {keys}")
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            ckpt_kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
         model.to(self.device)
         model.train()
 
@@ -353,7 +319,18 @@ class Learner:
     # -- training ---------------------------------------------------------------------------------
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """``num_iterations`` optimiser steps on this rank's shard ``batch`` (collective).
-        Returns the step's metrics, reduced over all ranks (identical on every rank)."""
+
+        Returns the step's metrics, reduced over all ranks (identical on every rank):
+        ``loss`` = ``pg_loss`` + ``kl_loss`` (mean over the μ iterations), token means over the
+        global batch ``ratio_mean`` / ``clip_frac_low`` / ``clip_frac_high`` / ``clip_frac`` /
+        ``entropy`` / ``kl`` (k3 to the reference, when there is one), ``ratio_min`` /
+        ``ratio_max``, ``grad_norm`` (before clipping, last iteration) and ``grad_norm_mean``,
+        ``lr`` (used by the last optimiser step), ``num_seqs`` / ``num_tokens`` (global),
+        ``num_micro_batches`` (per rank, max), ``global_step``, ``time_s`` and its parts
+        ``time_prepare_s`` (processor) / ``time_ref_old_s`` (no-grad pass) / ``time_update_s``,
+        ``tokens_per_s`` (completion tokens x μ / time_s, whole group) and, when the batch has
+        ``sampling_logprobs``, ``sampler_logprob_abs_diff`` (mean |learner - sampler| log-prob
+        before the update: 0 up to numerics when the sampler had the same weights)."""
         cfg = self.cfg
         t_start = time.perf_counter()
         if batch.num_rows == 0:
@@ -401,6 +378,7 @@ class Learner:
         ratio_min, ratio_max = math.inf, -math.inf
         grad_norms, lrs = [], []
         for it in range(cfg.num_iterations):
+            lrs.append(self.get_lr())  # the lr this optimiser step uses
             for j, mb, real in schedule():
                 if self.engine is not None:
                     self.engine.set_gradient_accumulation_boundary(j == n_micro - 1)
@@ -442,7 +420,6 @@ class Learner:
                     if ntok > 0:
                         ratio_min = min(ratio_min, float(m["ratio_min"]))
                         ratio_max = max(ratio_max, float(m["ratio_max"]))
-            lrs.append(self.get_lr())
             if self.engine is not None:
                 gn = self.engine.get_global_grad_norm()
                 grad_norms.append(float(gn) if gn is not None else float("nan"))

@@ -48,51 +48,71 @@ def build_rows_inputs(
     return module.forward_inputs(inputs)
 
 
-def concat_completion(
-    inputs: dict[str, torch.Tensor],
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """Model inputs for prompt + completion (see the module docstring)."""
-    prompt_ids = inputs["input_ids"]
-    n, p = prompt_ids.shape
-    if completion_ids.shape[0] != n:
-        raise ValueError(f"{n} prompt rows but {completion_ids.shape[0]} completion rows")
-    device = prompt_ids.device
-    c_ids = completion_ids.to(device=device, dtype=prompt_ids.dtype)
-    c_mask = completion_mask.to(device=device, dtype=inputs["attention_mask"].dtype)
-    out = dict(inputs)
-    out["input_ids"] = torch.cat([prompt_ids, c_ids], dim=1)
-    out["attention_mask"] = torch.cat([inputs["attention_mask"], c_mask], dim=1)
-    t = c_ids.shape[1]
-    for k, v in inputs.items():
-        if k in ("input_ids", "attention_mask") or not isinstance(v, torch.Tensor):
-            continue
-        # per-token side inputs (e.g. mm_token_type_ids): zeros over the completion
-        if v.dim() == 2 and tuple(v.shape) == (n, p) and not v.is_floating_point():
-            out[k] = torch.cat([v, v.new_zeros(n, t)], dim=1)
-    return out
+class _SelectiveLogProb(torch.autograd.Function):
+    """``log_softmax(logits / temperature)[targets]`` over ``[M, V]`` rows, in float32, a chunk of
+    rows at a time. Saves only the input logits (any dtype) and the per-row logsumexp for the
+    backward, which recomputes the softmax chunk by chunk: no full-size float32 copy of the
+    logits is ever held (it would be 2x the bf16 logits, per micro-batch, until backward)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature: float, chunk: int):
+        m = logits.shape[0]
+        out = torch.empty(m, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(m, dtype=torch.float32, device=logits.device)
+        for s in range(0, m, chunk):
+            lg = logits[s:s + chunk].float()
+            if temperature != 1.0:
+                lg = lg / temperature
+            l = torch.logsumexp(lg, dim=-1)
+            lse[s:s + chunk] = l
+            out[s:s + chunk] = lg.gather(-1, targets[s:s + chunk].unsqueeze(-1)).squeeze(-1) - l
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, lse = ctx.saved_tensors
+        t, chunk = ctx.temperature, ctx.chunk
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], chunk):
+            lg = logits[s:s + chunk].float()
+            if t != 1.0:
+                lg = lg / t
+            g = grad_out[s:s + chunk].float()
+            gl = torch.exp(lg - lse[s:s + chunk].unsqueeze(-1)).mul_(-g.unsqueeze(-1))
+            gl.scatter_add_(-1, targets[s:s + chunk].unsqueeze(-1), g.unsqueeze(-1))
+            if t != 1.0:
+                gl.div_(t)
+            grad[s:s + chunk] = gl.to(grad.dtype)
+        return grad, None, None, None
 
 
 def selective_logprobs_and_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
     with_entropy: bool = False,
-    chunk_rows: int = 8,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``log_softmax(logits)[targets]`` in float32 (and the entropy, no grad), a few rows at a
-    time so that only one float32 copy of a chunk's logits exists at once."""
-    lps, ents = [], []
-    for start in range(0, logits.shape[0], chunk_rows):
-        lg = logits[start:start + chunk_rows].float()
-        tg = targets[start:start + chunk_rows]
-        lse = torch.logsumexp(lg, dim=-1)
-        lps.append(lg.gather(-1, tg.unsqueeze(-1)).squeeze(-1) - lse)
-        if with_entropy:
-            with torch.no_grad():
-                probs = torch.softmax(lg, dim=-1)
-                ents.append(lse - (probs * lg).sum(-1))
-    return torch.cat(lps, 0), (torch.cat(ents, 0) if with_entropy else None)
+    """``log_softmax(logits / temperature)`` at ``targets`` (``[..., V]`` -> ``[...]``, float32,
+    differentiable) and, when asked, the entropy (no grad), ``chunk_tokens`` positions at a time."""
+    shape = targets.shape
+    flat = logits.reshape(-1, logits.shape[-1])
+    tg = targets.reshape(-1)
+    lp = _SelectiveLogProb.apply(flat, tg, float(temperature), int(chunk_tokens))
+    ent = None
+    if with_entropy:
+        with torch.no_grad():
+            ents = []
+            for s in range(0, flat.shape[0], chunk_tokens):
+                lg = flat[s:s + chunk_tokens].float()
+                if temperature != 1.0:
+                    lg = lg / temperature
+                logp = torch.log_softmax(lg, dim=-1)
+                ents.append(-(logp.exp() * logp).sum(-1))
+            ent = torch.cat(ents).reshape(shape) if ents else flat.new_zeros(shape, dtype=torch.float32)
+    return lp.reshape(shape), ent
 
 
 def per_token_logprobs(
@@ -111,7 +131,7 @@ def per_token_logprobs(
     of the concatenation. Masked positions (padding) hold 0. With ``return_entropy=True`` returns
     ``(logprobs, entropy)``, the entropy ``[N, T]`` being computed without grad.
     """
-    fwd = concat_completion(module.forward_inputs(inputs), completion_ids, completion_mask)
+    fwd = module.append_completions(module.forward_inputs(inputs), completion_ids, completion_mask)
     t = completion_ids.shape[1]
     kwargs: dict[str, Any] = {"use_cache": False}
     if _accepts_logits_to_keep(model):
@@ -119,10 +139,9 @@ def per_token_logprobs(
     out = model(**fwd, **kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
     logits = logits[:, -(t + 1):-1, :]  # position P-1+j predicts completion token j
-    if temperature != 1.0:
-        logits = logits / temperature
     targets = fwd["input_ids"][:, -t:]
-    lp, ent = selective_logprobs_and_entropy(logits, targets, with_entropy=return_entropy)
+    lp, ent = selective_logprobs_and_entropy(logits, targets, with_entropy=return_entropy,
+                                             temperature=temperature)
     mask = completion_mask.to(lp.device).bool()
     lp = torch.where(mask, lp, torch.zeros_like(lp))
     if return_entropy:

@@ -144,20 +144,23 @@ class VLMModule(ABC):
         completion_mask: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """Forward inputs for prompt + completion: ``input_ids`` and ``attention_mask`` are extended
-        with the (right-padded) completion tokens and mask; every other per-token input (a tensor of
-        the same [B, L] shape as ``input_ids``, e.g. Qwen's ``mm_token_type_ids``) with zeros (text);
-        per-image inputs are kept as they are. Row ``i`` of the completions belongs to prompt row ``i``."""
+        with the (right-padded) completion tokens and mask; every other per-token input (an integer
+        tensor of the same [B, L] shape as ``input_ids``, e.g. Qwen's ``mm_token_type_ids``) with
+        zeros (text); per-image inputs are kept as they are. Row ``i`` of the completions belongs to
+        prompt row ``i``. Override it if your family has per-token inputs of another kind."""
         ids = inputs["input_ids"]
-        out = {}
+        if completion_ids.shape[0] != ids.shape[0]:
+            raise ValueError(f"{ids.shape[0]} prompt rows but {completion_ids.shape[0]} completion rows")
+        comp = completion_ids.to(device=ids.device, dtype=ids.dtype)
+        out = dict(inputs)
+        out["input_ids"] = torch.cat([ids, comp], dim=1)
+        mask = inputs["attention_mask"]
+        out["attention_mask"] = torch.cat([mask, completion_mask.to(device=mask.device, dtype=mask.dtype)], dim=1)
         for key, value in inputs.items():
-            if key == "input_ids":
-                out[key] = torch.cat([ids, completion_ids.to(ids)], dim=1)
-            elif key == "attention_mask":
-                out[key] = torch.cat([value, completion_mask.to(value)], dim=1)
-            elif torch.is_tensor(value) and value.shape == ids.shape:
-                out[key] = torch.cat([value, torch.zeros_like(completion_ids).to(value)], dim=1)
-            else:
-                out[key] = value
+            if key in ("input_ids", "attention_mask") or not torch.is_tensor(value):
+                continue
+            if value.shape == ids.shape and not value.is_floating_point():
+                out[key] = torch.cat([value, value.new_zeros(comp.shape)], dim=1)
         return out
 
     _VISION_TOKEN_ATTRS = ("image_token", "video_token", "start_image_token", "end_image_token",

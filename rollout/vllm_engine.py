@@ -224,7 +224,13 @@ class VLLMEngine(GenerationEngine):
             enforce_eager = True  # torch.compile on CPU needs a compiler and minutes; no gain here
 
         import vllm  # lazy: the main environment has no vLLM
+        import vllm.envs as vllm_envs
         from vllm import LLM
+
+        # A vLLM engine built earlier in this process froze vLLM's view of the environment
+        # (``enable_envs_cache``); thaw it so the settings above apply to this engine.
+        if hasattr(vllm_envs, "disable_envs_cache"):
+            vllm_envs.disable_envs_cache()
 
         self._vllm = vllm
         self.module = module

@@ -73,6 +73,7 @@ class RolloutWorker:
     def __init__(self, engine_cfg: EngineConfig, reward_specs: Sequence[Any], worker_id: int = 0) -> None:
         if engine_cfg.num_threads > 0:
             torch.set_num_threads(engine_cfg.num_threads)
+        torch.manual_seed(engine_cfg.seed)  # sampling of the transformers engine is reproducible per worker
         self.worker_id = worker_id
         self.engine = make_engine(engine_cfg)
         self.rewards = RewardSet(list(reward_specs))

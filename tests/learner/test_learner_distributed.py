@@ -23,14 +23,14 @@ ray = pytest.importorskip("ray")
 @pytest.fixture(scope="module")
 def ray_session():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
+    env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}} if os.environ.get("PYTHONPATH") else None
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
     yield
     ray.shutdown()
 
 
 def _cfg(path, stage, **kw) -> LearnerConfig:
-    opts = dict(model_path=path, module="qwen", zero_stage=stage, lr=1e-2, adam_eps=1e-2,
+    opts = dict(model_path=path, module="qwen", zero_stage=stage, lr=1e-2, adam_eps=1e-2, warmup_steps=2,
                 micro_batch_size=2, grad_clip=1.0, seed=0, num_threads=1, freeze_vision=True)
     opts.update(kw)
     return LearnerConfig(**opts)
@@ -85,6 +85,7 @@ def test_zero2_two_ranks_equal_one_rank_and_frozen_vision(ray_session, tiny_mode
         assert m1[0]["loss"] == pytest.approx(m2[0]["loss"], abs=1e-6)
         assert m1[0]["grad_norm"] == pytest.approx(m2[0]["grad_norm"], rel=1e-4)
         assert m2[0]["num_micro_batches"] == 3 and m2[0]["num_seqs"] == 9
+        assert m1[0]["lr"] == m2[0]["lr"] == pytest.approx(0.5e-2)  # warmup: 1/2 of lr on step 1
         # frozen vision: bit-identical; the rest moved
         assert frozen and all(n.startswith("visual.") for n in frozen)
         for n in frozen:

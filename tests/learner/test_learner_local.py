@@ -142,7 +142,7 @@ def test_checkpoint_resume_is_exact(tiny_models, tmp_path):
     b = make_learner(tiny_models["qwen2-vl"], **kw)
     assert b.load_checkpoint(str(tmp_path / "ck")) == 1
     mb = [b.train_step(x) for x in batches[1:]]
-    assert [m["lr"] for m in ma] == [m["lr"] for m in mb]
+    assert [m["lr"] for m in ma] == [m["lr"] for m in mb] == [1e-2, lr_lambda_factory(a.cfg)(2) * 1e-2]
     wa, wb = weights(a), weights(b)
     for n in wa:
         assert torch.equal(wa[n], wb[n]), n
@@ -191,7 +191,8 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_models):
     for gc in (False, True):
         learner = make_learner(tiny_models["qwen2-vl"], gradient_checkpointing=gc, lr=1e-2,
                                adam_eps=1e-2, micro_batch_size=3)
-        assert learner.model.is_gradient_checkpointing == gc
+        enabled = any(getattr(mod, "gradient_checkpointing", False) for mod in learner.model.modules())
+        assert enabled == gc
         m = learner.train_step(make_batch(learner.module, learner.processor))
         out.append((m, weights(learner)))
     assert out[0][0]["loss"] == pytest.approx(out[1][0]["loss"], abs=1e-6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlgrpo.learner.logprobs import build_rows_inputs, concat_completion, per_token_logprobs
+from vlgrpo.learner.logprobs import build_rows_inputs, per_token_logprobs
 
 from .conftest import FAMILY_MODULE, make_batch
 
@@ -36,7 +36,7 @@ def test_batched_logprobs_match_unpadded_rows(tiny_models, family):
         p = one["input_ids"].shape[1]
         n_tok = int(mask[i].sum())
         comp = batch.completion_ids[i:i + 1, :n_tok]
-        full = concat_completion(one, comp, torch.ones_like(comp))
+        full = module.append_completions(one, comp, torch.ones_like(comp))
         with torch.no_grad():
             logits = model(**full, use_cache=False).logits[0].float()  # all positions
         ref_lp = torch.log_softmax(logits, -1)
@@ -56,7 +56,7 @@ def test_temperature_and_per_token_side_inputs(tiny_models):
     model, processor = load_model_and_processor(tiny_models["qwen2-vl"], module)
     batch = make_batch(module, processor, num_prompts=2, group_size=1, max_len=4)
     inputs = build_rows_inputs(module, processor, batch.prompts_text, batch.images, [0, 1])
-    fwd = concat_completion(inputs, batch.completion_ids, batch.completion_mask)
+    fwd = module.append_completions(inputs, batch.completion_ids, batch.completion_mask)
     n, p = inputs["input_ids"].shape
     for k, v in inputs.items():
         if k not in ("input_ids", "attention_mask") and v.dim() == 2 and tuple(v.shape) == (n, p) and not v.is_floating_point():
@@ -72,3 +72,39 @@ def test_temperature_and_per_token_side_inputs(tiny_models):
     for temp, lp in [(1.0, lp1), (2.0, lp2)]:
         ref = torch.log_softmax(logits / temp, -1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
         torch.testing.assert_close(lp[m], ref[m], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_selective_logprobs_value_grad_and_entropy(temperature, dtype):
+    """The chunked autograd function vs plain log_softmax (values, gradient, entropy)."""
+    from vlgrpo.learner.logprobs import selective_logprobs_and_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 11, generator=g, dtype=torch.float64) * 3).to(dtype)
+    targets = torch.randint(0, 11, (3, 5), generator=g)
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64)
+
+    x = logits.clone().requires_grad_(True)
+    lp, ent = selective_logprobs_and_entropy(x, targets, with_entropy=True, temperature=temperature,
+                                             chunk_tokens=4)  # chunks cross rows
+    assert lp.dtype == torch.float32 and ent.dtype == torch.float32 and not ent.requires_grad
+    (lp.double() * w).sum().backward()
+
+    y = logits.clone().double().requires_grad_(True)
+    ref_all = torch.log_softmax(y / temperature, -1)
+    ref = ref_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    (ref * w).sum().backward()
+    ref_ent = -(ref_all.exp() * ref_all).sum(-1)
+
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float64 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lp.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent.double(), ref_ent.detach(), atol=1e-5, rtol=1e-5)
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad.double(), y.grad, **tol)
+    if dtype == torch.float64:
+        f = lambda z: selective_logprobs_and_entropy(z, targets, temperature=temperature,  # noqa: E731
+                                                     chunk_tokens=4)[0]
+        # float32 inside: gradcheck against finite differences with a loose tolerance
+        assert torch.autograd.gradcheck(f, (logits.clone().requires_grad_(True),), eps=1e-3,
+                                        atol=1e-3, rtol=1e-3)
