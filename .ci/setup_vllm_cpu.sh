@@ -30,6 +30,7 @@ log() { echo "[setup_vllm_cpu +$(( $(date +%s) - START ))s] $*"; }
 if [[ ! -x "$VENV/bin/python" ]]; then
     log "creating venv $VENV with $PY"
     "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip  # the bundled pip may predate needed features
 fi
 VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip)

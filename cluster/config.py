@@ -86,6 +86,7 @@ class TrainerSection:
     tensorboard: Union[bool, str] = "auto"  # auto | true | false
     ray_address: Optional[str] = None  # None: connect to a running cluster if any (ray job), else local
     timeout_s: float = 600.0  # bound on any single Ray call (generation, update, sync)
+    max_retries: int = 3  # times one chunk of prompts is retried on a replacement rollout worker
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +36,19 @@ class StageError(RuntimeError):
     """A stage of the step (generate, update, sync, checkpoint) failed or timed out."""
 
 
+@dataclass
+class _Chunk:
+    """One worker's share of a step's prompts; ``result`` once generated (retried if lost)."""
+
+    index: int
+    samples: list
+    sampling: SamplingConfig
+    worker: Any = None
+    ref: Any = None
+    result: Optional[RolloutBatch] = None
+    retries: int = 0
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None) -> None:
         self.cfg = cfg
@@ -50,7 +64,8 @@ class Trainer:
         self.sync_info: Optional[SyncGroupInfo] = None
         self.synced_once: set[int] = set()  # worker ids that hold the frozen tensors already
         self._next_worker_id = 0
-        self._pending: Optional[list] = None  # in-flight generation (async mode)
+        self._pending: Optional[list[_Chunk]] = None  # generation of the next step (async mode)
+        self.fault_counts: dict[str, int] = {"worker_replaced": 0, "prompts_retried": 0}
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -239,24 +254,90 @@ class Trainer:
         log.info("rollout workers: %d", num_workers)
 
     def _drain_pending(self) -> None:
+        """Collect in-flight generation now (before workers change); kept for the next step."""
         if self._pending is not None:
-            self._get(self._pending, "finish in-flight generation")
-            self._pending = None
+            self._collect(self._pending, "finish in-flight generation")
 
-    # ------------------------------------------------------------------ the step
-    def _sampling(self) -> SamplingConfig:
+    # ------------------------------------------------------------------ generation with retries
+    def _sampling(self, step: int, chunk: int) -> SamplingConfig:
+        """Sampling of one chunk. The seed depends only on (run seed, step, chunk), so a resumed
+        run, or a chunk retried on another worker, samples exactly what it would have."""
         r = self.cfg.rollout
+        seed = (self.cfg.trainer.seed * 1_000_003 + step * 1_009 + chunk) % 2**31
         return SamplingConfig(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              max_tokens=r.max_tokens, seed=None)
+                              max_tokens=r.max_tokens, seed=seed)
 
-    def _launch_generation(self) -> list:
+    def _launch_generation(self, step: int) -> list["_Chunk"]:
+        """Draw the prompts of step ``step`` (0-based) and start generating them on the workers."""
         # The sampler state *before* this draw: a checkpoint taken while these prompts are still
         # in flight (async mode) must let a resumed run draw them again.
         self._sampler_state_undrawn = self.sampler.state_dict()
         samples = next(self.sampler)
         k = len(self.workers)
-        chunks = [samples[i::k] for i in range(k)]  # round-robin keeps chunk sizes within one
-        return [w.generate.remote(c, self._sampling()) for w, c in zip(self.workers, chunks) if c]
+        chunks = [_Chunk(i, samples[i::k], self._sampling(step, i)) for i in range(k) if samples[i::k]]
+        for chunk, worker in zip(chunks, self.workers):  # round-robin: chunk sizes differ by <= 1
+            self._submit(chunk, worker)
+        return chunks
+
+    def _submit(self, chunk: "_Chunk", worker) -> None:
+        chunk.worker, chunk.ref = worker, worker.generate.remote(chunk.samples, chunk.sampling)
+
+    def _collect(self, chunks: list["_Chunk"], stage: str) -> list[RolloutBatch]:
+        """Wait for every chunk. A worker that dies (or answers nothing within trainer.timeout_s)
+        is replaced by a new one that first receives the current weights, and its chunk is
+        generated again there with the same seed: no prompt is dropped."""
+        import ray
+
+        deadline = time.monotonic() + self.cfg.trainer.timeout_s
+        while any(c.result is None for c in chunks):
+            waiting = {c.ref: c for c in chunks if c.result is None}
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:  # hung: treat the workers still generating as dead
+                for c in waiting.values():
+                    self._retry_elsewhere(c, f"no answer within {self.cfg.trainer.timeout_s:.0f}s", stage)
+                deadline = time.monotonic() + self.cfg.trainer.timeout_s
+                continue
+            chunk = waiting[ready[0]]
+            try:
+                chunk.result = ray.get(ready[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                self._retry_elsewhere(chunk, type(e).__name__, stage)
+            except ray.exceptions.RayTaskError as e:
+                raise StageError(f"{stage}: rollout worker failed: {e}") from e
+        return [c.result for c in chunks]
+
+    def _retry_elsewhere(self, chunk: "_Chunk", why: str, stage: str) -> None:
+        if chunk.retries >= self.cfg.trainer.max_retries:
+            raise StageError(f"{stage}: prompts {[s.sample_id for s in chunk.samples]} failed "
+                             f"{chunk.retries + 1} times ({why}); giving up (trainer.max_retries)")
+        log.warning("%s: rollout worker lost (%s); replacing it and retrying %d prompts",
+                    stage, why, len(chunk.samples))
+        replacement = self._replace_worker(chunk.worker)
+        chunk.retries += 1
+        self.fault_counts["worker_replaced"] += 1
+        self.fault_counts["prompts_retried"] += len(chunk.samples)
+        self._submit(chunk, replacement)
+
+    def _replace_worker(self, dead) -> Any:
+        """Swap ``dead`` for a fresh worker holding the current weights; idempotent per worker."""
+        import ray
+
+        if dead not in self.workers:  # already replaced for another chunk
+            return self.workers[-1]
+        i = self.workers.index(dead)
+        pg = self.worker_pgs.pop(i)
+        self.workers.pop(i)
+        self.synced_once.discard(dead._vlgrpo_id)
+        try:
+            ray.kill(dead)
+        except Exception:  # already dead
+            pass
+        ray.util.remove_placement_group(pg)
+        new = self._start_worker()
+        self._call([new], "health", stage="start replacement rollout worker")
+        self._rebuild_sync_group()
+        self.sync_weights()
+        return new
 
     def _to_train_batch(self, rollout: RolloutBatch, off_policy: bool) -> tuple[TrainBatch, dict[str, float]]:
         lc = self.cfg.learner
@@ -271,13 +352,13 @@ class Trainer:
         t_step = time.perf_counter()
         asynchronous = self.cfg.trainer.mode == "async"
         t0 = time.perf_counter()
-        refs = self._pending if self._pending is not None else self._launch_generation()
+        chunks = self._pending if self._pending is not None else self._launch_generation(self.step)
         self._pending = None
-        rollout = concat_rollouts(self._get(refs, f"step {self.step}: generate"))
+        rollout = concat_rollouts(self._collect(chunks, f"step {self.step}: generate"))
         t_gen = time.perf_counter() - t0
         staleness = self.version - rollout.weights_version
         if asynchronous and self.step + 1 < self.cfg.trainer.total_steps:
-            self._pending = self._launch_generation()  # overlaps the update below
+            self._pending = self._launch_generation(self.step + 1)  # overlaps the update below
         batch, extra = self._to_train_batch(rollout, off_policy=staleness > 0)
         t0 = time.perf_counter()
         shards = batch.split(len(self.learners))
@@ -310,6 +391,7 @@ class Trainer:
         m.update({k: float(v) for k, v in learner.items() if isinstance(v, (int, float))})
         m.update(sync)
         m.update(extra)
+        m.update({f"faults/{k}": float(v) for k, v in self.fault_counts.items()})
         return m
 
     # ------------------------------------------------------------------ checkpoints

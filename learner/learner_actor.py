@@ -377,6 +377,7 @@ class Learner:
         acc: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
         ratio_min, ratio_max = math.inf, -math.inf
         grad_norms, lrs = [], []
+        nonfinite_micro = 0
         for it in range(cfg.num_iterations):
             lrs.append(self.get_lr())  # the lr this optimiser step uses
             for j, mb, real in schedule():
@@ -391,8 +392,9 @@ class Learner:
                     base = old if old is not None else logp.detach()
                     iw = truncated_importance_weights(base, mb["samp"], cfg.tis_cap)
                 if real and it == 0 and mb["samp"] is not None:
-                    base = old if old is not None else logp.detach()
-                    diff_sum += ((base - mb["samp"]).abs() * mb["mask"]).sum().double().cpu()
+                    # the current policy (before this step's update) vs the sampler's log-probs:
+                    # ~0 when the rollout engine holds the learner's weights
+                    diff_sum += ((logp.detach() - mb["samp"]).abs() * mb["mask"]).sum().double().cpu()
                     diff_done = True
                 loss, m = grpo_loss(
                     logp, old, mb["adv"], mb["mask"], ref_logprobs=mb["ref"], beta=cfg.beta,
@@ -402,6 +404,14 @@ class Learner:
                 )
                 if not real:
                     loss = loss * 0.0
+                # A non-finite loss on any rank: this micro-batch contributes no gradient on
+                # every rank (ranks must keep running the same collectives), and it is counted.
+                bad = self._all_reduce(torch.tensor(0.0 if bool(torch.isfinite(loss)) else 1.0,
+                                                    dtype=torch.float64), op="max")
+                if float(bad) > 0:
+                    nonfinite_micro += 1
+                    loss = logp.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
+                    real = False
                 if self.engine is not None:
                     self.engine.backward(loss, scale_wrt_gas=False)
                     self.engine.step()  # applies the update only at the boundary
@@ -423,6 +433,10 @@ class Learner:
             if self.engine is not None:
                 gn = self.engine.get_global_grad_norm()
                 grad_norms.append(float(gn) if gn is not None else float("nan"))
+            elif nonfinite_micro and nonfinite_micro == n_micro * (it + 1):
+                # every micro-batch was non-finite: skip the optimiser step entirely
+                self.optimizer.zero_grad(set_to_none=True)
+                grad_norms.append(float("nan"))
             else:
                 grad_norms.append(self._plain_step())
             self.global_step += 1
@@ -459,6 +473,7 @@ class Learner:
             "time_ref_old_s": t_ref - t_prep,
             "time_update_s": t_end - t_ref,
             "tokens_per_s": g_toks * mu / max(t_end - t_start, 1e-9),
+            "nonfinite_micro_batches": float(nonfinite_micro),
         }
         if cfg.beta > 0 or batch.ref_logprobs is not None:
             metrics["kl"] = tot["kl_mean"] / ntok_all

