@@ -357,8 +357,13 @@ class Trainer:
         rollout = concat_rollouts(self._collect(chunks, f"step {self.step}: generate"))
         t_gen = time.perf_counter() - t0
         staleness = self.version - rollout.weights_version
+        for reason, ids in rollout.skipped_prompts.items():
+            self.fault_counts[f"prompts_{reason}"] = self.fault_counts.get(f"prompts_{reason}", 0) + len(ids)
+            log.warning("step %d: %d prompts skipped (%s): %s", self.step, len(ids), reason, ids[:5])
         if asynchronous and self.step + 1 < self.cfg.trainer.total_steps:
             self._pending = self._launch_generation(self.step + 1)  # overlaps the update below
+        if rollout.completion_ids.shape[0] == 0:
+            raise StageError(f"step {self.step}: every prompt of the batch was skipped; see the warnings above")
         batch, extra = self._to_train_batch(rollout, off_policy=staleness > 0)
         t0 = time.perf_counter()
         shards = batch.split(len(self.learners))

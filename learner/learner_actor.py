@@ -665,7 +665,7 @@ class Learner:
             if load_path is None:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
         else:
-            client = torch.load(path / _CKPT_FILE, map_location=self.device, weights_only=False)
+            client = torch.load(path / _CKPT_FILE, map_location=self.device, weights_only=True)  # no unpickling of arbitrary objects
             self.model.load_state_dict(client["model"])
             self.optimizer.load_state_dict(client["optimizer"])
             self.scheduler.load_state_dict(client["scheduler"])

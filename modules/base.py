@@ -175,6 +175,20 @@ class VLMModule(ABC):
         ids = {tok.convert_tokens_to_ids(n) for n in names if isinstance(n, str)}
         return sorted(i for i in ids if isinstance(i, int) and i != tok.unk_token_id)
 
+    # Shared implementations for processors with a chat template and a ``text=``/``images=`` call
+    # (the Hugging Face processors of Qwen-VL, InternVL-hf, and most current VLMs).
+    @staticmethod
+    def chat_template_prompts(processing_class: Any, inputs: Sequence[dict[str, Any]]) -> list[str]:
+        return [processing_class.apply_chat_template(ex["prompt"], tokenize=False, add_generation_prompt=True)
+                for ex in inputs]
+
+    @staticmethod
+    def process_text_and_images(processing_class: Any, prompts_text: Sequence[str],
+                                images: Sequence[Sequence[Image.Image]], **kwargs: Any) -> dict[str, torch.Tensor]:
+        """The processor on all prompts at once; images flattened in prompt order."""
+        flat = [im for per_prompt in images for im in per_prompt]
+        return dict(processing_class(text=list(prompts_text), images=flat or None, **kwargs))
+
     def tokenizer(self, processing_class: Any) -> Any:
         return getattr(processing_class, "tokenizer", processing_class)
 

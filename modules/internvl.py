@@ -82,10 +82,7 @@ class InternVLModule(VLMModule):
         super().apply_processing_kwargs(processing_class, kwargs)
 
     def prepare_prompt(self, processing_class: Any, inputs: Sequence[dict[str, Any]]) -> list[str]:
-        return [
-            processing_class.apply_chat_template(ex["prompt"], tokenize=False, add_generation_prompt=True)
-            for ex in inputs
-        ]
+        return self.chat_template_prompts(processing_class, inputs)
 
     def prepare_model_inputs(
         self,
@@ -97,15 +94,9 @@ class InternVLModule(VLMModule):
         padding_side: str = "left",
         add_special_tokens: bool = False,
     ) -> dict[str, torch.Tensor]:
-        flat = [im for per_prompt in images for im in per_prompt]
-        out = dict(processing_class(
-            text=list(prompts_text),
-            images=flat or None,
-            return_tensors=return_tensors,
-            padding=padding,
-            padding_side=padding_side,
-            add_special_tokens=add_special_tokens,
-        ))
+        out = self.process_text_and_images(processing_class, prompts_text, images, return_tensors=return_tensors,
+                                           padding=padding, padding_side=padding_side,
+                                           add_special_tokens=add_special_tokens)
         if "pixel_values" in out:
             out["image_flags"] = torch.ones(out["pixel_values"].shape[0], dtype=torch.long)
         return self.forward_inputs(out)

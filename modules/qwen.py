@@ -89,10 +89,7 @@ class QwenModule(VLMModule):
         return sorted(set(super().vision_token_ids(processing_class)) | set(extra))
 
     def prepare_prompt(self, processing_class: Any, inputs: Sequence[dict[str, Any]]) -> list[str]:
-        return [
-            processing_class.apply_chat_template(ex["prompt"], tokenize=False, add_generation_prompt=True)
-            for ex in inputs
-        ]
+        return self.chat_template_prompts(processing_class, inputs)
 
     def prepare_model_inputs(
         self,
@@ -104,13 +101,7 @@ class QwenModule(VLMModule):
         padding_side: str = "left",
         add_special_tokens: bool = False,
     ) -> dict[str, torch.Tensor]:
-        flat = [im for per_prompt in images for im in per_prompt]
-        out = processing_class(
-            text=list(prompts_text),
-            images=flat or None,
-            return_tensors=return_tensors,
-            padding=padding,
-            padding_side=padding_side,
-            add_special_tokens=add_special_tokens,
-        )
-        return self.forward_inputs(dict(out))
+        out = self.process_text_and_images(processing_class, prompts_text, images, return_tensors=return_tensors,
+                                           padding=padding, padding_side=padding_side,
+                                           add_special_tokens=add_special_tokens)
+        return self.forward_inputs(out)

@@ -74,6 +74,7 @@ class RolloutBatch:
     timings: dict[str, float] = field(default_factory=dict)
     reward_errors: dict[str, int] = field(default_factory=dict)
     pad_token_id: int = 0
+    skipped_prompts: dict[str, list[str]] = field(default_factory=dict)  # reason -> sample ids not generated
 
     @property
     def num_prompts(self) -> int:
@@ -119,4 +120,6 @@ def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
         timings=timings,
         reward_errors=errors,
         pad_token_id=pad_id,
+        skipped_prompts={r: [i for p in parts for i in p.skipped_prompts.get(r, [])]
+                         for r in {r for p in parts for r in p.skipped_prompts}},
     )

@@ -31,6 +31,7 @@ class EngineConfig:
     enforce_eager: bool = False
     num_threads: int = 0  # torch CPU threads in the actor (Ray sets 1); 0 = leave as is
     seed: int = 0
+    max_prompt_tokens: int = 0  # longer prompts are skipped and counted; 0 = the model's context - max_tokens
 
 
 def resolve_engine_name(name: str) -> str:
@@ -80,17 +81,40 @@ class RolloutWorker:
         self.sync_group = None
         tok = self.engine.tokenizer()
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        from ..modules.loading import load_processor, read_model_config
 
+        self.module = resolve_module(engine_cfg.model_path, engine_cfg.module)
+        self.processor = load_processor(engine_cfg.model_path, self.module, engine_cfg.processing_kwargs)
+        text_cfg = read_model_config(engine_cfg.model_path)
+        text_cfg = text_cfg.get("text_config", text_cfg) or text_cfg
+        self.context_len = int(text_cfg.get("max_position_embeddings") or engine_cfg.max_model_len)
+        self.max_prompt_tokens = engine_cfg.max_prompt_tokens
+
+    def _prompt_fits(self, samples: Sequence[Sample], sampling: SamplingConfig) -> tuple[list[Sample], list[str]]:
+        """Split off prompts (text + image tokens) too long for the model's context."""
+        limit = self.max_prompt_tokens or (self.context_len - sampling.max_tokens)
+        texts = self.module.prepare_prompt(self.processor, [{"prompt": s.prompt} for s in samples])
+        keep, skipped = [], []
+        for s, text in zip(samples, texts):
+            n = self.module.prepare_model_inputs(self.processor, [text], [s.images])["input_ids"].shape[1]
+            (keep if n <= limit else skipped).append(s)
+        return keep, [s.sample_id for s in skipped]
     # -- generation --------------------------------------------------------------------------
     def generate(self, samples: Sequence[Sample], sampling: SamplingConfig) -> RolloutBatch:
         t0 = time.perf_counter()
         version = self.engine.weights_version
-        results = self.engine.generate(samples, sampling)
+        samples, too_long = self._prompt_fits(samples, sampling)
+        results = self.engine.generate(samples, sampling) if samples else []
         t1 = time.perf_counter()
         comps = [c for r in results for c in r.completions]
         rows = [s for s, r in zip(samples, results) for _ in r.completions]
         lengths = [len(c.token_ids) for c in comps]
-        scores, names, weights, errors = self.rewards.score([c.text for c in comps], rows, completion_lengths=lengths)
+        if comps:
+            scores, names, weights, errors = self.rewards.score([c.text for c in comps], rows,
+                                                                completion_lengths=lengths)
+        else:  # every prompt was skipped
+            names, weights, errors = self.rewards.names, self.rewards.weights, {}
+            scores = torch.zeros((0, len(names)), dtype=torch.float32)
         t2 = time.perf_counter()
         width = max(lengths + [1])
         ids = torch.full((len(comps), width), self.pad_id, dtype=torch.long)
@@ -119,6 +143,7 @@ class RolloutWorker:
                      "completion_tokens": float(sum(lengths))},
             reward_errors=dict(errors),
             pad_token_id=self.pad_id,
+            skipped_prompts={"prompt_too_long": too_long} if too_long else {},
         )
 
     # -- weights -----------------------------------------------------------------------------

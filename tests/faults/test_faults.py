@@ -1,0 +1,203 @@
+"""Injected faults: dead rollout worker, NaN loss, bad data rows, over-long prompts, a raising user
+reward, bad configs, a killed run resumed. Each survives with nothing silently lost."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from vlgrpo.cluster.config import ConfigError, load_config
+from vlgrpo.cluster.controller import Trainer
+from vlgrpo.cluster.placement import init_ray
+from vlgrpo.rollout.hf_engine import tensor_checksum
+from vlgrpo.rollout.synthetic import make_dataset
+
+PROMPTS, G = 4, 4
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    init_ray(None, 4)
+    yield
+    ray.shutdown()
+
+
+def _cfg(out, *extra):
+    return load_config(None, [
+        f"trainer.output_dir={out}", "trainer.checkpoint_every=0", f"trainer.prompts_per_step={PROMPTS}",
+        f"rollout.group_size={G}", "rollout.max_tokens=6", "rollout.num_workers=2", "rollout.engine=transformers",
+        "learner.num_ranks=1", "learner.zero_stage=0", "learner.lr=0.005", "trainer.tensorboard=false",
+        "trainer.timeout_s=120", *extra,
+    ])
+
+
+class KillWorkerMidGeneration(Trainer):
+    """SIGKILLs the process of rollout worker 0 right after step 1's prompts were sent to it."""
+
+    killed_pid = None
+
+    def _launch_generation(self, step):
+        chunks = super()._launch_generation(step)
+        if step == 1 and self.killed_pid is None:
+            pid = ray.get(chunks[0].worker.health.remote())["pid"]  # queued after generate: mid-flight
+            os.kill(pid, signal.SIGKILL)
+            self.killed_pid = pid
+        return chunks
+
+
+@pytest.mark.slow
+def test_rollout_worker_death(tmp_path, ray_session, fault_log):
+    trainer = KillWorkerMidGeneration(_cfg(tmp_path / "kill", "trainer.total_steps=3"))
+    try:
+        trainer.setup()
+        history = trainer.run()
+        weights = ray.get(trainer.learners[0].get_weights.remote())
+        learner = {n: tensor_checksum(t) for n, t in weights.items()}
+        workers = ray.get([w.weights_checksum.remote(list(learner)) for w in trainer.workers])
+        pids = {h["pid"] for h in ray.get([w.health.remote() for w in trainer.workers])}
+    finally:
+        trainer.shutdown()
+    assert trainer.killed_pid is not None and trainer.killed_pid not in pids
+    assert len(pids) == 2  # replaced, not just dropped
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert history[1]["faults/worker_replaced"] >= 1 and history[1]["faults/prompts_retried"] >= 1
+    rows = [int(h["num_seqs"]) for h in history]
+    lost = sum(PROMPTS * G - r for r in rows)
+    assert lost == 0, rows
+    assert all(w == learner for w in workers), "the replacement worker does not hold the learner's weights"
+    fault_log("rollout worker SIGKILLed mid-generation", survived=True, data_lost=lost)
+
+
+class NaNAdvantages(Trainer):
+    def _to_train_batch(self, rollout, off_policy):
+        batch, extra = super()._to_train_batch(rollout, off_policy)
+        if self.step == 1:
+            batch.advantages = torch.full_like(batch.advantages, float("nan"))
+        return batch, extra
+
+
+@pytest.mark.slow
+def test_nan_loss_is_skipped(tmp_path, ray_session, fault_log):
+    trainer = NaNAdvantages(_cfg(tmp_path / "nan", "trainer.total_steps=3", "rollout.num_workers=1"))
+    try:
+        trainer.setup()
+        history = trainer.run()
+        weights = ray.get(trainer.learners[0].get_weights.remote())
+    finally:
+        trainer.shutdown()
+    assert history[1]["nonfinite_micro_batches"] >= 1
+    assert history[0]["nonfinite_micro_batches"] == 0 and history[2]["nonfinite_micro_batches"] == 0
+    assert all(torch.isfinite(t).all() for t in weights.values()), "a NaN reached the weights"
+    assert all(h["loss"] == h["loss"] for h in (history[0], history[2]))  # finite steps around it
+    fault_log("NaN loss (step skipped)", survived=True)
+
+
+def _bad_data(root: Path) -> Path:
+    path = make_dataset("color", 6, root, seed=3)
+    rows = path.read_text().splitlines()
+    good = json.loads(rows[0])
+    (root / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    extra = [
+        {**good, "id": "missing", "image": "images/nope.png"},
+        {**good, "id": "corrupt", "image": "images/corrupt.png"},
+        {**good, "id": "no-answer", "conversations": good["conversations"][:1]},
+        {**good, "id": "too-long", "conversations": [
+            {"from": "human", "value": "<image>" + " colour" * 5000}, good["conversations"][1]]},
+    ]
+    path.write_text("\n".join(rows + [json.dumps(r) for r in extra] + ["{not json"]) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_bad_rows_long_prompts_and_raising_reward(tmp_path, ray_session, fault_log):
+    data = _bad_data(tmp_path / "data")
+    cfg = _cfg(tmp_path / "bad", "trainer.total_steps=2", "trainer.prompts_per_step=7", "rollout.num_workers=1",
+               f"data.sources=[{{path: {data}}}]",
+               "rollout.rewards=[{name: accuracy}, {name: vlgrpo.tests.faults.plugins:flaky_reward, weight: 0.5}]")
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        history = trainer.run()
+    finally:
+        trainer.shutdown()
+    assert trainer.dataset.skipped == {"missing_image": 1, "unreadable_image": 1, "no_answer": 1, "invalid_json": 1}
+    assert history[-1]["data/skipped"] == 4
+    # the over-long prompt was drawn (7 of 7 usable rows per step), skipped and counted, not generated
+    assert history[0]["faults/prompts_prompt_too_long"] >= 1
+    assert history[0]["num_seqs"] == 6 * G
+    assert history[0]["reward/errors"] > 0  # the raising reward was caught per sample and counted
+    fault_log("bad rows (missing, corrupt, no answer, bad JSON)", survived=True)
+    fault_log("prompt longer than the model's context", survived=True)
+    fault_log("user reward function raising", survived=True)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("rollout.num_workers=two", "rollout.num_workers"),
+    ("learner.lr=fast", "learner.lr"),
+    ("model.module=llava-next", "model.module"),
+    ("trainer.mode=sometimes", "trainer.mode"),
+    ("rollout.rewards=[{name: nope}]", "rollout.rewards"),
+    ("rollout.temprature=0.7", "rollout.temprature"),
+])
+def test_config_errors_name_the_field(override, field, fault_log):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert field in str(e.value)
+    assert not ray.is_initialized()  # reported before any actor starts
+    fault_log(f"bad config: {override}", survived=True)
+
+
+def test_unknown_module_key_lists_known_keys():
+    with pytest.raises(ConfigError, match="qwen.*internvl|internvl.*qwen"):
+        load_config(None, ["model.module=llava-next"])
+
+
+def _metrics(out: Path) -> list[dict]:
+    p = out / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(l) for l in p.read_text().splitlines() if l.strip().endswith("}")]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_last_checkpoint(tmp_path, fault_log):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "vlgrpo.cluster.cli", "train", f"trainer.output_dir={out}",
+            "trainer.total_steps=4", "trainer.checkpoint_every=2", "trainer.prompts_per_step=4",
+            "rollout.group_size=4", "rollout.max_tokens=6", "rollout.num_workers=1", "learner.zero_stage=0",
+            "learner.lr=0.005", "trainer.tensorboard=false"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and len(_metrics(out)) < 3:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray, mid-run
+        proc.wait()
+    killed = _metrics(out)
+    assert len(killed) >= 3
+    ckpt = out / "checkpoints" / "step_000002"
+    assert (ckpt / "trainer_state.json").exists() and (ckpt / "policy" / "model.safetensors").exists()
+
+    done = subprocess.run(args + ["--resume", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = _metrics(out)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]  # steps after the checkpoint were re-run once
+    # same seed, same data order, same optimizer state: step 3 again equals step 3 before the kill
+    for key in ("reward/mean", "loss", "response_length/mean"):
+        assert resumed[2][key] == pytest.approx(killed[2][key], rel=1e-4, abs=1e-6), key
+    from transformers import AutoConfig
+
+    AutoConfig.from_pretrained(out / "checkpoints" / "step_000004" / "policy")
+    fault_log("whole run SIGKILLed, then --resume", survived=True)
