@@ -4,6 +4,7 @@
     vlgrpo eval --model DIR --data FILE.jsonl [--image-folder DIR] [--engine auto|transformers|vllm]
     vlgrpo make-data [--task color] --n 256 OUT_DIR
     vlgrpo tiny-model --family qwen2-vl [--size tiny] OUT_DIR
+    vlgrpo scale --output-dir DIR --rollout-workers N
     vlgrpo modules
 """
 from __future__ import annotations
@@ -90,6 +91,14 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_scale(args) -> int:
+    from .control import request_scale
+
+    path = request_scale(args.output_dir, args.rollout_workers)
+    print(json.dumps({"request": str(path), "rollout_workers": args.rollout_workers}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlgrpo", description="GRPO for vision-language models on Ray")
     sub = p.add_subparsers(dest="command", required=True)
@@ -128,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("out_dir")
     m.set_defaults(fn=_cmd_tiny_model)
+
+    c = sub.add_parser("scale", help="ask a running job to change its number of rollout workers (between steps)")
+    c.add_argument("--output-dir", required=True, help="trainer.output_dir of the running job")
+    c.add_argument("--rollout-workers", type=int, required=True)
+    c.set_defaults(fn=_cmd_scale)
 
     s = sub.add_parser("modules", help="list registered VLM modules (key and class)")
     s.set_defaults(fn=_cmd_modules)

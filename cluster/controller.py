@@ -253,6 +253,14 @@ class Trainer:
         self.cfg.rollout.num_workers = num_workers
         log.info("rollout workers: %d", num_workers)
 
+    def _apply_control_requests(self) -> None:
+        """Between steps: act on ``vlgrpo scale`` requests (``OUTPUT_DIR/control/scale.json``)."""
+        from .control import take_scale_request
+
+        n = take_scale_request(self.out)
+        if n is not None and n != len(self.workers):
+            self.scale_rollout(n)
+
     def _drain_pending(self) -> None:
         """Collect in-flight generation now (before workers change); kept for the next step."""
         if self._pending is not None:
@@ -427,6 +435,7 @@ class Trainer:
         bar = ProgressBar(cfg.total_steps, initial=self.step)
         try:
             while self.step < cfg.total_steps:
+                self._apply_control_requests()
                 metrics = self.train_step()
                 self.metrics.log(self.step, metrics)
                 bar.update(self.step, metrics)

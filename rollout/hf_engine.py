@@ -100,13 +100,13 @@ class TransformersEngine(GenerationEngine):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         state = self.model.state_dict(keep_vars=True)
         n = 0
-        for name, tensor in weights:
-            name = self._mem_name.get(name, name)
+        for sent_name, tensor in weights:
+            name = self._mem_name.get(sent_name, sent_name)
             if name not in state:
-                raise KeyError(f"weight {name!r} is not a parameter of the rollout model")
+                raise KeyError(f"weight {sent_name!r} is not a parameter of the rollout model")
             target = state[name]
             if target.shape != tensor.shape:
-                raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
+                raise ValueError(f"weight {sent_name!r}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
             target.data.copy_(tensor)
             n += 1
         self.weights_version = version

@@ -26,7 +26,8 @@ def _cfg(out, *extra):
     return load_config(None, [
         f"trainer.output_dir={out}", "trainer.checkpoint_every=0", "trainer.prompts_per_step=4",
         "rollout.group_size=4", "rollout.max_tokens=6", "rollout.num_workers=2", "rollout.engine=transformers",
-        "learner.num_ranks=1", "learner.zero_stage=0", "learner.lr=0.005", "trainer.tensorboard=false", *extra,
+        "learner.num_ranks=1", "learner.zero_stage=0", "learner.lr=0.005", "trainer.tensorboard=false",
+        "rollout.rewards=[{name: choice}, {name: vlgrpo.tests.plugins:char_variety}]", *extra,
     ])
 
 
@@ -73,10 +74,15 @@ def test_sync_frozen_once_and_scaling(tmp_path):
 
 
 def test_async_one_step_off_policy(tmp_path):
+    from vlgrpo.cluster.control import request_scale
+
     trainer = Trainer(_cfg(tmp_path / "async", "trainer.total_steps=4", "trainer.mode=async"))
     try:
         trainer.setup()
+        request_scale(tmp_path / "async", 1)  # what `vlgrpo scale` writes; applied between steps
         history = trainer.run()
+        assert len(trainer.workers) == 1
+        assert not (tmp_path / "async" / "control" / "scale.json").exists()
     finally:
         trainer.shutdown()
     assert [h["step"] for h in history] == [1, 2, 3, 4]

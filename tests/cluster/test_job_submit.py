@@ -101,9 +101,10 @@ def _head_processes(temp_dir: str, gcs_port: int) -> list:
     import psutil
 
     me = os.getpid()
+    spare = {me, *(p.pid for p in psutil.Process(me).parents())}  # never this test or its launchers
     roots = []
     for p in psutil.process_iter(["pid", "cmdline"]):
-        if p.info["pid"] == me:
+        if p.info["pid"] in spare:
             continue
         cmd = " ".join(p.info["cmdline"] or [])
         if temp_dir in cmd or ("ray.util.client.server" in cmd and f":{gcs_port} " in cmd + " "):
@@ -115,8 +116,7 @@ def _head_processes(temp_dir: str, gcs_port: int) -> list:
                 found[p.pid] = p
         except psutil.NoSuchProcess:
             pass
-    found.pop(me, None)
-    return list(found.values())
+    return [p for pid, p in found.items() if pid not in spare]
 
 
 def _stop_head(temp_dir: str, gcs_port: int) -> None:
@@ -175,9 +175,15 @@ def _ray_job(head: Head, command: str, *args: str, timeout: float = 120,
 
 
 def _status(head: Head, job_id: str) -> str:
+    """The job's status as `ray job status` prints it: "Job 'ID' succeeded" / "failed" / "was stopped",
+    else "Status for job 'ID': RUNNING" (or PENDING)."""
     out = _ray_job(head, "status", job_id)
-    m = re.search(r"Status for job '[^']+': (\w+)", out.stdout + out.stderr)
-    return m.group(1) if m else f"UNKNOWN ({out.returncode}): {out.stdout[-500:]} {out.stderr[-2000:]}"
+    text = out.stdout + out.stderr
+    for word, status in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("was stopped", "STOPPED")):
+        if f"Job '{job_id}' {word}" in text:
+            return status
+    m = re.search(r"Status for job '[^']+': (?:JobStatus\.)?(\w+)", text)
+    return m.group(1) if m else f"UNKNOWN (rc {out.returncode}): {text[-2000:]}"
 
 
 # ------------------------------------------------------------------------------------------ the job

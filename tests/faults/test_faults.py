@@ -35,7 +35,8 @@ def _cfg(out, *extra):
         f"trainer.output_dir={out}", "trainer.checkpoint_every=0", f"trainer.prompts_per_step={PROMPTS}",
         f"rollout.group_size={G}", "rollout.max_tokens=6", "rollout.num_workers=2", "rollout.engine=transformers",
         "learner.num_ranks=1", "learner.zero_stage=0", "learner.lr=0.005", "trainer.tensorboard=false",
-        "trainer.timeout_s=120", *extra,
+        "trainer.timeout_s=120", "rollout.rewards=[{name: choice}, {name: vlgrpo.tests.plugins:char_variety}]",
+        *extra,
     ])
 
 
@@ -121,7 +122,7 @@ def test_bad_rows_long_prompts_and_raising_reward(tmp_path, ray_session, fault_l
     data = _bad_data(tmp_path / "data")
     cfg = _cfg(tmp_path / "bad", "trainer.total_steps=2", "trainer.prompts_per_step=7", "rollout.num_workers=1",
                f"data.sources=[{{path: {data}}}]",
-               "rollout.rewards=[{name: accuracy}, {name: vlgrpo.tests.faults.plugins:flaky_reward, weight: 0.5}]")
+               "rollout.rewards=[{name: accuracy}, {name: vlgrpo.tests.plugins:flaky_reward, weight: 0.5}]")
     trainer = Trainer(cfg)
     try:
         trainer.setup()

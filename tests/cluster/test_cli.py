@@ -1,0 +1,197 @@
+"""The ``vlgrpo`` command line, run as users run it: the console script (or ``python -m``) in a
+subprocess, outputs checked against independent computations."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(sys.executable).parent / "vlgrpo"
+MODULE_CMD = [sys.executable, "-m", "vlgrpo.cluster.cli"]
+USER_REWARD = '''
+def chars(completions, samples, **kwargs):
+    """A reward that depends on the text: its length in characters / 10."""
+    return [len(c) / 10.0 for c in completions]
+'''
+
+
+def _env(extra_path: Path | None = None) -> dict:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    if extra_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(extra_path), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300, extra_path: Path | None = None,
+            use_module: bool = False) -> subprocess.CompletedProcess:
+    cmd = MODULE_CMD if use_module or not SCRIPT.exists() else [str(SCRIPT)]
+    return subprocess.run([*cmd, *map(str, args)], cwd=cwd, env=_env(extra_path), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def last_json(stdout: str) -> dict:
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    assert lines, "no output"
+    return json.loads(lines[-1])
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"rc={proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+# -- help and modules ------------------------------------------------------------------------------
+def test_console_script_installed_and_help(tmp_path):
+    assert SCRIPT.exists(), "pip install -e . should install the 'vlgrpo' console script"
+    for use_module in (False, True):
+        out = _ok(run_cli("--help", cwd=tmp_path, use_module=use_module)).stdout
+        assert out.startswith("usage: vlgrpo")
+        for cmd in ("train", "eval", "make-data", "tiny-model", "modules"):
+            assert cmd in out
+    out = _ok(run_cli("eval", "--help", cwd=tmp_path)).stdout
+    for opt in ("--model", "--data", "--image-folder", "--engine", "--num-generations", "--max-tokens"):
+        assert opt in out
+    bad = run_cli("no-such-command", cwd=tmp_path)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_modules_lists_registered_modules(tmp_path):
+    lines = _ok(run_cli("modules", cwd=tmp_path)).stdout.splitlines()
+    assert "qwen\tvlgrpo.modules.qwen:QwenModule" in lines
+    assert "internvl\tvlgrpo.modules.internvl:InternVLModule" in lines
+
+
+# -- tiny-model, make-data, eval -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    work = tmp_path_factory.mktemp("cli_model")
+    out = work / "tiny-qwen2vl"
+    info = last_json(_ok(run_cli("tiny-model", "--family", "qwen2-vl", out, cwd=work)).stdout)
+    return out, info
+
+
+@pytest.fixture(scope="module")
+def cli_data(tmp_path_factory):
+    work = tmp_path_factory.mktemp("cli_data")
+    out = work / "color"
+    info = last_json(_ok(run_cli("make-data", "--task", "color", "--n", "12", out, cwd=work)).stdout)
+    return out, info
+
+
+def test_tiny_model_is_loadable(cli_model):
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from vlgrpo.modules import resolve_module
+    from vlgrpo.modules.loading import load_model_and_processor
+
+    out, info = cli_model
+    assert Path(info["path"]) == out
+    assert info["family"] == "qwen2-vl" and info["size"] == "tiny"
+    for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_vl"
+    module = resolve_module(str(out))
+    assert module.get_vlm_key() == "qwen"
+    model, processor = load_model_and_processor(str(out), module, torch.float32)
+    assert isinstance(model, Qwen2VLForConditionalGeneration)
+    assert sum(p.numel() for p in model.parameters()) == info["num_parameters"]
+    text = module.prepare_prompt(processor, [{"prompt": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}])
+    assert text[0].endswith("assistant\n")
+
+
+def test_make_data_writes_jsonl_and_images(cli_data):
+    from vlgrpo.rollout.data import DataSource, load_datasets
+    from vlgrpo.rollout.synthetic import TASKS
+
+    out, info = cli_data
+    assert info == {"data": str(out / "data.jsonl"), "image_folder": str(out), "rows": 12, "task": "color"}
+    rows = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == 12
+    for r in rows:
+        assert not Path(r["image"]).is_absolute() and (out / r["image"]).is_file()
+        assert r["conversations"][1]["value"] in TASKS["color"].options
+    assert len(list((out / "images").glob("*.png"))) == 12
+    ds = load_datasets(DataSource(out / "data.jsonl"))
+    assert len(ds) == 12 and ds.num_skipped == 0
+
+
+def test_eval_prints_consistent_summary(cli_model, cli_data, tmp_path):
+    """One JSON line whose numbers match an in-process rollout with the same settings."""
+    import torch
+
+    from vlgrpo.rollout.data import DataSource, load_datasets
+    from vlgrpo.rollout.types import SamplingConfig
+    from vlgrpo.rollout.worker import EngineConfig, RolloutWorker
+
+    model, _ = cli_model
+    data, _ = cli_data
+    (tmp_path / "user_rewards_cli.py").write_text(USER_REWARD)
+    rewards = "accuracy,format,user_rewards_cli:chars"
+    proc = _ok(run_cli("eval", "--model", model, "--data", data / "data.jsonl", "--image-folder", data,
+                       "--engine", "transformers", "--num-generations", "2", "--max-tokens", "4",
+                       "--rewards", rewards, cwd=tmp_path, extra_path=tmp_path))
+    summary = last_json(proc.stdout)
+    assert summary["rows"] == 12 and summary["skipped"] == 0
+    assert summary["completions"] == 24 and summary["reward_errors"] == 0
+    names = ["accuracy", "format", "user_rewards_cli:chars"]
+    for n in names:
+        assert f"reward/{n}" in summary
+    assert 0.0 <= summary["reward/accuracy"] <= 1.0 and 0.0 <= summary["reward/format"] <= 1.0
+    assert summary["reward/user_rewards_cli:chars"] > 0  # completions are non-empty text
+    # all weights are 1: the mean total is the sum of the per-function means
+    assert summary["reward/mean"] == pytest.approx(sum(summary[f"reward/{n}"] for n in names), abs=1e-6)
+
+    # The same rollout in this process (same seed, same model, same data) gives the same numbers.
+    sys.path.insert(0, str(tmp_path))
+    try:
+        ds = load_datasets([DataSource(data / "data.jsonl", data)])
+        worker = RolloutWorker(EngineConfig(model_path=str(model), engine="transformers"),
+                               [{"name": n} for n in names])
+        batch = worker.generate([ds[i] for i in range(len(ds))],
+                                SamplingConfig(n=2, temperature=1.0, max_tokens=4, seed=0))
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert batch.rewards.shape == (24, 3)
+    chars = torch.tensor([len(t) / 10.0 for t in batch.completions_text])
+    assert torch.allclose(batch.rewards[:, 2], chars)
+    for j, n in enumerate(names):
+        assert summary[f"reward/{n}"] == pytest.approx(float(batch.rewards[:, j].mean()), abs=1e-6), n
+    assert summary["reward/mean"] == pytest.approx(float(batch.total_rewards().mean()), abs=1e-6)
+
+
+# -- train: config errors before Ray -----------------------------------------------------------------
+CONFIG_ERRORS = {
+    "wrong_type_in_yaml": ('rollout:\n  num_workers: "two"\n', [], ["rollout.num_workers", "integer", "'two'"]),
+    "unknown_override": (None, ["rollout.num_wokers=2"], ["rollout.num_wokers", "num_workers"]),
+    "unknown_key_in_yaml": ("trainer:\n  total_stpes: 5\n", [], ["trainer.total_stpes", "total_steps"]),
+    "bad_override_value": (None, ["trainer.total_steps=many"], ["trainer.total_steps", "'many'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_ERRORS))
+def test_train_config_error_exits_2_before_ray(case, tmp_path):
+    yaml_text, overrides, expected = CONFIG_ERRORS[case]
+    args = ["train"]
+    if yaml_text is not None:
+        (tmp_path / "bad.yaml").write_text(yaml_text)
+        args += ["--config", "bad.yaml"]
+    t0 = time.monotonic()
+    proc = run_cli(*args, *overrides, cwd=tmp_path, timeout=120)
+    elapsed = time.monotonic() - t0
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "config error" in proc.stderr
+    for text in expected:
+        assert text in proc.stderr, f"{text!r} not in {proc.stderr!r}"
+    assert "Traceback" not in output
+    assert "Started a local Ray instance" not in output and "ray.init" not in output
+    assert not (tmp_path / "runs").exists(), "nothing may be written for a rejected config"
+    assert elapsed < 20, f"the config error took {elapsed:.1f}s: it must come before any heavy start-up"
