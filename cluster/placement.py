@@ -3,6 +3,7 @@
 GPUs, CPU bundles otherwise."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ def init_ray(address: Optional[str], needed_cpus: float) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}}
     if address:
+        # Under `ray job submit` the job's runtime_env is merged with ours; a key set in both is
+        # a conflict that fails the job, so the job's own env_vars win.
+        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+        env["env_vars"] = {k: v for k, v in env["env_vars"].items() if k not in (job_env.get("env_vars") or {})}
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on 127.0.0.1

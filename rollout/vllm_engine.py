@@ -23,6 +23,13 @@ Log-probs
     was actually sampled from (it differs from the untruncated value by the log of the kept mass).
     Greedy requests (``temperature == 0``) return ``log_softmax(logits)``.
 
+    Vision tokens (``module.vision_token_ids``: image/video placeholders, vision start/end) are
+    never sampled, as in the transformers engine: a ``logit_bias`` of -inf removes them. The
+    reported log-probs are those of the distribution actually sampled from, i.e. renormalised
+    without these tokens: they differ from the learner's ``log_softmax(logits / T)`` by
+    ``log(1 - P(vision tokens))`` per token, ~0 for a trained model, ~1e-2 for a random tiny one
+    (the transformers engine reports the un-renormalised value instead).
+
 Weights
     ``load_weights`` takes ``(hf_name, tensor)`` pairs and goes through vLLM's in-place reload for
     RL: ``collective_rpc("reload_weights", kwargs={"weights_iterator": ..., "is_checkpoint_format":
@@ -242,6 +249,10 @@ class VLLMEngine(GenerationEngine):
         self.weights_version = 0
         self.processing_kwargs = dict(processing_kwargs or {})
         self.processor = load_processor(self.model_path, module, self.processing_kwargs)
+        # Image/video placeholders and vision delimiters are never sampled (as in the transformers
+        # engine): a completion holding one cannot be scored by the learner.
+        ids_fn = getattr(module, "vision_token_ids", None)
+        self.suppress_ids: list[int] = list(ids_fn(self.processor)) if ids_fn is not None else []
 
         dtype = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
         if dtype == "auto":  # as the transformers engine and the learner: vLLM's own "auto" is bf16
@@ -300,6 +311,9 @@ class VLLMEngine(GenerationEngine):
             max_tokens=sampling.max_tokens,
             logprobs=0,  # only the sampled token's log-prob
             seed=seed,
+            # -inf: an exact ban. (vLLM's from_optional, used by its server, would clamp biases to
+            # [-100, 100], not enough against a model that strongly prefers these tokens.)
+            logit_bias={i: float("-inf") for i in self.suppress_ids} or None,
         )
 
     def generate(self, samples: Sequence[Sample], sampling: SamplingConfig) -> list[GenerationResult]:

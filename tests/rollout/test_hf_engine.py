@@ -232,7 +232,7 @@ def test_same_seed_reproduces(engine):
 
 def test_vision_tokens_never_sampled(model_dir, monkeypatch):
     """Even a model that strongly prefers the image placeholders / vision delimiters (their output
-    rows boosted like the EOS row above: ~half of the probability mass) never samples them."""
+    rows boosted like the EOS row above) never samples them."""
     eng = _new_engine(model_dir)
     vision = eng.module.vision_token_ids(eng.processor)
     assert set(vision) >= config_vision_ids(eng.model), (vision, config_vision_ids(eng.model))
@@ -249,10 +249,10 @@ def test_vision_tokens_never_sampled(model_dir, monkeypatch):
     tokens = sampled(eng.generate(SAMPLES, sampling))
     assert len(tokens) >= 100
     assert not set(vision) & set(tokens)
-    # The check has teeth: without the suppression the same sampling is full of them.
+    # The check has teeth: without the suppression the same sampling does produce them.
     monkeypatch.setattr(eng, "suppress_ids", [])
     unsuppressed = sampled(eng.generate(SAMPLES, sampling))
-    assert sum(t in vision for t in unsuppressed) > len(unsuppressed) // 5
+    assert sum(t in vision for t in unsuppressed) >= 5  # vs ~1 expected from the unboosted model
 
 
 # -- what reaches generate -------------------------------------------------------------------------

@@ -74,29 +74,19 @@ def _sample(sid, n_images, text="What colour is the shape?"):
 SAMPLES = [_sample("one-image", 1), _sample("two-images", 2, "Which shapes do you see?")]
 
 
-def vision_token_ids(model) -> set[int]:
-    """Image / video placeholder and delimiter ids of the checkpoint (``*_token_id`` in its config)."""
-    cfg = model.config
-    skip = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"}
-    return {v for k, v in cfg.to_dict().items() if k.endswith(("_token_id", "_token_index")) and k not in skip
-            and isinstance(v, int)}
-
-
-def usable_prefix(model, completion_ids) -> list[int]:
-    """A random tiny model samples any token, placeholders like ``<|image_pad|>`` included; a forward
-    over prompt + completion then has more image tokens than images (transformers raises). Causal
-    log-probs of the tokens before the first such token are unaffected: compare those."""
-    bad = vision_token_ids(model)
-    cut = next((i for i, t in enumerate(completion_ids) if t in bad), len(completion_ids))
-    return list(completion_ids[:cut])
+def banned_ids(hf) -> list[int]:
+    """The vision tokens the engines never sample (``module.vision_token_ids``)."""
+    module, _, processor = hf
+    return module.vision_token_ids(processor)
 
 
 @torch.no_grad()
 def hf_logprobs(hf, prompt_text, images, completion_ids, temperature=1.0):
-    """log_softmax(logits / T) of ``completion_ids`` after the prompt, by one transformers forward
-    (only for the ``usable_prefix`` of the completion: the result may be shorter)."""
+    """Log-probs of ``completion_ids`` after the prompt, by one transformers forward, under the
+    distribution vLLM samples from: ``log_softmax(logits / T)`` with the vision tokens removed."""
     module, model, processor = hf
-    completion_ids = usable_prefix(model, completion_ids)
+    banned = banned_ids(hf)
+    assert not set(completion_ids) & set(banned), "a vision token was sampled"
     inputs = module.prepare_model_inputs(processor, [prompt_text], [images])
     L = inputs["input_ids"].shape[1]
     comp = torch.tensor([completion_ids], dtype=torch.long)
@@ -109,6 +99,7 @@ def hf_logprobs(hf, prompt_text, images, completion_ids, temperature=1.0):
     logits = model(**full).logits[0, L - 1:L - 1 + len(completion_ids)].float()
     if temperature > 0:
         logits = logits / temperature
+    logits[:, banned] = float("-inf")
     return torch.log_softmax(logits, -1).gather(-1, comp[0].unsqueeze(-1)).squeeze(-1)
 
 
@@ -125,10 +116,8 @@ def vllm_prompt_ids(engine, prompt_text, images):
 
 
 def _max_diff(engine_lps, ref):
-    """Largest |difference| over the positions ``ref`` covers (``ref`` may be a prefix)."""
-    if len(ref) == 0:
-        return 0.0
-    return (torch.tensor(engine_lps[: len(ref)], dtype=torch.float64) - ref.double()).abs().max().item()
+    assert len(engine_lps) == len(ref)
+    return (torch.tensor(engine_lps, dtype=torch.float64) - torch.as_tensor(ref).double()).abs().max().item()
 
 
 # -- (a) G completions per prompt, 1 and 2 images -----------------------------------------------
@@ -196,7 +185,7 @@ def _hf_greedy(hf, prompt_text, images, max_tokens=10):
     tok = module.tokenizer(processor)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos,
-                         pad_token_id=tok.pad_token_id)
+                         pad_token_id=tok.pad_token_id, suppress_tokens=banned_ids(hf))
     ids = out[0, inputs["input_ids"].shape[1]:].tolist()
     return ids[:ids.index(eos) + 1] if eos in ids else ids
 
@@ -222,6 +211,33 @@ def _perturbed_copy(hf, seed, scale=0.05, only=None):
             if only is None or only(name):
                 p.add_(torch.randn(p.shape, generator=g) * scale * (p.std() if p.numel() > 1 else 1.0))
     return module, new, processor
+
+
+def test_vision_tokens_never_sampled(engine, hf, monkeypatch):
+    """Even when the model puts most of its mass on the image placeholders / vision delimiters,
+    vLLM never samples them (they would break the learner's forward)."""
+    banned = banned_ids(hf)
+    assert engine.suppress_ids == banned and banned
+    model = hf[1]
+    head = next(n for n, p in model.named_parameters() if p is model.get_output_embeddings().weight)
+    orig = model.get_output_embeddings().weight.detach()
+    # Every other logit 0; the vision tokens get +-100 * (h . u) for a fixed unit u, so for any
+    # hidden state h half of them tower over the rest.
+    u = orig[0] / orig[0].norm()
+    w = torch.zeros_like(orig)
+    for k, b in enumerate(banned):
+        w[b] = (100.0 if k % 2 == 0 else -100.0) * u
+    engine.load_weights([(head, w)], version=20)
+    sampling = SamplingConfig(n=4, temperature=1.0, max_tokens=12, seed=5)
+    try:
+        tokens = [t for r in engine.generate(SAMPLES, sampling) for c in r.completions for t in c.token_ids]
+        assert len(tokens) >= 40 and not set(tokens) & set(banned)
+        # The check has teeth: without the suppression the same sampling is full of them.
+        monkeypatch.setattr(engine, "suppress_ids", [])
+        free = [t for r in engine.generate(SAMPLES, sampling) for c in r.completions for t in c.token_ids]
+        assert sum(t in banned for t in free) > len(free) // 5
+    finally:
+        engine.load_weights([(head, orig)], version=21)
 
 
 # -- (c) load_weights: vLLM follows the transformers model holding the same weights -------------
