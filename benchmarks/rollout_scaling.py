@@ -15,7 +15,9 @@ Rows (each measured ``--reps`` times round-robin after one untimed warm-up; best
   all prompts, wall time of ``ray.get(worker.generate.remote(...))`` seen by the driver.
 * ``2 actors``: the prompts split round-robin over two actors (as the controller does), in parallel.
 
-Tokens are counted from the completions actually returned (EOS may stop a row early).
+Tokens are counted from the completions actually returned (EOS may stop a row early). The last
+column, driver wall minus the time the worker itself spent generating and scoring, isolates the
+cost of the Ray layer from the (noisy) generation time.
 Headline: 1-actor tokens/s / direct-engine (1 thread) tokens/s (best of each).
 """
 from __future__ import annotations
@@ -53,7 +55,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=8, help="completions per prompt")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--workdir", default=None, help="where the tiny model and data go (default: a temp dir)")
     args = ap.parse_args(argv)
 
@@ -88,18 +90,20 @@ def main(argv: Optional[list[str]] = None) -> None:
         def run() -> int:
             torch.set_num_threads(threads)
             res = engine.generate(samples, sampling)
-            return sum(len(c.token_ids) for r in res for c in r.completions)
+            return sum(len(c.token_ids) for r in res for c in r.completions), None
         return run
 
     def in_process() -> int:
         torch.set_num_threads(1)
-        return int(local_worker.generate(samples, sampling).completion_mask.sum())
+        b = local_worker.generate(samples, sampling)
+        return int(b.completion_mask.sum()), b.timings["generate_s"] + b.timings["reward_s"]
 
     def through(k: int):
         def run() -> int:
             chunks = [samples[i::k] for i in range(k)]
             out = ray.get([a.generate.remote(c, sampling) for a, c in zip(actors[:k], chunks)])
-            return int(sum(b.completion_mask.sum() for b in out))
+            inner = max(b.timings["generate_s"] + b.timings["reward_s"] for b in out)
+            return int(sum(b.completion_mask.sum() for b in out)), inner
         return run
 
     methods = [("direct engine, 1 thread", direct(1)), ("direct engine, 2 threads", direct(2)),
@@ -107,23 +111,30 @@ def main(argv: Optional[list[str]] = None) -> None:
                ("1 RolloutWorker actor (1 thread)", through(1)), ("2 RolloutWorker actors (1 thread each)", through(2))]
     rates: dict[str, list[float]] = {n: [] for n, _ in methods}
     tokens: dict[str, list[int]] = {n: [] for n, _ in methods}
+    outside: dict[str, list[float]] = {n: [] for n, _ in methods}  # wall - time inside the worker
     t_all = time.perf_counter()
     for name, fn in methods:
         fn()  # warm-up
     for rep in range(args.reps):
         for name, fn in methods:
             t0 = time.perf_counter()
-            n = fn()
-            rates[name].append(n / (time.perf_counter() - t0))
+            n, inner = fn()
+            sec = time.perf_counter() - t0
+            rates[name].append(n / sec)
             tokens[name].append(n)
+            if inner is not None:
+                outside[name].append(sec - inner)
         print(f"  rep {rep + 1}/{args.reps} done ({time.perf_counter() - t_all:.0f}s)", flush=True)
     for a in actors:
         ray.kill(a)
 
     base = max(rates["direct engine, 1 thread"])
-    rows = [[name, int(median(tokens[name])), max(r), median(r), max(r) / base] for name, r in rates.items()]
-    print(table(["how", "tokens", "tokens/s (best)", "tokens/s (median)", "x direct 1 thread"], rows,
-                title=f"rollout throughput, {args.reps} reps round-robin"))
+    rows = [[name, int(median(tokens[name])), max(r), median(r), max(r) / base, median(outside[name]) * 1e3]
+            for name, r in rates.items()]
+    print(table(["how", "tokens", "tokens/s (best)", "tokens/s (median)", "x direct 1 thread (best)",
+                 "ms outside the worker (median)"], rows,
+                title=f"rollout throughput, {args.reps} reps round-robin; 'outside the worker' = driver wall - "
+                      "the worker's own generate+reward time (Ray call, pickling, transfer)"))
     one = max(rates["1 RolloutWorker actor (1 thread)"]) / base
     two = max(rates["2 RolloutWorker actors (1 thread each)"]) / max(rates["direct engine, 2 threads"])
     print(f"\n1 actor / direct (1 thread each): {one:.3f}; 2 actors (1 thread each) / direct with 2 threads: {two:.3f}")

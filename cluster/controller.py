@@ -211,8 +211,35 @@ class Trainer:
         self._get(refs, "form the weight-sync group")
 
     def sync_weights(self, full: bool = False) -> dict[str, float]:
-        """Broadcast the learner's weights to every worker as version ``self.version``. Frozen
-        tensors travel only when some worker has never received them (``full``)."""
+        """Broadcast the learner's weights to every worker as version ``self.version``. A worker
+        that died meanwhile is replaced and the sync is repeated for everyone (once)."""
+        try:
+            return self._sync_weights(full)
+        except StageError:
+            dead = self._dead_workers()
+            if not dead:
+                raise
+            log.warning("weight sync v%d: %d rollout worker(s) died; replacing them and syncing again",
+                        self.version, len(dead))
+            for w in dead:
+                self._replace_worker(w, sync=False)
+            self._rebuild_sync_group()
+            return self._sync_weights(full=True)
+
+    def _dead_workers(self) -> list:
+        import ray
+
+        dead = []
+        for w in self.workers:
+            try:
+                ray.get(w.health.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
+                    ray.exceptions.ActorUnavailableError):
+                dead.append(w)
+        return dead
+
+    def _sync_weights(self, full: bool = False) -> dict[str, float]:
+        """One broadcast; frozen tensors travel only when some worker has never received them."""
         full = full or any(w._vlgrpo_id not in self.synced_once for w in self.workers)
         specs = self._get(self.learners[0].weight_specs.remote(trainable_only=not full), "sync: list weights")
         plan = make_plan(specs, self.version, self.cfg.sync.bucket_mb, verify=self.cfg.sync.verify)
@@ -322,12 +349,12 @@ class Trainer:
                     stage, why, len(chunk.samples))
         replacement = self._replace_worker(chunk.worker)
         chunk.retries += 1
-        self.fault_counts["worker_replaced"] += 1
         self.fault_counts["prompts_retried"] += len(chunk.samples)
         self._submit(chunk, replacement)
 
-    def _replace_worker(self, dead) -> Any:
-        """Swap ``dead`` for a fresh worker holding the current weights; idempotent per worker."""
+    def _replace_worker(self, dead, sync: bool = True) -> Any:
+        """Swap ``dead`` for a fresh worker (holding the current weights when ``sync``);
+        idempotent per worker."""
         import ray
 
         if dead not in self.workers:  # already replaced for another chunk
@@ -343,8 +370,10 @@ class Trainer:
         ray.util.remove_placement_group(pg)
         new = self._start_worker()
         self._call([new], "health", stage="start replacement rollout worker")
-        self._rebuild_sync_group()
-        self.sync_weights()
+        self.fault_counts["worker_replaced"] += 1
+        if sync:
+            self._rebuild_sync_group()
+            self.sync_weights()
         return new
 
     def _to_train_batch(self, rollout: RolloutBatch, off_policy: bool) -> tuple[TrainBatch, dict[str, float]]:

@@ -129,6 +129,8 @@ class Learner:
         )
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False
+        # the rollout engines never sample the vision placeholders: score under the same policy
+        self.suppress_ids = self.module.vision_token_ids(self.processor)
         self._name_map = checkpoint_name_map(model)
         self._frozen: list[str] = []
         if cfg.freeze_vision:
@@ -314,7 +316,8 @@ class Learner:
 
     def _logprobs(self, model, module, mb, entropy: bool = False):
         return per_token_logprobs(model, module, mb["inputs"], mb["ids"], mb["mask"],
-                                  temperature=self.cfg.temperature, return_entropy=entropy)
+                                  temperature=self.cfg.temperature, return_entropy=entropy,
+                                  suppress_ids=self.suppress_ids)
 
     # -- training ---------------------------------------------------------------------------------
     def train_step(self, batch: TrainBatch) -> dict[str, float]:

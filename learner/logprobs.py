@@ -110,7 +110,7 @@ def selective_logprobs_and_entropy(
                 if temperature != 1.0:
                     lg = lg / temperature
                 logp = torch.log_softmax(lg, dim=-1)
-                ents.append(-(logp.exp() * logp).sum(-1))
+                ents.append(-(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1))  # 0 * -inf -> 0
             ent = torch.cat(ents).reshape(shape) if ents else flat.new_zeros(shape, dtype=torch.float32)
     return lp.reshape(shape), ent
 
@@ -123,8 +123,12 @@ def per_token_logprobs(
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    suppress_ids: Optional[Sequence[int]] = None,
 ):
     """Log-probs ``[N, T]`` (float32) of ``completion_ids`` given the prompt ``inputs``.
+
+    ``suppress_ids``: tokens the sampler never emits (the module's vision placeholders); they are
+    removed from the distribution, so the log-probs are those of the policy that generated.
 
     ``inputs`` is the left-padded ``prepare_model_inputs`` output for the N rows (one row per
     completion; see ``build_rows_inputs``). The forward receives exactly ``module.forward_inputs``
@@ -139,6 +143,9 @@ def per_token_logprobs(
     out = model(**fwd, **kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
     logits = logits[:, -(t + 1):-1, :]  # position P-1+j predicts completion token j
+    if suppress_ids:
+        ids = torch.as_tensor(list(suppress_ids), device=logits.device)
+        logits = logits.index_fill(-1, ids, float("-inf"))
     targets = fwd["input_ids"][:, -t:]
     lp, ent = selective_logprobs_and_entropy(logits, targets, with_entropy=return_entropy,
                                              temperature=temperature)

@@ -2,8 +2,8 @@
 
 Same contract as the vLLM engine: prompts rendered with the module's ``prepare_prompt``, inputs
 built with ``prepare_model_inputs`` minus ``get_non_generate_params``; log-probs of the sampled
-tokens are ``log_softmax(logits / temperature)`` (before top-p/top-k), which is what the learner
-computes too.
+tokens are ``log_softmax(logits / temperature)`` over the vocabulary without the vision
+placeholder tokens (which are never sampled), before top-p/top-k: what the learner computes too.
 """
 from __future__ import annotations
 
@@ -82,6 +82,8 @@ class TransformersEngine(GenerationEngine):
         logits = torch.stack(out.logits, dim=1).float()  # [B, T, V] raw logits
         if not greedy:
             logits = logits / sampling.temperature
+        if self.suppress_ids:  # the distribution actually sampled from: vision tokens removed
+            logits[..., self.suppress_ids] = float("-inf")
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
         tok = self.tokenizer()
         result = []

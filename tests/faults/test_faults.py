@@ -46,17 +46,19 @@ class KillWorkerMidGeneration(Trainer):
     killed_pid = None
 
     def _launch_generation(self, step):
+        if step != 1 or self.killed_pid is not None:
+            return super()._launch_generation(step)
+        pid = ray.get(self.workers[0].health.remote())["pid"]
         chunks = super()._launch_generation(step)
-        if step == 1 and self.killed_pid is None:
-            pid = ray.get(chunks[0].worker.health.remote())["pid"]  # queued after generate: mid-flight
-            os.kill(pid, signal.SIGKILL)
-            self.killed_pid = pid
+        time.sleep(0.05)  # the chunk is in flight (32 tokens take longer than this)
+        os.kill(pid, signal.SIGKILL)
+        self.killed_pid = pid
         return chunks
 
 
 @pytest.mark.slow
 def test_rollout_worker_death(tmp_path, ray_session, fault_log):
-    trainer = KillWorkerMidGeneration(_cfg(tmp_path / "kill", "trainer.total_steps=3"))
+    trainer = KillWorkerMidGeneration(_cfg(tmp_path / "kill", "trainer.total_steps=3", "rollout.max_tokens=32"))
     try:
         trainer.setup()
         history = trainer.run()
@@ -151,8 +153,7 @@ def test_bad_rows_long_prompts_and_raising_reward(tmp_path, ray_session, fault_l
 def test_config_errors_name_the_field(override, field, fault_log):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
-    assert field in str(e.value)
-    assert not ray.is_initialized()  # reported before any actor starts
+    assert field in str(e.value)  # (load_config starts nothing: see also tests/cluster/test_cli.py)
     fault_log(f"bad config: {override}", survived=True)
 
 

@@ -121,10 +121,12 @@ def reference_logits(module, model, processor, prompt_text, images, token_lists,
 
 
 def reference_logprobs(eng, model, prompt_text, images, token_lists, temperature):
-    """log_softmax(logits / T) gathered at the completion tokens (T <= 0: greedy, raw logits)."""
+    """log_softmax(logits / T) without the vision tokens, gathered at the completion tokens
+    (T <= 0: greedy, raw logits)."""
     logits, ids = reference_logits(eng.module, model, eng.processor, prompt_text, images, token_lists, eng.pad_id)
     if temperature > 0:
         logits = logits / temperature
+    logits[..., eng.module.vision_token_ids(eng.processor)] = float("-inf")  # never sampled
     lp = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return [lp[i, :len(t)] for i, t in enumerate(token_lists)]
 

@@ -114,7 +114,7 @@ def hand_choice_reward(text: str, options) -> float:
 @torch.no_grad()
 def reference_logprobs(worker: RolloutWorker, batch: RolloutBatch) -> torch.Tensor:
     """What the learner computes: the prompts rebuilt from the batch (text + images), completions
-    appended with the module, one forward, log_softmax at T=1, gathered at the batch's tokens."""
+    appended with the module, one forward, log_softmax at T=1 without the vision tokens, gathered at the batch's tokens."""
     eng = worker.engine
     g = batch.group_size
     inputs = eng.module.prepare_model_inputs(eng.processor, [t for t in batch.prompts_text for _ in range(g)],
@@ -122,6 +122,7 @@ def reference_logprobs(worker: RolloutWorker, batch: RolloutBatch) -> torch.Tens
     full = eng.module.append_completions(inputs, batch.completion_ids, batch.completion_mask)
     L, T = inputs["input_ids"].shape[1], batch.completion_ids.shape[1]
     logits = eng.model(**full).logits[:, L - 1:L - 1 + T].float()
+    logits[..., eng.module.vision_token_ids(eng.processor)] = float("-inf")  # never sampled
     return torch.log_softmax(logits, -1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
 
 

@@ -90,12 +90,7 @@ def hf_logprobs(hf, prompt_text, images, completion_ids, temperature=1.0):
     inputs = module.prepare_model_inputs(processor, [prompt_text], [images])
     L = inputs["input_ids"].shape[1]
     comp = torch.tensor([completion_ids], dtype=torch.long)
-    full = dict(inputs)
-    full["input_ids"] = torch.cat([inputs["input_ids"], comp], 1)
-    full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(comp)], 1)
-    for k, v in inputs.items():  # other per-token inputs (mm_token_type_ids): 0 on text
-        if k not in ("input_ids", "attention_mask") and torch.is_tensor(v) and v.shape[:2] == (1, L) and v.dim() == 2:
-            full[k] = torch.cat([v, torch.zeros_like(comp, dtype=v.dtype)], 1)
+    full = module.append_completions(inputs, comp, torch.ones_like(comp))
     logits = model(**full).logits[0, L - 1:L - 1 + len(completion_ids)].float()
     if temperature > 0:
         logits = logits / temperature
