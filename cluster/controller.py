@@ -204,10 +204,12 @@ class Trainer:
             scheduling_strategy=placement.bundle_strategy(self.learner_pg, 0)).remote())[0]
         port = ray.get(ray.remote(num_cpus=0)(get_free_port).options(
             scheduling_strategy=placement.bundle_strategy(self.learner_pg, 0)).remote())
-        self.sync_info = SyncGroupInfo(addr, port, 1 + len(self.workers), self.sync_backend,
+        ranks = self._get([w.sync_ranks.remote() for w in self.workers], "form the weight-sync group")
+        first = [1 + sum(ranks[:i]) for i in range(len(ranks))]  # a TP=k engine takes k ranks
+        self.sync_info = SyncGroupInfo(addr, port, 1 + sum(ranks), self.sync_backend,
                                        name=f"wsync-{port}-{len(self.workers)}", timeout_s=self.cfg.sync.timeout_s)
         refs = [self.learners[0].join_sync_group.remote(self.sync_info)]
-        refs += [w.join_sync_group.remote(self.sync_info, i + 1) for i, w in enumerate(self.workers)]
+        refs += [w.join_sync_group.remote(self.sync_info, r) for w, r in zip(self.workers, first)]
         self._get(refs, "form the weight-sync group")
 
     def sync_weights(self, full: bool = False) -> dict[str, float]:

@@ -2,6 +2,7 @@
 engine (CPU fallback). Engines are plain objects; the rollout actor wraps one."""
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from typing import Iterable, Sequence
 
@@ -35,3 +36,13 @@ class GenerationEngine(ABC):
 
     def close(self) -> None:
         """Release the engine's memory (optional)."""
+
+
+def tensor_checksum(t: torch.Tensor) -> str:
+    """Exact fingerprint of a tensor's bytes, dtype and shape: how engines report the weights they
+    hold, to be compared with the learner's (weight-sync verification, tests)."""
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -7,14 +7,13 @@ placeholder tokens (which are never sampled), before top-p/top-k: what the learn
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Iterable, Optional, Sequence
 
 import torch
 
 from ..modules.base import VLMModule
 from ..modules.loading import checkpoint_name_map, load_model_and_processor
-from .engine import GenerationEngine
+from .engine import GenerationEngine, tensor_checksum
 from .types import Completion, GenerationResult, Sample, SamplingConfig
 
 
@@ -119,15 +118,6 @@ class TransformersEngine(GenerationEngine):
         state = self.model.state_dict()
         names = list(names) if names is not None else list(self._mem_name) or list(state)
         return {n: tensor_checksum(state[self._mem_name.get(n, n)]) for n in names}
-
-
-def tensor_checksum(t: torch.Tensor) -> str:
-    """Exact fingerprint of a tensor's bytes (dtype and shape included)."""
-    t = t.detach().to("cpu").contiguous()
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _as_list(x) -> list[int]:

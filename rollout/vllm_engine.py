@@ -57,7 +57,6 @@ learner (vLLM's own "auto" would turn a float32 checkpoint into bfloat16 even on
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import os
 import shutil
@@ -70,7 +69,7 @@ import torch
 
 from ..modules.base import VLMModule
 from ..modules.loading import load_processor
-from .engine import GenerationEngine
+from .engine import GenerationEngine, tensor_checksum
 from .types import Completion, GenerationResult, Sample, SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -79,15 +78,6 @@ WORKER_EXTENSION = "vlgrpo.rollout.vllm_engine.WeightSyncExtension"
 
 # What SamplingParams(logprobs=0) returns: log_softmax(logits / T) of the sampled token (see above).
 LOGPROBS_MODE = "processed_logprobs"
-
-
-def tensor_checksum(t: torch.Tensor) -> str:
-    """Exact fingerprint of a tensor's bytes, dtype and shape (same as the transformers engine's)."""
-    t = t.detach().to("cpu").contiguous()
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _to_plain(obj: Any) -> Any:

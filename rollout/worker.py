@@ -147,16 +147,31 @@ class RolloutWorker:
         )
 
     # -- weights -----------------------------------------------------------------------------
+    def _engine_syncs_itself(self) -> bool:
+        """A multi-process engine (vLLM with tensor parallel workers) joins the sync group from
+        its own worker processes, one rank each; an in-process engine is fed by this actor."""
+        return hasattr(self.engine, "receive_weights") and not getattr(self.engine, "in_process", True)
+
+    def sync_ranks(self) -> int:
+        """How many ranks of the weight-sync group this worker takes."""
+        return int(getattr(self.engine, "tensor_parallel_size", 1)) if self._engine_syncs_itself() else 1
+
     def join_sync_group(self, info, rank: int) -> bool:
+        if self._engine_syncs_itself():
+            self.engine.join_sync_group(info, rank)
+            self.sync_group = "engine"
+            return True
         from ..cluster.weight_sync import SyncGroup
 
         self.sync_group = SyncGroup(info, rank)
         return True
 
     def leave_sync_group(self) -> None:
-        if self.sync_group is not None:
+        if self.sync_group == "engine":
+            self.engine.leave_sync_group()
+        elif self.sync_group is not None:
             self.sync_group.close()
-            self.sync_group = None
+        self.sync_group = None
 
     def receive_weights(self, plan) -> dict[str, Any]:
         """Join the broadcast of ``plan`` and load each bucket into the engine as it arrives."""
@@ -165,6 +180,10 @@ class RolloutWorker:
         if self.sync_group is None:
             raise RuntimeError(f"rollout worker {self.worker_id} has not joined the weight-sync group")
         t0 = time.perf_counter()
+        if self.sync_group == "engine":
+            r = self.engine.receive_weights(plan)
+            return {"worker": self.worker_id, "version": self.engine.weights_version, "num_tensors": r["num_tensors"],
+                    "checksums": r["checksums"], "seconds": time.perf_counter() - t0}
         checksums: list[str] = []
         n = self.engine.load_weights(receive_weights(self.sync_group, plan, checksums), plan.version)
         return {"worker": self.worker_id, "version": self.engine.weights_version, "num_tensors": n,
