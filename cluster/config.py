@@ -32,8 +32,9 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    # VLM-R1 JSONL files: [{path, image_folder, accu_reward_method}]; empty = synthetic task
+    # VLM-R1 JSONL files: [{path, image_folder, accu_reward_method, question_template}]; empty = synthetic task
     sources: list = field(default_factory=list)
+    question_template: str = "{question}"  # default for sources without their own, e.g. VLM-R1's think/answer prompt
     synthetic_task: str = "color"
     synthetic_size: int = 512
 
@@ -275,6 +276,11 @@ def validate(cfg: Config) -> None:
         need(isinstance(src, dict) and "path" in src,
              f"data.sources[{i}] must be a mapping with 'path' (and optional image_folder, accu_reward_method)")
         need(Path(src["path"]).exists(), f"data.sources[{i}].path={src['path']!r} does not exist")
+        unknown = set(src) - {"path", "image_folder", "accu_reward_method", "question_template"}
+        need(not unknown, f"data.sources[{i}] has unknown keys {sorted(unknown)}; allowed: path, image_folder, "
+                          "accu_reward_method, question_template")
+    need("{question}" in cfg.data.question_template,
+         f"data.question_template={cfg.data.question_template!r} must contain '{{question}}'")
     if not cfg.data.sources:
         from ..rollout.synthetic import TASKS
 

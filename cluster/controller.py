@@ -75,7 +75,9 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         random.seed(cfg.trainer.seed)
         self.model_path = self._model_path()
-        sources = [DataSource(**s) for s in cfg.data.sources] or [DataSource(self._synthetic_data())]
+        template = {"question_template": cfg.data.question_template}
+        sources = [DataSource(**{**template, **s}) for s in cfg.data.sources] or \
+            [DataSource(self._synthetic_data(), **template)]
         self.dataset = load_datasets(sources)
         self.sampler = PromptSampler(self.dataset, cfg.trainer.prompts_per_step, seed=cfg.trainer.seed)
         cfg.save(self.out / "config.yaml")

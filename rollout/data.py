@@ -61,11 +61,18 @@ class BadRow(Exception):
 @dataclass
 class DataSource:
     """One JSONL file. ``image_folder`` defaults to the file's directory; ``accu_reward_method`` is
-    the default for rows that do not set their own."""
+    the default for rows that do not set their own. ``question_template`` wraps each question, like
+    VLM-R1's ``QUESTION_TEMPLATE`` (``"{question} First output the thinking process in <think>
+    </think> tags and then output the final answer in <answer> </answer> tags."``)."""
 
     path: PathLike
     image_folder: Optional[PathLike] = None
     accu_reward_method: Optional[str] = None
+    question_template: str = "{question}"
+
+    def __post_init__(self) -> None:
+        if "{question}" not in self.question_template:
+            raise ValueError(f"question_template {self.question_template!r} must contain '{{question}}'")
 
 
 @dataclass
@@ -160,6 +167,7 @@ def parse_row(
     if not isinstance(row, dict):
         raise BadRow("bad_row", f"row is a {type(row).__name__}, not an object")
     question, answer = _question_and_answer(row)
+    question = source.question_template.replace("{question}", question)
     paths = [image_folder / name for name in _image_names(row)]
     sizes = [check_image(p, image_check) for p in paths]
     meta: dict[str, Any] = {"source": str(source.path), "line": line_no, "image_paths": [str(p) for p in paths]}

@@ -265,3 +265,17 @@ def test_synthetic_errors_and_corpus(tmp_path):
         make_dataset("nope", 1, tmp_path)
     words = " ".join(corpus())
     assert all(o in words for spec in TASKS.values() for o in spec.options)
+
+
+def test_question_template_wraps_questions(tmp_path):
+    from vlgrpo.rollout.data import DataSource, load_datasets
+    from vlgrpo.rollout.synthetic import make_dataset
+
+    path = make_dataset("color", 3, tmp_path / "d")
+    tpl = "{question} First output the thinking process in <think> </think> tags."
+    plain = load_datasets([DataSource(path)])[0]
+    wrapped = load_datasets([DataSource(path, question_template=tpl)])[0]
+    text = lambda s: [c["text"] for c in s.prompt[0]["content"] if c["type"] == "text"][0]  # noqa: E731
+    assert text(wrapped) == tpl.replace("{question}", text(plain))
+    with pytest.raises(ValueError, match="question"):
+        DataSource(path, question_template="no placeholder")
