@@ -7,6 +7,7 @@ records its own generate / reward seconds per call.
 """
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from collections import defaultdict
@@ -31,6 +32,7 @@ class ProfiledLearner(SyncedLearner):
         model = self.model
         orig_forward = model.forward
 
+        @functools.wraps(orig_forward)  # keeps the signature (logits_to_keep is looked up in it)
         def forward(*a, **k):
             t0 = time.perf_counter()
             try:
