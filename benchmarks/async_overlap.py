@@ -7,8 +7,10 @@ worker (transformers engine).
     python -m vlgrpo.benchmarks.async_overlap --steps 12 --rounds 2 --size micro
 
 Every mode runs ``--warmup`` untimed steps, then ``--steps`` timed ones; with ``--rounds`` > 1 the
-modes alternate (sync, async, sync, async, ...) and the means over rounds are reported. Threads are
-the package defaults (learner: cores / ranks = 2, rollout worker: 1), the same in both modes.
+modes alternate (sync, async, sync, async, ...) and the means over rounds are reported. The learner
+and the rollout worker get ``--threads`` torch threads each (default 1: one core each on this
+2-core machine; the package default would give the learner 2 and oversubscribe the cores in async
+mode), the same in both modes.
 Headline: async wall time per step / sync wall time per step (< 1: async is faster).
 """
 from __future__ import annotations
@@ -26,10 +28,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--size", default="tiny", choices=["micro", "tiny", "small"], help="tiny-model preset")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per mode and round")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=8, help="trainer.prompts_per_step")
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the learner and of the rollout worker")
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides, e.g. rollout.num_threads=2")
     args = ap.parse_args(argv)
 
@@ -38,6 +41,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "learner.num_ranks=1", "learner.zero_stage=0", "rollout.num_workers=1", "rollout.engine=transformers",
         f"trainer.prompts_per_step={args.prompts}", f"rollout.group_size={args.group_size}",
         f"rollout.max_tokens={args.max_tokens}", f"learner.micro_batch_size={args.prompts * args.group_size}",
+        f"learner.num_threads={args.threads}", f"rollout.num_threads={args.threads}",
     ] + list(args.set)
     print(f"machine: {machine()}", flush=True)
     print("config: " + " ".join(base), flush=True)

@@ -2,9 +2,9 @@
 completion length and optimizer settings.
 
     bash benchmarks/setup_trl_env.sh                     # once: TRL in its own venv (.venv-trl)
-    python -m vlgrpo.benchmarks.step_vs_trl              # --size small (~20M params), the headline
-    python -m vlgrpo.benchmarks.step_vs_trl --size micro # ~0.2M params: fixed per-step overhead
-    python -m vlgrpo.benchmarks.step_vs_trl --size both
+    python -m vlgrpo.benchmarks.step_vs_trl              # both sizes: micro, then small
+    python -m vlgrpo.benchmarks.step_vs_trl --size small # ~20M params (compute dominates): the headline
+    python -m vlgrpo.benchmarks.step_vs_trl --size micro # ~0.2M params (fixed per-step overhead dominates)
 
 vlgrpo: the real controller (``Trainer``), 1 learner (``zero_stage=0``), 1 rollout worker
 (transformers engine), modes ``sync`` and ``async``; per-phase timers come from subclasses of the
@@ -261,7 +261,7 @@ def run_trl_side(spec: dict[str, Any], trl_python: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="small", choices=["micro", "tiny", "small", "both"],
+    ap.add_argument("--size", default="both", choices=["micro", "tiny", "small", "both"],
                     help="tiny-model preset; both = micro then small")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per side and mode")
     ap.add_argument("--warmup", type=int, default=1)

@@ -18,6 +18,9 @@ wall time seen by the driver, as the controller's ``sync/seconds``, except the f
   No checksums (``verify=False``); the bytes are checked once per configuration outside the timing.
 * ``naive ray.put/get``: the sender ``ray.put``-s every tensor, each receiver ``ray.get``-s all
   the refs and copies them into its parameters.
+* ``EXPERIMENTAL ... buffers reused``: NOT in the package. The same gloo broadcast of the same
+  plan, but sender and receivers keep one buffer per bucket between syncs (no ``torch.cat`` into a
+  fresh tensor, no fresh ``torch.empty`` per bucket, so no page faults on every sync).
 * ``EXPERIMENTAL shm``: NOT in the package. Same-node shared memory (``/dev/shm``): the sender
   copies its tensors into one persistent shared mapping, then each receiver copies them out into
   its parameters (two memcpys, the receivers reading in parallel). Shown only to say what the
@@ -134,6 +137,32 @@ class Member:
             n += 1
         return n
 
+    # -- EXPERIMENTAL: the same broadcast with bucket buffers kept between syncs (not in the package)
+    def _bufs(self, plan) -> list[torch.Tensor]:
+        key = tuple(len(b) for b in plan.buckets)
+        if getattr(self, "_buf_key", None) != key:
+            self._buf_key = key
+            self._bufs_list = [torch.empty(sum(s.numel for s in b), dtype=b[0].torch_dtype) for b in plan.buckets]
+        return self._bufs_list
+
+    def send_reuse(self, plan) -> int:
+        for bucket, buf in zip(plan.buckets, self._bufs(plan)):
+            off = 0
+            for spec in bucket:
+                buf[off:off + spec.numel].copy_(self.tensors[spec.name].reshape(-1))
+                off += spec.numel
+            self.group.broadcast(buf)
+        return len(plan.buckets)
+
+    def receive_reuse(self, plan) -> int:
+        for bucket, buf in zip(plan.buckets, self._bufs(plan)):
+            self.group.broadcast(buf)
+            off = 0
+            for spec in bucket:
+                self.tensors[spec.name].copy_(buf[off:off + spec.numel].view(spec.shape))
+                off += spec.numel
+        return len(plan.buckets)
+
     # -- naive per-tensor object store ------------------------------------------------------------
     def put_all(self) -> list:
         import ray
@@ -220,7 +249,7 @@ def wall(fn):
 
 
 def run_case(size_mb: float, n_recv: int, buckets: list[float], reps: int, shm: bool, naive: bool,
-             rows: list, summary: dict) -> None:
+             rows: list, summary: dict, reuse_mb: float = 0.0) -> None:
     """All methods for one (payload, receivers) case, measured round-robin (rep 1 of every method,
     then rep 2, ...) so that load from other processes hits them alike; best and median reported."""
     import ray
@@ -250,6 +279,11 @@ def run_case(size_mb: float, n_recv: int, buckets: list[float], reps: int, shm: 
         methods.append((f"bucketed gloo, {b:g} MB buckets ({len(plan.buckets)} broadcasts)",
                         wall(lambda plan=plan: ray.get([sender.send.remote(plan)] +
                                                        [r.receive.remote(plan) for r in receivers]))))
+    if reuse_mb:
+        plan_r = make_plan(specs, version=1, bucket_mb=reuse_mb, verify=False)
+        methods.append((f"EXPERIMENTAL bucketed gloo, {reuse_mb:g} MB buckets, buffers reused (not in package)",
+                        wall(lambda: ray.get([sender.send_reuse.remote(plan_r)] +
+                                             [r.receive_reuse.remote(plan_r) for r in receivers]))))
     if naive:
         def put_get():
             wrapped = sender.put_all.remote()
@@ -268,7 +302,7 @@ def run_case(size_mb: float, n_recv: int, buckets: list[float], reps: int, shm: 
     try:
         for name, fn in methods:  # warm-up: first touch of buffers, gloo connections, object store
             fn()
-            if name.startswith("bucketed"):
+            if "bucketed" in name:
                 got = ray.get([r.fingerprint.remote() for r in receivers])
                 if any(abs(g - want) > 1e-6 * abs(want) for g in got):
                     raise RuntimeError(f"{name}: the receivers got different bytes than sent")
@@ -307,6 +341,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--reps", type=int, default=7, help="timed repetitions of every method (best and median shown)")
     ap.add_argument("--no-shm", action="store_true", help="skip the experimental shared-memory variant")
     ap.add_argument("--no-naive", action="store_true", help="skip the ray.put/get baseline")
+    ap.add_argument("--reuse-mb", type=float, default=16.0,
+                    help="bucket size of the experimental reused-buffer variant (0: skip it)")
     args = ap.parse_args(argv)
     sizes = [float(x) for x in args.sizes_mb.split(",")]
     recvs = sorted(int(x) for x in args.receivers.split(","))
@@ -320,7 +356,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     for size in sizes:
         for n in recvs:
             run_case(size, n, buckets, args.reps, shm=not args.no_shm, naive=not args.no_naive,
-                     rows=rows, summary=summary)
+                     rows=rows, summary=summary, reuse_mb=args.reuse_mb)
             print(f"  done: {size:g} MB, {n} receiver(s) ({time.perf_counter() - t_all:.0f}s)", flush=True)
     print(table(["payload", "receivers", "method", "best ms", "median ms", "MB/s (best)", "x floor"], rows,
                 title=f"weight sync, {args.reps} reps round-robin (MB/s = payload MB / wall s; every receiver gets "

@@ -95,7 +95,7 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
-    learner: LearnerSection = field(default_factory=lambda: LearnerSection(lr=2e-3, micro_batch_size=16))
+    learner: LearnerSection = field(default_factory=lambda: LearnerSection(lr=5e-3, micro_batch_size=16))
     sync: SyncSection = field(default_factory=SyncSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
 

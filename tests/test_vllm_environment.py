@@ -22,7 +22,7 @@ def test_vllm_suite_in_vllm_environment():
     py = os.environ.get("VLGRPO_VLLM_PYTHON")
     if not py:
         pytest.skip("VLGRPO_VLLM_PYTHON not set (build it with .ci/setup_vllm_cpu.sh)")
-    if Path(py).resolve() == Path(sys.executable).resolve():
+    if Path(py).absolute().parent.parent.resolve() == Path(sys.prefix).resolve():  # same venv
         pytest.skip("this session already runs in the vLLM environment")
     env = {k: v for k, v in os.environ.items() if k != "VLGRPO_VLLM_PYTHON"}
     files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_vllm_*.py"))
