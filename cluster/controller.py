@@ -24,9 +24,9 @@ from ..learner.types import LearnerConfig, TrainBatch
 from ..rollout.types import RolloutBatch, SamplingConfig, concat_rollouts
 from ..rollout.worker import EngineConfig
 from . import placement
-from .checkpoint import CheckpointManager, atomic_write_json, load_trainer_state
+from .checkpoint import CheckpointManager, atomic_write_json, load_trainer_state, resolve_checkpoint
 from .config import Config
-from .metrics import MetricsLogger, ProgressBar, plot_metrics
+from .metrics import MetricsLogger, ProgressBar
 from .weight_sync import SyncGroupInfo, check_checksums, get_free_port, make_plan
 
 log = logging.getLogger("vlgrpo")
@@ -91,8 +91,7 @@ class Trainer:
             self._start_worker()
         self._call(self.workers, "health", stage="start rollout workers")
 
-        state = None
-        ckpt = self._resume_checkpoint()
+        ckpt = resolve_checkpoint(self.resume_dir) if self.resume_dir else None
         if ckpt is not None:
             state = load_trainer_state(ckpt)
             self._call(self.learners, "load_checkpoint", str(ckpt / "learner"), stage="resume learner")
@@ -449,17 +448,6 @@ class Trainer:
             "step": self.step, "weights_version": self.version, "sampler": self._sampler_state_undrawn if self._pending else self.sampler.state_dict(),
             "seed": self.cfg.trainer.seed, "num_workers": len(self.workers)})
         return self.checkpoints.commit(self.step, tmp)
-
-    def _resume_checkpoint(self) -> Optional[Path]:
-        if not self.resume_dir:
-            return None
-        root = Path(self.resume_dir)
-        if (root / "trainer_state.json").exists():
-            return root
-        ckpt = CheckpointManager(root).latest()
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume {root}: no complete checkpoint under it (looked in {root}/checkpoints)")
-        return ckpt
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> list[dict[str, float]]:

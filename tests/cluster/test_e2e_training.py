@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from vlgrpo.cluster.config import load_config
 from vlgrpo.cluster.controller import Trainer

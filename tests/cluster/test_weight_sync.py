@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vlgrpo.cluster.weight_sync import (
-    SyncGroup, SyncGroupInfo, TensorSpec, WeightSyncError, buffer_checksum, check_checksums, get_free_port,
+    SyncGroup, SyncGroupInfo, WeightSyncError, buffer_checksum, check_checksums, get_free_port,
     make_plan, receive_weights, send_weights, spec_of,
 )
 
