@@ -31,7 +31,6 @@ import functools
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -317,7 +317,7 @@ def run_case(size_mb: float, n_recv: int, buckets: list[float], reps: int, shm: 
         ray.get([m.leave.remote() for m in members])
         for m in members:
             ray.kill(m)
-        del sender, receivers, members, methods
+        methods.clear()
         gc.collect()
         time.sleep(0.5)  # let the killed actors' memory go before the next case
 

@@ -33,3 +33,29 @@ def tiny_model_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qwen2_vl_path(tiny_model_factory) -> Path:
     return tiny_model_factory("qwen2-vl")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray for the tests of one module (shut down after it)."""
+    import ray
+
+    from vlgrpo.cluster.placement import init_ray
+
+    init_ray(None, 4)
+    yield
+    ray.shutdown()
+
+
+def small_run_config(out, *extra, prompts: int = 4, group_size: int = 4):
+    """A few-second-per-step training config: tiny model, 2 transformers rollout workers, one plain
+    torch learner, a dense reward (so every group has a learning signal from step 1)."""
+    from vlgrpo.cluster.config import load_config
+
+    return load_config(None, [
+        f"trainer.output_dir={out}", "trainer.checkpoint_every=0", f"trainer.prompts_per_step={prompts}",
+        f"rollout.group_size={group_size}", "rollout.max_tokens=6", "rollout.num_workers=2",
+        "rollout.engine=transformers", "learner.num_ranks=1", "learner.zero_stage=0", "learner.lr=0.005",
+        "trainer.tensorboard=false", "rollout.rewards=[{name: choice}, {name: vlgrpo.tests.plugins:char_variety}]",
+        *extra,
+    ])

@@ -7,28 +7,15 @@ import json
 import pytest
 import ray
 
-from vlgrpo.cluster.config import load_config
 from vlgrpo.cluster.controller import Trainer
-from vlgrpo.cluster.placement import init_ray
 from vlgrpo.rollout.hf_engine import tensor_checksum
 
-pytestmark = pytest.mark.slow
+from ..conftest import small_run_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    init_ray(None, 4)
-    yield
-    ray.shutdown()
 
-
-def _cfg(out, *extra):
-    return load_config(None, [
-        f"trainer.output_dir={out}", "trainer.checkpoint_every=0", "trainer.prompts_per_step=4",
-        "rollout.group_size=4", "rollout.max_tokens=6", "rollout.num_workers=2", "rollout.engine=transformers",
-        "learner.num_ranks=1", "learner.zero_stage=0", "learner.lr=0.005", "trainer.tensorboard=false",
-        "rollout.rewards=[{name: choice}, {name: vlgrpo.tests.plugins:char_variety}]", *extra,
-    ])
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
+_cfg = small_run_config
 
 
 def _learner_checksums(trainer) -> dict[str, str]:

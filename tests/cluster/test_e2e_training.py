@@ -58,17 +58,6 @@ class NoSync(Trainer):
         return super().sync_weights(full=full)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from vlgrpo.cluster.placement import init_ray
-
-    init_ray(None, 4)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_reward_rises_and_weights_stay_in_sync(tmp_path, ray_session):
     cfg = _config(tmp_path, "ok")

@@ -16,28 +16,16 @@ import torch
 
 from vlgrpo.cluster.config import ConfigError, load_config
 from vlgrpo.cluster.controller import Trainer
-from vlgrpo.cluster.placement import init_ray
 from vlgrpo.rollout.hf_engine import tensor_checksum
 from vlgrpo.rollout.synthetic import make_dataset
+
+from ..conftest import small_run_config
 
 PROMPTS, G = 4, 4
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    init_ray(None, 4)
-    yield
-    ray.shutdown()
-
-
 def _cfg(out, *extra):
-    return load_config(None, [
-        f"trainer.output_dir={out}", "trainer.checkpoint_every=0", f"trainer.prompts_per_step={PROMPTS}",
-        f"rollout.group_size={G}", "rollout.max_tokens=6", "rollout.num_workers=2", "rollout.engine=transformers",
-        "learner.num_ranks=1", "learner.zero_stage=0", "learner.lr=0.005", "trainer.tensorboard=false",
-        "trainer.timeout_s=120", "rollout.rewards=[{name: choice}, {name: vlgrpo.tests.plugins:char_variety}]",
-        *extra,
-    ])
+    return small_run_config(out, "trainer.timeout_s=120", *extra, prompts=PROMPTS, group_size=G)
 
 
 class KillWorkerMidGeneration(Trainer):
