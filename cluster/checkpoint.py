@@ -30,6 +30,7 @@ Loading uses JSON and safetensors only: nothing here unpickles files.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -347,6 +348,21 @@ def _staging_dir(out_dir: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=str(out_dir.parent)))
 
 
+@contextlib.contextmanager
+def _staged(out_dir: Path):
+    """Yield a staging directory next to ``out_dir``; when the block succeeds it is fsynced and
+    renamed onto ``out_dir``, when it raises it is removed (``out_dir`` is untouched either way
+    until the rename)."""
+    stage = _staging_dir(out_dir)
+    try:
+        yield stage
+        _fsync_tree(stage)
+        _replace_dir(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
 # ------------------------------------------------------------------------------------------------
 # policy in Hugging Face format
 # ------------------------------------------------------------------------------------------------
@@ -399,15 +415,9 @@ def save_hf_policy(state_dict_items: Iterable[tuple[str, Any]], config_source_di
 
     from safetensors.torch import save_file
 
-    stage = _staging_dir(out)
-    try:
+    with _staged(out) as stage:
         save_file(_untie(tensors), str(stage / WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
         _copy_model_files(src, stage)
-        _fsync_tree(stage)
-        _replace_dir(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return out
 
 
@@ -419,8 +429,7 @@ def save_policy(out_dir: str | os.PathLike, model: Any = None, processor: Any = 
     out = Path(out_dir)
     if writer is None and model is None:
         raise ValueError("save_policy needs a model (and processor) or a writer callable")
-    stage = _staging_dir(out)
-    try:
+    with _staged(out) as stage:
         if writer is not None:
             writer(stage)
         else:
@@ -432,11 +441,6 @@ def save_policy(out_dir: str | os.PathLike, model: Any = None, processor: Any = 
             raise ValueError(f"policy writer produced pickle files {pickles}; checkpoints are safetensors only")
         if not any(stage.glob("*.safetensors")):
             raise ValueError(f"policy writer wrote no .safetensors file into {stage}")
-        _fsync_tree(stage)
-        _replace_dir(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return out
 
 

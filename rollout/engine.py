@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
 from .types import GenerationResult, Sample, SamplingConfig
+
+if TYPE_CHECKING:
+    from ..modules.base import VLMModule
 
 
 class GenerationEngine(ABC):
@@ -20,6 +23,8 @@ class GenerationEngine(ABC):
     """
 
     weights_version: int = 0
+    module: "VLMModule"  # the VLM module the engine renders prompts with
+    processor: Any  # that module's processing class, loaded for the checkpoint
 
     @abstractmethod
     def generate(self, samples: Sequence[Sample], sampling: SamplingConfig) -> list[GenerationResult]:

@@ -81,10 +81,9 @@ class RolloutWorker:
         self.sync_group = None
         tok = self.engine.tokenizer()
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        from ..modules.loading import load_processor, read_model_config
+        from ..modules.loading import read_model_config
 
-        self.module = resolve_module(engine_cfg.model_path, engine_cfg.module)
-        self.processor = load_processor(engine_cfg.model_path, self.module, engine_cfg.processing_kwargs)
+        self.module, self.processor = self.engine.module, self.engine.processor  # for the prompt-length check
         text_cfg = read_model_config(engine_cfg.model_path)
         text_cfg = text_cfg.get("text_config", text_cfg) or text_cfg
         self.context_len = int(text_cfg.get("max_position_embeddings") or engine_cfg.max_model_len)
