@@ -291,35 +291,42 @@ def test_weights_checksum(engine, hf):
     engine.load_weights(state.items(), version=10)
 
 
-def test_weights_through_sync_group(engine, hf):
-    """The vLLM workers join the learner's weight-sync group (worker extension + collective_rpc)
-    and load a broadcast: the path tensor-parallel / multi-process engines use."""
-    from vlgrpo.cluster.weight_sync import (SyncGroup, SyncGroupInfo, get_free_port, make_plan, send_weights,
-                                            spec_of)
+def _broadcast_in_thread(state: dict, version: int, bucket_mb: float):
+    """The learner side of a 2-member sync group, run in a thread of this process: broadcasts
+    ``state`` as ``version``. Returns (group info, plan, thread, {"stats": SyncStats, "errors": [...]} once sent)."""
+    from vlgrpo.cluster.weight_sync import SyncGroup, SyncGroupInfo, get_free_port, make_plan, send_weights, spec_of
 
-    moved = _perturbed_copy(hf, seed=4)
-    state = moved[1].state_dict()
-    plan = make_plan([spec_of(n, t) for n, t in state.items()], version=11, bucket_mb=0.5, verify=True)
-    assert len(plan.buckets) > 1
+    plan = make_plan([spec_of(n, t) for n, t in state.items()], version=version, bucket_mb=bucket_mb, verify=True)
     info = SyncGroupInfo(master_addr="127.0.0.1", master_port=get_free_port(), world_size=2, timeout_s=120)
-    sent, errors = {}, []
+    out: dict = {"errors": []}
 
     def learner():
         try:
             group = SyncGroup(info, 0)
-            sent["stats"] = send_weights(group, plan, state.items())
+            out["stats"] = send_weights(group, plan, state.items())
             group.close()
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+        except Exception as e:  # noqa: BLE001 - reported by the test through out["errors"]
+            out["errors"].append(e)
 
     t = threading.Thread(target=learner, daemon=True)
     t.start()
+    return info, plan, t, out
+
+
+def test_weights_through_sync_group(engine, hf):
+    """The vLLM workers join the learner's weight-sync group (worker extension + collective_rpc)
+    and load a broadcast: the path tensor-parallel / multi-process engines use."""
+
+    moved = _perturbed_copy(hf, seed=4)
+    state = moved[1].state_dict()
+    info, plan, t, sent = _broadcast_in_thread(state, version=11, bucket_mb=0.5)
+    assert len(plan.buckets) > 1
     ranks = engine.join_sync_group(info, rank=1)
     assert ranks == [1]
     got = engine.receive_weights(plan)
     t.join(60)
     engine.leave_sync_group()
-    assert not errors, errors
+    assert not sent["errors"], sent["errors"]
     assert got["num_tensors"] == len(state)
     assert got["checksums"] == sent["stats"].checksums
     assert engine.weights_version == 11
@@ -376,8 +383,6 @@ def test_multiprocess_engine_weight_paths(tmp_path_factory):
     engine): weights reach it through a shared-memory file and through the weight-sync group that
     its worker joins via the worker extension; both change its outputs to the transformers
     model's."""
-    from vlgrpo.cluster.weight_sync import (SyncGroup, SyncGroupInfo, get_free_port, make_plan, send_weights,
-                                            spec_of)
 
     model_dir = str(build_tiny_model("qwen2-vl", tmp_path_factory.mktemp("mp-qwen2vl"), seed=0))
     hf = (get_module("qwen"), *load_model_and_processor(model_dir, get_module("qwen"), torch.float32))
@@ -392,20 +397,11 @@ def test_multiprocess_engine_weight_paths(tmp_path_factory):
         assert any(v is not None for v in sums.values())
 
         state = hf[1].state_dict()
-        plan = make_plan([spec_of(n, t) for n, t in state.items()], version=2, bucket_mb=0.5, verify=True)
-        info = SyncGroupInfo(master_addr="127.0.0.1", master_port=get_free_port(), world_size=2, timeout_s=120)
-        out = {}
-
-        def learner():
-            group = SyncGroup(info, 0)
-            out["stats"] = send_weights(group, plan, state.items())
-            group.close()
-
-        t = threading.Thread(target=learner, daemon=True)
-        t.start()
+        info, plan, t, out = _broadcast_in_thread(state, version=2, bucket_mb=0.5)
         assert eng.join_sync_group(info, rank=1) == [1]
         got = eng.receive_weights(plan)
         t.join(60)
+        assert not out["errors"], out["errors"]
         assert got["num_tensors"] == len(state) and got["checksums"] == out["stats"].checksums
         assert eng.weights_version == 2
         _assert_engine_matches(eng, hf, "multiprocess, after a sync-group broadcast")
@@ -426,8 +422,6 @@ def ray_local():
 def test_rollout_actor_drives_vllm_on_ray(tmp_path_factory, ray_local):
     """``RolloutWorker`` as a Ray actor with ``engine="vllm"``: a scored, tensorised batch whose
     log-probs match transformers, then weights pushed through the weight-sync group change it."""
-    from vlgrpo.cluster.weight_sync import (SyncGroup, SyncGroupInfo, get_free_port, make_plan, send_weights,
-                                            spec_of)
     from vlgrpo.rollout.worker import EngineConfig, RolloutWorker
 
     ray = ray_local
@@ -460,20 +454,11 @@ def test_rollout_actor_drives_vllm_on_ray(tmp_path_factory, ray_local):
     # New weights through the sync group: the learner (here, this process) broadcasts.
     moved = _perturbed_copy(hf, seed=5)
     state = moved[1].state_dict()
-    plan = make_plan([spec_of(n, t) for n, t in state.items()], version=1, bucket_mb=1.0, verify=True)
-    info = SyncGroupInfo(master_addr="127.0.0.1", master_port=get_free_port(), world_size=2, timeout_s=120)
-    out = {}
-
-    def learner():
-        group = SyncGroup(info, 0)
-        out["stats"] = send_weights(group, plan, state.items())
-        group.close()
-
-    t = threading.Thread(target=learner, daemon=True)
-    t.start()
+    info, plan, t, out = _broadcast_in_thread(state, version=1, bucket_mb=1.0)
     assert ray.get(actor.join_sync_group.remote(info, 1), timeout=120)
     got = ray.get(actor.receive_weights.remote(plan), timeout=300)
     t.join(60)
+    assert not out["errors"], out["errors"]
     assert got["version"] == 1 and got["num_tensors"] == len(state)
     assert got["checksums"] == out["stats"].checksums
     assert ray.get(actor.version.remote()) == 1
