@@ -72,6 +72,9 @@ class SyncSection:
     bucket_mb: float = 16.0  # benchmarks/weight_sync: 16 MB beat 1, 64 and 256 MB over gloo on CPU
     verify: bool = True  # compare checksums of every bucket on both sides; fail loudly on mismatch
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    # auto: workers on the learner's node read its weights from shared memory (CPU / gloo), the
+    # others get the broadcast | shm: like auto, but fail if a worker cannot | broadcast: never shm
+    transport: str = "auto"
     timeout_s: float = 300.0
 
 
@@ -252,6 +255,11 @@ def validate(cfg: Config) -> None:
          f"split over learner.num_ranks={lr.num_ranks}; raise prompts_per_step or lower num_ranks")
     need(cfg.sync.backend in ("auto", "gloo", "nccl"), f"sync.backend={cfg.sync.backend!r}: use auto, gloo or nccl")
     need(cfg.sync.bucket_mb > 0, "sync.bucket_mb must be > 0")
+    need(cfg.sync.transport in ("auto", "shm", "broadcast"),
+         f"sync.transport={cfg.sync.transport!r}: use auto, shm or broadcast")
+    need(not (cfg.sync.transport == "shm" and cfg.sync.backend == "nccl"),
+         "sync.transport=shm reads CPU weights from shared memory and cannot go with sync.backend=nccl; "
+         "use sync.transport=auto (or broadcast)")
     need(t.tensorboard in ("auto", True, False), f"trainer.tensorboard={t.tensorboard!r}: use auto, true or false")
     need(bool(r.rewards), "rollout.rewards is empty: add at least one reward, e.g. [{name: accuracy}]")
     from ..rollout.rewards import RewardSet

@@ -62,6 +62,7 @@ class Trainer:
         self.learners: list[Any] = []
         self.learner_pg: Any = None
         self.sync_info: Optional[SyncGroupInfo] = None
+        self.sync_transports: list[str] = []  # per worker: "shm" (learner's node, CPU) or "broadcast"
         self.synced_once: set[int] = set()  # worker ids that hold the frozen tensors already
         self._next_worker_id = 0
         self._pending: Optional[list[_Chunk]] = None  # generation of the next step (async mode)
@@ -201,17 +202,37 @@ class Trainer:
         if self.sync_info is not None:
             self._call(self.learners[:1], "leave_sync_group", stage="leave sync group")
             self._call(self.workers, "leave_sync_group", stage="leave sync group")
-        addr = ray.get(ray.remote(num_cpus=0)(_node_addr).options(
-            scheduling_strategy=placement.bundle_strategy(self.learner_pg, 0)).remote())[0]
-        port = ray.get(ray.remote(num_cpus=0)(get_free_port).options(
+        addr, port = ray.get(ray.remote(num_cpus=0)(_node_addr).options(
             scheduling_strategy=placement.bundle_strategy(self.learner_pg, 0)).remote())
         ranks = self._get([w.sync_ranks.remote() for w in self.workers], "form the weight-sync group")
+        nodes = [h["node_ip"] for h in self._get([w.health.remote() for w in self.workers], "form the weight-sync group")]
         first = [1 + sum(ranks[:i]) for i in range(len(ranks))]  # a TP=k engine takes k ranks
+        shm = self._shm_workers(addr, nodes)
+        shm_ranks = tuple(r for i in shm for r in range(first[i], first[i] + ranks[i]))
+        handle = self._get([self.learners[0].share_weights.remote()], "share the learner's weights")[0] if shm else None
         self.sync_info = SyncGroupInfo(addr, port, 1 + sum(ranks), self.sync_backend,
-                                       name=f"wsync-{port}-{len(self.workers)}", timeout_s=self.cfg.sync.timeout_s)
+                                       name=f"wsync-{port}-{len(self.workers)}", timeout_s=self.cfg.sync.timeout_s,
+                                       shm_ranks=shm_ranks, shm_handle=handle)
+        self.sync_transports = ["shm" if i in shm else "broadcast" for i in range(len(self.workers))]
         refs = [self.learners[0].join_sync_group.remote(self.sync_info)]
         refs += [w.join_sync_group.remote(self.sync_info, r) for w, r in zip(self.workers, first)]
         self._get(refs, "form the weight-sync group")
+
+    def _shm_workers(self, learner_ip: str, worker_ips: list[str]) -> list[int]:
+        """Indices of the workers that read the learner's weights from shared memory: those on
+        its node, when weights are on the CPU (gloo) and ``sync.transport`` allows it."""
+        transport = self.cfg.sync.transport
+        if transport == "broadcast" or self.sync_backend != "gloo" or self.has_gpus:
+            if transport == "shm":
+                raise StageError("sync.transport=shm needs CPU weights and sync.backend gloo; this cluster has GPUs "
+                                 "or NCCL: use sync.transport=auto")
+            return []
+        local = [i for i, ip in enumerate(worker_ips) if ip == learner_ip]
+        if transport == "shm" and len(local) < len(worker_ips):
+            far = sorted({ip for ip in worker_ips if ip != learner_ip})
+            raise StageError(f"sync.transport=shm but rollout workers run on {far}, not on the learner's node "
+                             f"{learner_ip}: use sync.transport=auto (shared memory where possible, broadcast elsewhere)")
+        return local
 
     def sync_weights(self, full: bool = False) -> dict[str, float]:
         """Broadcast the learner's weights to every worker as version ``self.version``. A worker
@@ -260,6 +281,8 @@ class Trainer:
                 raise StageError(f"rollout worker {r['worker']} reports weights v{r['version']} after sync v{self.version}")
         self.synced_once.update(w._vlgrpo_id for w in self.workers)
         return {"sync/seconds": seconds, "sync/mb": plan.nbytes / 2**20,
+                "sync/staged_mb": stats.copied_bytes / 2**20,
+                "sync/shm_workers": float(self.sync_transports.count("shm")),
                 "sync/mb_per_s": plan.nbytes / 2**20 / max(seconds, 1e-9), "sync/tensors": len(plan.names),
                 "sync/full": float(full)}
 
@@ -485,6 +508,7 @@ class Trainer:
 
 
 def _node_addr() -> tuple[str, int]:
+    """The learner node's IP and a free port there (for the sync group's store)."""
     from .weight_sync import get_node_ip
 
     return get_node_ip(), get_free_port()

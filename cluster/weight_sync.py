@@ -5,16 +5,35 @@ is built from its own ``TCPStore`` and is independent of the DeepSpeed training 
 default process group, so rollout workers never join training collectives. NCCL is used when the
 tensors live on GPUs, gloo on CPU.
 
-Weights travel in buckets: tensors of one dtype are flattened into one contiguous buffer of up to
-``bucket_mb`` and broadcast together (one collective per bucket, not per tensor). A ``SyncPlan``
-with names, shapes and dtypes is computed by the sender and handed to receivers through Ray before
-the collective starts, so receivers can allocate buffers and unflatten without any extra message.
-Each sync carries a version; with ``verify`` every bucket's checksum is computed on both sides and
-compared by the controller (``check_checksums``), which fails loudly on mismatch.
+Weights travel in buckets: tensors of one dtype, up to ``bucket_mb``, moved together. A
+``SyncPlan`` with names, shapes and dtypes is computed by the sender and handed to receivers
+through Ray before the sync starts, so receivers can allocate and unflatten without any extra
+message. Each sync carries a version; with ``verify`` every bucket's checksum is computed on both
+sides and compared by the controller (``check_checksums``), which fails loudly on mismatch.
+
+Two transports, chosen per receiver when the group is formed (``SyncGroupInfo.shm_ranks``):
+
+* ``broadcast`` (any node, gloo or NCCL): each bucket is flattened into one buffer and sent with
+  one ``broadcast`` collective among the source and the broadcast receivers.
+* ``shm`` (receivers on the source's node, CPU weights): the CPU counterpart of CUDA IPC. The
+  source owns a :class:`SharedRegion` (an anonymous ``memfd``, mapped by the receivers through
+  ``/proc/<pid>/fd/<fd>``, freed by the kernel when the last process lets go: nothing is left in
+  ``/dev/shm`` after a crash). The learner keeps its live weights *in* the region (DeepSpeed's flat
+  parameter buffers or the parameters themselves are moved there once, see
+  ``Learner.share_weights``), and every tensor has a fixed byte offset (``TensorSpec.offset``).
+  Those tensors are marked ``live``: when a sync starts (after the update, which the controller
+  waits for) they are final, so each receiver at once hands its engine views of the region and
+  the engine's loader copies them into its own parameters: one memory copy in all, instead of a
+  socket transfer. Tensors that do not live in the region (frozen ones, ZeRO-3 gathers) are
+  copied into a staging part of it by the source, which then posts a tiny "bucket k is staged"
+  broadcast that the receivers wait for (pipelined bucket by bucket). A sync ends with a barrier
+  over the shared-memory members, so the learner cannot update weights a receiver is still
+  reading; the engines copy what they are given (views must not be kept).
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -33,6 +52,8 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str  # e.g. "float32"
+    offset: int = -1  # byte offset in the source's shared region (-1: packed by the plan)
+    live: bool = False  # the source's tensor itself lives at ``offset`` (nothing to stage or wait for)
 
     @property
     def numel(self) -> int:
@@ -83,13 +104,49 @@ def make_plan(specs: Sequence[TensorSpec], version: int, bucket_mb: float, verif
     return SyncPlan(version=version, buckets=buckets, verify=verify)
 
 
-def spec_of(name: str, t: torch.Tensor) -> TensorSpec:
-    return TensorSpec(name, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+ALIGN = 64  # bytes: every tensor placed in a shared region starts on a cache line
 
 
-def buffer_checksum(buf: torch.Tensor) -> str:
-    b = buf.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.blake2b(b.numpy().tobytes(), digest_size=16).hexdigest()
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def region_offsets(plan: SyncPlan) -> list[list[int]]:
+    """Byte offset of every tensor of ``plan`` in the shared region: the specs' own offsets (a
+    source that keeps its weights in the region), or, when no spec has one, packed in plan order."""
+    specs = [s for b in plan.buckets for s in b]
+    placed = [s.offset >= 0 for s in specs]
+    if any(placed) and not all(placed):
+        raise WeightSyncError(f"weight sync v{plan.version}: some tensors have a shared-memory offset and some not")
+    out, off = [], 0
+    for bucket in plan.buckets:
+        row = []
+        for s in bucket:
+            if s.offset >= 0:
+                row.append(s.offset)
+            else:
+                row.append(off)
+                off += aligned(s.nbytes)
+        out.append(row)
+    return out
+
+
+def packed_bytes(specs: Sequence[TensorSpec]) -> int:
+    """Size of a region holding ``specs`` packed (a source without placed weights)."""
+    return sum(aligned(s.nbytes) for s in specs)
+
+
+def spec_of(name: str, t: torch.Tensor, offset: int = -1, live: bool = False) -> TensorSpec:
+    return TensorSpec(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), offset, live)
+
+
+def buffer_checksum(*bufs: torch.Tensor) -> str:
+    """Digest of the bytes of ``bufs`` one after the other (one buffer, or a bucket's tensors:
+    the same digest as their concatenation)."""
+    h = hashlib.blake2b(digest_size=16)
+    for buf in bufs:
+        h.update(buf.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def get_free_port() -> int:
@@ -107,6 +164,89 @@ def get_node_ip() -> str:
         return "127.0.0.1"
 
 
+# ------------------------------------------------------------------------------------------------
+# shared memory (same node)
+# ------------------------------------------------------------------------------------------------
+class SharedRegion:
+    """``nbytes`` of anonymous shared memory (``memfd``) owned by this process, with a bump
+    allocator. Other processes of the same user on this node map it with :meth:`attach` through
+    ``/proc/<pid>/fd/<fd>``; the kernel frees it when the last mapping and descriptor are gone."""
+
+    def __init__(self, nbytes: int, name: str = "vlgrpo-weights") -> None:
+        nbytes = max(ALIGN, aligned(int(nbytes)))
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.posix_fallocate(self.fd, 0, nbytes)  # reserve now: no SIGBUS in the middle of a sync
+        except OSError as e:
+            os.close(self.fd)
+            raise WeightSyncError(f"cannot reserve {nbytes / 2**20:.0f} MB of shared memory for weight sync ({e}); "
+                                  "free memory or set sync.transport=broadcast") from e
+        self.nbytes = nbytes
+        self.tensor = torch.from_file(f"/proc/self/fd/{self.fd}", shared=True, size=nbytes, dtype=torch.uint8)
+        self.base = self.tensor.data_ptr()
+        self.used = 0
+
+    @property
+    def handle(self) -> tuple[int, int, int]:
+        """What a receiver needs to map the region: (pid, fd, nbytes)."""
+        return (os.getpid(), self.fd, self.nbytes)
+
+    @staticmethod
+    def attach(handle: Sequence[int]) -> torch.Tensor:
+        pid, fd, nbytes = (int(x) for x in handle)
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        except (RuntimeError, OSError) as e:
+            raise WeightSyncError(f"cannot map the learner's shared weights ({path}: {e}); the receiver must run "
+                                  "on the learner's node as the same user, or set sync.transport=broadcast") from e
+
+    def alloc(self, nbytes: int) -> int:
+        off = self.used
+        if off + nbytes > self.nbytes:
+            raise WeightSyncError(f"shared region full: {off} + {nbytes} > {self.nbytes} bytes")
+        self.used = off + aligned(nbytes)
+        return off
+
+    def view(self, offset: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        return _typed_view(self.tensor, offset, dtype, numel)
+
+    def adopt(self, tensor: torch.Tensor) -> int:
+        """Move ``tensor``'s data into the region (``tensor.data`` becomes a view of it, so the
+        owner keeps updating it in place); returns its byte offset."""
+        if not tensor.is_contiguous() or tensor.device.type != "cpu":
+            raise WeightSyncError("only contiguous CPU tensors can live in shared memory")
+        off = self.alloc(tensor.numel() * tensor.element_size())
+        view = self.view(off, tensor.dtype, tensor.numel()).view(tensor.shape)
+        view.copy_(tensor.detach())
+        tensor.data = view
+        return off
+
+    def offset_of(self, t: torch.Tensor) -> int:
+        """Byte offset of ``t``'s data in the region, or -1 when it lives elsewhere."""
+        if t.device.type != "cpu" or not t.is_contiguous():
+            return -1
+        off = t.data_ptr() - self.base
+        return off if 0 <= off and off + t.numel() * t.element_size() <= self.nbytes else -1
+
+    def close(self) -> None:
+        self.tensor = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _typed_view(region: torch.Tensor, offset: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if offset < 0 or offset + nbytes > region.numel():
+        raise WeightSyncError(f"tensor at byte {offset} (+{nbytes}) is outside the shared region "
+                              f"({region.numel()} bytes)")
+    return region[offset:offset + nbytes].view(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# the group
+# ------------------------------------------------------------------------------------------------
 @dataclass
 class SyncGroupInfo:
     """Everything a member needs to join: sent by the controller to every member."""
@@ -117,38 +257,106 @@ class SyncGroupInfo:
     backend: str = "gloo"
     name: str = "vlgrpo-wsync"
     timeout_s: float = 300.0
+    shm_ranks: tuple[int, ...] = ()  # receivers on the source's node that read its shared region
+    shm_handle: Optional[tuple[int, int, int]] = None  # SharedRegion.handle of the source
+
+    def __post_init__(self) -> None:
+        self.shm_ranks = tuple(sorted(int(r) for r in self.shm_ranks))  # a list after a msgpack trip
+        if self.shm_handle is not None:
+            self.shm_handle = tuple(int(x) for x in self.shm_handle)
+        if self.shm_ranks:
+            if self.backend != "gloo":
+                raise ValueError("shared-memory weight sync needs CPU tensors (sync.backend gloo); "
+                                 "use sync.transport=broadcast with NCCL")
+            if self.shm_ranks[0] < 1 or self.shm_ranks[-1] >= self.world_size:
+                raise ValueError(f"shm_ranks {self.shm_ranks} must be receiver ranks 1..{self.world_size - 1}")
+            if self.shm_handle is None:
+                raise ValueError("shm_handle (the source's SharedRegion.handle) is needed when some receivers "
+                                 "use shared memory")
+
+    def transport(self, rank: int) -> str:
+        """``"shm"`` or ``"broadcast"`` for a receiver rank (rank 0, the source, serves both)."""
+        return "shm" if rank in self.shm_ranks else "broadcast"
 
 
 class SyncGroup:
-    """One member of the weight-sync group (rank 0 = the source)."""
+    """One member of the weight-sync group (rank 0 = the source).
 
-    def __init__(self, info: SyncGroupInfo, rank: int) -> None:
-        from torch.distributed import PrefixStore, TCPStore
+    Holds up to two process groups built on one ``TCPStore``: ``net`` (the source and the
+    broadcast receivers: bucket payloads) and ``shm`` (the source and the shared-memory receivers:
+    only "bucket k is ready" signals), plus the mapped region for the shared-memory members. The
+    source passes its :class:`SharedRegion` (whose ``handle`` is in ``info``)."""
+
+    def __init__(self, info: SyncGroupInfo, rank: int, region: Optional[SharedRegion] = None) -> None:
+        from torch.distributed import TCPStore
 
         self.info, self.rank = info, rank
-        timeout = timedelta(seconds=info.timeout_s)
-        self.store = TCPStore(info.master_addr, info.master_port, info.world_size, rank == 0,
-                              timeout=timeout, wait_for_workers=False)
-        prefixed = PrefixStore(info.name, self.store)
-        if info.backend == "nccl":
-            self.device = torch.device("cuda", torch.cuda.current_device())
-            self.pg = torch.distributed.ProcessGroupNCCL(prefixed, rank, info.world_size)
-        elif info.backend == "gloo":
-            self.device = torch.device("cpu")
-            self.pg = torch.distributed.ProcessGroupGloo(prefixed, rank, info.world_size, timeout)
-        else:
+        self.timeout = timedelta(seconds=info.timeout_s)
+        if info.backend not in ("gloo", "nccl"):
             raise ValueError(f"sync.backend {info.backend!r}: use 'gloo' or 'nccl'")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if info.backend == "nccl" else torch.device("cpu")
+        shm = [0, *info.shm_ranks]
+        net = [r for r in range(info.world_size) if r not in info.shm_ranks]
+        self.region: Optional[torch.Tensor] = None  # uint8 view of the shared mapping
+        self.source_region = region if rank == 0 else None
+        if rank == 0 and len(shm) > 1:
+            if region is None or tuple(region.handle) != tuple(info.shm_handle):
+                raise WeightSyncError("the sync source must pass the SharedRegion whose handle is in the group info")
+            self.region = region.tensor
+        elif rank in info.shm_ranks:
+            self.region = SharedRegion.attach(info.shm_handle)
+        self.store = TCPStore(info.master_addr, info.master_port, info.world_size, rank == 0,
+                              timeout=self.timeout, wait_for_workers=False)
+        self.net_pg = self._process_group("net", net, info.backend) if rank in net and len(net) > 1 else None
+        self.shm_pg = self._process_group("shm", shm, "gloo") if rank in shm and len(shm) > 1 else None
+
+    @property
+    def transport(self) -> str:
+        return "source" if self.rank == 0 else self.info.transport(self.rank)
+
+    def _process_group(self, suffix: str, members: list[int], backend: str):
+        from torch.distributed import PrefixStore
+
+        store = PrefixStore(f"{self.info.name}/{suffix}", self.store)
+        rank, size = members.index(self.rank), len(members)
+        if backend == "nccl":
+            return torch.distributed.ProcessGroupNCCL(store, rank, size)
+        return torch.distributed.ProcessGroupGloo(store, rank, size, self.timeout)
+
+    def _wait(self, work, what: str) -> None:
+        if not work.wait(self.timeout):
+            raise WeightSyncError(f"weight-sync {what} timed out after {self.info.timeout_s}s")
 
     def broadcast(self, tensor: torch.Tensor) -> None:
-        work = self.pg.broadcast(tensor, 0)
-        if not work.wait(timedelta(seconds=self.info.timeout_s)):
-            raise WeightSyncError(f"weight-sync broadcast timed out after {self.info.timeout_s}s")
+        """Payload broadcast among the source and the broadcast receivers."""
+        if self.net_pg is not None:
+            self._wait(self.net_pg.broadcast(tensor, 0), "broadcast")
+
+    def signal(self, value: int) -> int:
+        """Source: announce ``value`` to the shared-memory receivers; receiver: wait for it."""
+        t = torch.tensor([value], dtype=torch.int64)
+        self._wait(self.shm_pg.broadcast(t, 0), "shared-memory signal")
+        return int(t.item())
+
+    def done(self) -> None:
+        """End of a sync on the shared-memory side: returns on the source once every receiver has
+        loaded the last bucket, so the learner cannot update weights a receiver is still reading."""
+        if self.shm_pg is not None:
+            self._wait(self.shm_pg.allreduce([torch.zeros(1)]), "shared-memory end-of-sync")
+
+    def views(self, bucket: list[TensorSpec], offsets: list[int]) -> list[torch.Tensor]:
+        """The bucket's tensors as views of the shared region, shaped."""
+        return [_typed_view(self.region, o, s.torch_dtype, s.numel).view(s.shape) for s, o in zip(bucket, offsets)]
 
     def close(self) -> None:
-        self.pg = None
+        self.net_pg = self.shm_pg = None
+        self.region = self.source_region = None  # a receiver unmaps once its last view is gone
         self.store = None
 
 
+# ------------------------------------------------------------------------------------------------
+# one sync
+# ------------------------------------------------------------------------------------------------
 @dataclass
 class SyncStats:
     version: int
@@ -156,6 +364,7 @@ class SyncStats:
     seconds: float
     num_tensors: int
     checksums: list[str] = field(default_factory=list)
+    copied_bytes: int = 0  # bytes the source copied into shared memory (0: all its weights live there)
 
     @property
     def mb_per_s(self) -> float:
@@ -168,35 +377,68 @@ def send_weights(group: SyncGroup, plan: SyncPlan, named: Iterable[tuple[str, to
     t0 = time.perf_counter()
     it = iter(named)
     checksums = []
-    for bucket in plan.buckets:
-        parts = []
+    offsets = region_offsets(plan) if group.region is not None else None
+    copied = 0
+    for k, bucket in enumerate(plan.buckets):
+        tensors = []
         for spec in bucket:
             name, tensor = next(it)
             while name != spec.name:
                 name, tensor = next(it)
             if tuple(tensor.shape) != spec.shape:
                 raise WeightSyncError(f"{name}: shape {tuple(tensor.shape)} != planned {spec.shape}")
-            parts.append(tensor.detach().reshape(-1).to(group.device, spec.torch_dtype))
-        buf = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
-        group.broadcast(buf)
+            tensors.append(tensor.detach())
+        if offsets is not None:  # shared memory: make sure every tensor is at its offset
+            parts = group.views(bucket, offsets[k])
+            for spec, dst, src in zip(bucket, parts, tensors):
+                if dst.data_ptr() == src.data_ptr() and dst.dtype == src.dtype and src.is_contiguous():
+                    continue  # lives there
+                if spec.live:  # receivers are reading it already: this must not happen silently
+                    raise WeightSyncError(f"weight sync v{plan.version}: {spec.name} was announced as living in shared "
+                                          "memory but has moved out of it; the receivers read stale bytes")
+                dst.copy_(src)  # staged
+                copied += dst.numel() * dst.element_size()
+            if not all(spec.live for spec in bucket):
+                group.signal(k)  # "bucket k is staged" (live buckets are ready before the sync starts)
+            if group.net_pg is not None:
+                buf = torch.cat([p.reshape(-1) for p in parts])
+        else:
+            parts = [t.reshape(-1).to(group.device, s.torch_dtype) for s, t in zip(bucket, tensors)]
+            buf = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        if group.net_pg is not None:
+            group.broadcast(buf)
         if plan.verify:
-            checksums.append(buffer_checksum(buf))
-    return SyncStats(plan.version, plan.nbytes, time.perf_counter() - t0, len(plan.names), checksums)
+            checksums.append(buffer_checksum(*parts))
+    group.done()
+    return SyncStats(plan.version, plan.nbytes, time.perf_counter() - t0, len(plan.names), checksums, copied)
 
 
 def receive_weights(group: SyncGroup, plan: SyncPlan, checksums: Optional[list[str]] = None
                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """Receiver side: yields ``(name, tensor)`` bucket by bucket as they arrive, so an engine can
-    load them while holding one bucket at a time. Appends bucket checksums to ``checksums``."""
-    for bucket in plan.buckets:
-        buf = torch.empty(sum(s.numel for s in bucket), dtype=bucket[0].torch_dtype, device=group.device)
-        group.broadcast(buf)
+    load them while holding one bucket at a time. Appends bucket checksums to ``checksums``.
+    Shared-memory receivers get views of the source's region: copy them, do not keep them."""
+    offsets = region_offsets(plan) if group.region is not None else None
+    for k, bucket in enumerate(plan.buckets):
+        if offsets is not None:  # read in place, after "bucket k is staged" unless it lives there
+            got = k if all(spec.live for spec in bucket) else group.signal(-1)
+            if got != k:
+                raise WeightSyncError(f"weight sync v{plan.version}: expected bucket {k}, the source announced {got}; "
+                                      "source and receiver disagree on the plan")
+            parts = group.views(bucket, offsets[k])
+        else:
+            buf = torch.empty(sum(s.numel for s in bucket), dtype=bucket[0].torch_dtype, device=group.device)
+            group.broadcast(buf)
+            parts, offset = [], 0
+            for spec in bucket:
+                parts.append(buf[offset:offset + spec.numel].view(spec.shape))
+                offset += spec.numel
         if plan.verify and checksums is not None:
-            checksums.append(buffer_checksum(buf))
-        offset = 0
-        for spec in bucket:
-            yield spec.name, buf[offset:offset + spec.numel].view(spec.shape)
-            offset += spec.numel
+            checksums.append(buffer_checksum(*parts))
+        for spec, t in zip(bucket, parts):
+            yield spec.name, t
+    if offsets is not None:
+        group.done()  # the engine has loaded everything: the source may go on
 
 
 def check_checksums(sent: list[str], received: dict[str, list[str]], version: int) -> None:

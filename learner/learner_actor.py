@@ -733,11 +733,13 @@ def create_learner_group(
     num_gpus_per_actor: float = 0,
     scheduling_strategies: Optional[Sequence[Any]] = None,
     runtime_env: Optional[dict] = None,
+    actor_class: Any = None,
 ) -> list:
     """Start ``world_size`` learner actors forming one data-parallel group; returns their handles
     (rank order) once every rank is initialised. ``scheduling_strategies[r]`` (e.g. a
     ``PlacementGroupSchedulingStrategy`` per bundle) places rank ``r``; the rendezvous address is
-    taken on rank 0's node."""
+    taken on rank 0's node. ``actor_class``: a ``ray.remote`` subclass of ``Learner`` (default
+    ``LearnerActor``)."""
     ray = _ray()
     strategies = list(scheduling_strategies) if scheduling_strategies else [None] * world_size
     probe = ray.remote(num_cpus=0)(_node_ip_and_port)
@@ -751,7 +753,7 @@ def create_learner_group(
             opts["scheduling_strategy"] = strategies[r]
         if runtime_env:
             opts["runtime_env"] = runtime_env
-        actors.append(LearnerActor.options(**opts).remote(cfg, r, world_size, addr, port))
+        actors.append((actor_class or LearnerActor).options(**opts).remote(cfg, r, world_size, addr, port))
     ray.get([a.ping.remote() for a in actors])
     return actors
 

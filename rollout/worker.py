@@ -201,5 +201,7 @@ class RolloutWorker:
         return self.engine.weights_version
 
     def health(self) -> dict[str, Any]:
+        from ..cluster.weight_sync import get_node_ip
+
         return {"worker": self.worker_id, "pid": os.getpid(), "version": self.engine.weights_version,
-                "engine": type(self.engine).__name__}
+                "engine": type(self.engine).__name__, "node_ip": get_node_ip()}

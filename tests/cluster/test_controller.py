@@ -27,10 +27,16 @@ def _worker_checksums(trainer, names) -> list[dict[str, str]]:
     return ray.get([w.weights_checksum.remote(names) for w in trainer.workers])
 
 
-def test_sync_frozen_once_and_scaling(tmp_path):
-    trainer = Trainer(_cfg(tmp_path / "run", "trainer.total_steps=3", "learner.freeze_vision=true"))
+@pytest.mark.parametrize("transport", ["auto", "broadcast"])
+def test_sync_frozen_once_and_scaling(tmp_path, transport):
+    """``auto`` on one node: every worker reads the learner's weights from shared memory, and the
+    trainable ones live there (nothing is staged after the first sync); ``broadcast``: gloo."""
+    trainer = Trainer(_cfg(tmp_path / "run", "trainer.total_steps=3", "learner.freeze_vision=true",
+                           f"sync.transport={transport}"))
     try:
         trainer.setup()
+        shm = transport == "auto"
+        assert trainer.sync_transports == ["shm" if shm else "broadcast"] * 2
         before = _learner_checksums(trainer)
         names = list(before)
         assert all(c == before for c in _worker_checksums(trainer, names)), "workers start from the learner's weights"
@@ -45,11 +51,18 @@ def test_sync_frozen_once_and_scaling(tmp_path):
         # only trainable tensors travel after the first (full) sync
         assert m1["sync/full"] == 0.0 and m1["sync/tensors"] == len(names) - len(frozen)
         assert m1["weights_version"] == 1 and ray.get(trainer.workers[0].version.remote()) == 1
+        assert m1["sync/shm_workers"] == (2 if shm else 0) and m1["sync/staged_mb"] == 0
+        placed = ray.get(trainer.learners[0].placed_weights.remote())
+        if shm:  # the optimizer updated the weights in place in shared memory
+            assert placed and all(placed[n] for n in names if n not in frozen)
+        else:
+            assert placed == {}
 
         trainer.scale_rollout(3)  # the new worker must receive everything, frozen tensors included
         assert len(trainer.workers) == 3
         assert all(c == after for c in _worker_checksums(trainer, names))
         assert ray.get(trainer.workers[2].version.remote()) == 1
+        assert trainer.sync_transports == ["shm" if shm else "broadcast"] * 3
         m2 = trainer.train_step()
         assert m2["rollout/weights_version"] == 1 and m2["weights_version"] == 2
         trainer.scale_rollout(1)

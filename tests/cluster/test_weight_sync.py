@@ -45,37 +45,142 @@ def test_checksum_mismatch_fails_loudly():
         check_checksums(sent, {"w0": ["aa"]}, version=1)
 
 
-def _receiver(info: SyncGroupInfo, rank: int, plan, queue) -> None:
-    """Receive in a separate process and compare there with an independent copy of the source
-    tensors (tensors themselves do not cross the queue: torch would share them by file handle)."""
+def _receiver(info: SyncGroupInfo, rank: int, plans, queue, go=None) -> None:
+    """Receive every plan in a separate process and compare there with an independent copy of the
+    source tensors (tensors themselves do not cross the queue: torch would share them by file handle).
+    Plan i carries the tensors of ``_tensors(1 + i)``."""
     group = SyncGroup(info, rank)
-    checksums: list[str] = []
-    expected = _tensors(1)
-    same = {n: (t.dtype == expected[n].dtype and torch.equal(t, expected[n]))
-            for n, t in receive_weights(group, plan, checksums)}
-    queue.put((rank, same, checksums))
+    out = []
+    for i, plan in enumerate(plans):
+        if go is not None:  # as the controller does: a sync is only asked for once the update is done
+            go[i].wait(60)
+        checksums: list[str] = []
+        expected = _tensors(1 + i)
+        same = {n: (t.dtype == expected[n].dtype and torch.equal(t, expected[n]))
+                for n, t in receive_weights(group, plan, checksums)}
+        out.append((same, checksums))
+    queue.put((rank, group.transport, out))
+    group.close()
 
 
-def test_broadcast_between_processes_delivers_exact_tensors():
-    t = _tensors(1)
-    trainable = [n for n in t if n != "a.bias"]  # a plan may carry a subset: the sender skips extras
-    plan = make_plan([spec_of(n, t[n]) for n in trainable], version=7, bucket_mb=0.05, verify=True)
-    info = SyncGroupInfo("127.0.0.1", get_free_port(), world_size=3, timeout_s=60)
+@pytest.mark.parametrize("mode", ["broadcast", "shm", "mixed", "shm-placed"])
+def test_sync_between_processes_delivers_exact_tensors(mode):
+    """Two syncs in a row (all tensors, then a subset with new values) from this process to two
+    receiver processes: over the broadcast, shared memory (the source copying into its region, or
+    its tensors living there as a learner's do), or one receiver of each kind."""
+    from vlgrpo.cluster.weight_sync import SharedRegion, packed_bytes
+
+    first, second = _tensors(1), _tensors(2)
+    trainable = [n for n in first if n != "a.bias"]  # a plan may carry a subset: the sender skips extras
+    shm_ranks = {"broadcast": (), "shm": (1, 2), "mixed": (2,), "shm-placed": (1, 2)}[mode]
+    region = SharedRegion(packed_bytes([spec_of(n, t) for n, t in first.items()])) if shm_ranks else None
+    placed = {n: region.adopt(t) for n, t in first.items()} if mode == "shm-placed" else {}
+    specs = [spec_of(n, t, placed.get(n, -1), live=n in placed) for n, t in first.items()]
+    plans = [make_plan(specs, version=7, bucket_mb=0.05, verify=True),
+             make_plan([s for s in specs if s.name in trainable], version=8, bucket_mb=0.05, verify=True)]
+    info = SyncGroupInfo("127.0.0.1", get_free_port(), world_size=3, timeout_s=60, shm_ranks=shm_ranks,
+                         shm_handle=region.handle if region else None)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_receiver, args=(info, r, plan, queue)) for r in (1, 2)]
+    go = [ctx.Event() for _ in plans]
+    procs = [ctx.Process(target=_receiver, args=(info, r, plans, queue, go)) for r in (1, 2)]
     for p in procs:
         p.start()
-    stats = send_weights(SyncGroup(info, 0), plan, iter(t.items()))
-    results = [queue.get(timeout=60) for _ in procs]
+    group = SyncGroup(info, 0, region)
+    go[0].set()
+    stats = [send_weights(group, plans[0], iter(first.items()))]
+    if placed:  # an optimizer step: the live tensors change in place, nothing is copied to send them
+        for n in trainable:
+            first[n].copy_(second[n])
+    go[1].set()
+    if placed:
+        assert all(region.offset_of(first[n]) == placed[n] for n in trainable)
+        stats.append(send_weights(group, plans[1], iter(first.items())))
+    else:
+        stats.append(send_weights(group, plans[1], iter(second.items())))
+    results = sorted(queue.get(timeout=60) for _ in procs)
     for p in procs:
         p.join(timeout=30)
-    assert stats.version == 7 and stats.num_tensors == len(trainable) and stats.nbytes == plan.nbytes
-    for rank, same, checksums in results:
-        assert list(same) == trainable
-        assert all(same.values()), same
-        assert checksums == stats.checksums and len(checksums) == len(plan.buckets)
-    check_checksums(stats.checksums, {f"rank {r}": c for r, _, c in results}, 7)
+    group.close()
+    for plan, st in zip(plans, stats):
+        assert st.version == plan.version and st.num_tensors == len(plan.names) and st.nbytes == plan.nbytes
+        assert st.copied_bytes == (0 if placed or not shm_ranks else plan.nbytes)
+    assert [r[1] for r in results] == [info.transport(1), info.transport(2)]
+    for rank, transport, out in results:
+        for plan, st, (same, checksums) in zip(plans, stats, out):
+            assert list(same) == plan.names
+            assert all(same.values()), (transport, same)
+            assert checksums == st.checksums and len(checksums) == len(plan.buckets)
+    for i, st in enumerate(stats):
+        check_checksums(st.checksums, {f"rank {r}": out[i][1] for r, _, out in results}, st.version)
+
+
+def _idle_receiver(info: SyncGroupInfo) -> None:
+    SyncGroup(info, 1)
+
+
+def test_live_tensor_that_moved_fails_loudly():
+    """A tensor announced as living in shared memory but found elsewhere at send time: the
+    receivers may have read stale bytes, so the sync must fail, not stage it quietly."""
+    from vlgrpo.cluster.weight_sync import SharedRegion
+
+    t = {"w": torch.randn(8, 8)}
+    region = SharedRegion(8 * 8 * 4)
+    plan = make_plan([spec_of("w", t["w"], region.adopt(t["w"]), live=True)], version=1, bucket_mb=1)
+    info = SyncGroupInfo("127.0.0.1", get_free_port(), world_size=2, timeout_s=10, shm_ranks=(1,),
+                         shm_handle=region.handle)
+    proc = mp.get_context("spawn").Process(target=_idle_receiver, args=(info,))
+    proc.start()
+    group = SyncGroup(info, 0, region)
+    proc.join(60)
+    t["w"] = t["w"].clone()  # e.g. a re-allocation outside the region
+    with pytest.raises(WeightSyncError, match="moved out"):
+        send_weights(group, plan, iter(t.items()))
+    group.close()
+
+
+def test_shm_info_is_checked():
+    with pytest.raises(ValueError, match="sync.backend gloo"):
+        SyncGroupInfo("127.0.0.1", 1, world_size=2, backend="nccl", shm_ranks=(1,), shm_handle=(1, 2, 64))
+    with pytest.raises(ValueError, match="receiver ranks"):
+        SyncGroupInfo("127.0.0.1", 1, world_size=2, shm_ranks=(2,), shm_handle=(1, 2, 64))
+    with pytest.raises(ValueError, match="shm_handle"):
+        SyncGroupInfo("127.0.0.1", 1, world_size=2, shm_ranks=[1])
+    assert SyncGroupInfo("127.0.0.1", 1, world_size=3, shm_ranks=[2], shm_handle=[1, 2, 64]).shm_ranks == (2,)
+
+
+def test_shared_region_adopts_tensors_and_is_seen_by_another_mapping():
+    from vlgrpo.cluster.weight_sync import SharedRegion
+
+    region = SharedRegion(1000)
+    a, b = torch.arange(10.0), torch.ones(3, 4, dtype=torch.bfloat16)
+    want_a, want_b = a.clone(), b.clone()
+    oa, ob = region.adopt(a), region.adopt(b)
+    assert oa == 0 and ob % 64 == 0 and ob >= 40
+    assert torch.equal(a, want_a) and torch.equal(b, want_b)
+    assert region.offset_of(a) == oa and region.offset_of(b) == ob and region.offset_of(want_a) == -1
+    other = SharedRegion.attach(region.handle)  # a second mapping, as a receiver process makes
+    a.mul_(2)  # in-place updates of the owner are what the other mapping reads
+    assert torch.equal(other[oa:oa + 40].view(torch.float32), want_a * 2)
+    with pytest.raises(WeightSyncError, match="full"):
+        region.alloc(2000)
+    region.close()
+
+
+def test_plan_offsets_pack_or_follow_the_specs():
+    from vlgrpo.cluster.weight_sync import region_offsets
+
+    t = _tensors()
+    plan = make_plan([spec_of(n, x) for n, x in t.items()], version=1, bucket_mb=0.1)
+    flat = [o for row in region_offsets(plan) for o in row]
+    assert flat[0] == 0 and all(o % 64 == 0 for o in flat) and flat == sorted(flat)
+    sizes = [s.nbytes for b in plan.buckets for s in b]
+    assert all(flat[i + 1] - flat[i] >= sizes[i] for i in range(len(flat) - 1))
+    given = make_plan([spec_of(n, x, 640 * (i + 1)) for i, (n, x) in enumerate(t.items())], version=1, bucket_mb=0.1)
+    assert [o for row in region_offsets(given) for o in row] == [640 * (i + 1) for i in range(len(t))]
+    mixed = make_plan([spec_of("x", t["a.bias"], 0), spec_of("y", t["a.bias"])], version=1, bucket_mb=1)
+    with pytest.raises(WeightSyncError, match="some tensors"):
+        region_offsets(mixed)
 
 
 def test_buffer_checksum_sees_single_bit():
