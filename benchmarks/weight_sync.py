@@ -245,7 +245,7 @@ def run_case(size_mb: float, n_recv: int, buckets: list[float], shm_buckets: lis
     join("broadcast", sender, None)
     for b in shm_buckets:
         plan = make_plan(placed_specs, version=1, bucket_mb=b, verify=False)
-        methods.append((f"shared memory, weights live there, {b:g} MB buckets ({len(plan.buckets)} signals)",
+        methods.append((f"shared memory, weights live there, {b:g} MB buckets ({len(plan.buckets)}, no signals)",
                         sync("placed", placed, plan)))
     for b in shm_buckets:
         plan = make_plan(specs, version=1, bucket_mb=b, verify=False)

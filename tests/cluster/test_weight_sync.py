@@ -183,6 +183,18 @@ def test_plan_offsets_pack_or_follow_the_specs():
         region_offsets(mixed)
 
 
+def test_buffer_checksum_sees_moved_blocks_and_tails():
+    x = torch.randn(3 * 2048 + 5)  # three 8 KB blocks and a ragged tail
+    swapped = torch.cat([x[2048:4096], x[:2048], x[4096:]])
+    assert buffer_checksum(x) != buffer_checksum(swapped)
+    tail = x.clone()
+    tail[-1] += 1
+    assert buffer_checksum(x) != buffer_checksum(tail)
+    assert buffer_checksum(x[:10], x[10:]) != buffer_checksum(x)  # parts are part of the digest
+    odd = torch.randn(4099).to(torch.bfloat16)[1:]  # misaligned start: still computed, equal to a copy
+    assert buffer_checksum(odd) == buffer_checksum(odd.clone())
+
+
 def test_buffer_checksum_sees_single_bit():
     x = torch.zeros(1000)
     y = x.clone()
