@@ -68,6 +68,8 @@ def test_reward_rises_and_weights_stay_in_sync(tmp_path, ray_session):
     assert all(h["rollout/weights_version"] == h["step"] - 1 for h in history)
     # the rollout engines' log-probs equal the learner's on the same tokens: the synced weights are the learner's
     assert max(h["sampler_logprob_abs_diff"] for h in history) < 1e-3
+    # one node, CPU: both workers read rank 0's ZeRO-2 buffers in shared memory, nothing staged
+    assert all(h["sync/shm_workers"] == 2 and h["sync/staged_mb"] == 0 for h in history)
     assert _rise(history) > RISE, [round(h["reward/mean"], 3) for h in history]
     lines = [json.loads(l) for l in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == STEPS and {"step", "reward/mean", "weights_version", "time/step_s"} <= set(lines[0])
