@@ -102,6 +102,8 @@ class SyncedLearner(Learner):
         """Checkpoint name -> whether the live tensor is in the shared region (for tests/metrics)."""
         if self.shared is None:
             return {}
+        if self.cfg.zero_stage == 3:  # nothing lives there (and named_weights would be collective)
+            return {n: False for n in self.shm_offsets}
         return {n: n in self.shm_live and self.shared.offset_of(t) == self.shm_offsets.get(n)
                 for n, t in self.named_weights()}
 

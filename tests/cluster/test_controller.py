@@ -73,6 +73,25 @@ def test_sync_frozen_once_and_scaling(tmp_path, transport):
         trainer.shutdown()
 
 
+def test_zero3_learners_sync_through_staged_shared_memory(tmp_path):
+    """ZeRO-3 shards cannot live in the region: every sync gathers them on all ranks and rank 0
+    stages them there; the workers still end up with exactly the learner's weights."""
+    trainer = Trainer(_cfg(tmp_path / "z3", "trainer.total_steps=2", "learner.num_ranks=2", "learner.zero_stage=3"))
+    try:
+        trainer.setup()
+        assert trainer.sync_transports == ["shm", "shm"]
+        before = _learner_checksums(trainer)
+        m = trainer.train_step()
+        after = _learner_checksums(trainer)
+        assert after != before
+        assert m["sync/shm_workers"] == 2 and m["sync/staged_mb"] == pytest.approx(m["sync/mb"])
+        assert not any(ray.get(trainer.learners[0].placed_weights.remote()).values())
+        for worker in _worker_checksums(trainer, list(after)):
+            assert worker == after
+    finally:
+        trainer.shutdown()
+
+
 def test_async_one_step_off_policy(tmp_path):
     from vlgrpo.cluster.control import request_scale
 
