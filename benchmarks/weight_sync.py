@@ -39,7 +39,6 @@ import argparse
 import gc
 import os
 import time
-import uuid
 from typing import Optional
 
 import torch
