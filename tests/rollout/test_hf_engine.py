@@ -338,6 +338,23 @@ def test_load_weights_from_safetensors_changes_greedy_outputs(model_dir, family,
     _assert_greedy_is_argmax(eng, eng.model, restored)
 
 
+def test_loaded_weights_do_not_alias_shared_memory(model_dir):
+    """A shared-memory sync hands the engine views of the learner's live weights: the engine must
+    copy them, so that the learner's next update does not reach it before the next sync."""
+    from ..conftest import shared_copy
+
+    eng = _new_engine(model_dir)
+    names = list(eng.weights_checksum())
+    state = {n: t for n, t in eng.model.state_dict().items()}
+    named = [(ck, state[mem].clone() + 0.01) for mem, ck in (checkpoint_name_map(eng.model) or {n: n for n in names}).items()]
+    region, views = shared_copy(named)
+    eng.load_weights(views, version=3)
+    want = {n: tensor_checksum(t) for n, t in named}
+    assert eng.weights_checksum() == want
+    region.tensor.zero_()  # the learner's next update, without a sync
+    assert eng.weights_checksum() == want
+
+
 def test_load_weights_by_checkpoint_name_map(model_dir):
     """Weights of an in-memory model, renamed to checkpoint names with ``checkpoint_name_map``
     (what the learner does), land in the engine's model."""

@@ -291,6 +291,23 @@ def test_weights_checksum(engine, hf):
     engine.load_weights(state.items(), version=10)
 
 
+def test_loaded_weights_do_not_alias_shared_memory(engine, hf):
+    """A shared-memory sync hands vLLM views of the learner's live weights: vLLM's reload must
+    copy them, so that the learner's next update does not reach the engine before the next sync."""
+    from ..conftest import shared_copy
+
+    moved = _perturbed_copy(hf, seed=4)
+    region, views = shared_copy(moved[1].state_dict().items())
+    engine.load_weights(views, version=11)
+    _assert_engine_matches(engine, moved, "after a load from shared memory")
+    names = [n for n, _ in views]
+    sums = engine.weights_checksum(names)
+    region.tensor.zero_()  # the learner's next update, without a sync
+    assert engine.weights_checksum(names) == sums
+    _assert_engine_matches(engine, moved, "after the source changed")
+    engine.load_weights(hf[1].state_dict().items(), version=12)
+
+
 def _broadcast_in_thread(state: dict, version: int, bucket_mb: float):
     """The learner side of a 2-member sync group, run in a thread of this process: broadcasts
     ``state`` as ``version``. Returns (group info, plan, thread, {"stats": SyncStats, "errors": [...]} once sent)."""
