@@ -300,7 +300,8 @@ class SyncGroup:
 
     Holds up to two process groups built on one ``TCPStore``: ``net`` (the source and the
     broadcast receivers: bucket payloads) and ``shm`` (the source and the shared-memory receivers:
-    only "bucket k is ready" signals), plus the mapped region for the shared-memory members. The
+    "bucket k is staged" signals and the end-of-sync barrier), plus the mapped region for the
+    shared-memory members. The
     source passes its :class:`SharedRegion` (whose ``handle`` is in ``info``)."""
 
     def __init__(self, info: SyncGroupInfo, rank: int, region: Optional[SharedRegion] = None) -> None:
