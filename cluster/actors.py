@@ -6,8 +6,8 @@ from typing import Optional
 
 from ..learner.learner_actor import Learner
 from .weight_sync import (
-    SharedRegion, SyncGroup, SyncGroupInfo, SyncPlan, SyncStats, TensorSpec, WeightSyncError, aligned, send_weights,
-    spec_of,
+    SharedRegion, SyncGroup, SyncGroupInfo, SyncPlan, SyncStats, TensorSpec, WeightSyncError, aligned, packed_bytes,
+    send_weights, spec_of,
 )
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ class SyncedLearner(Learner):
         specs = self.weight_specs(trainable_only=False)
         staged = [s for s in specs if not inside(s.name)]
         staged_names = {s.name for s in staged}
-        region = SharedRegion(sum(aligned(b.numel() * b.element_size()) for b in buffers)
-                              + sum(aligned(s.nbytes) for s in staged))
+        staged_bytes = packed_bytes(staged)
+        region = SharedRegion(sum(aligned(b.numel() * b.element_size()) for b in buffers) + staged_bytes)
         for b in buffers:
             region.adopt(b)
         repoint()
@@ -69,8 +69,7 @@ class SyncedLearner(Learner):
         self.shared, self.shm_offsets = region, offsets
         self.shm_live = frozenset(n for n in offsets if n not in staged_names)
         log.info("learner weights in shared memory: %.1f MB live there, %.1f MB staged",
-                 (region.used - sum(aligned(s.nbytes) for s in staged)) / 2**20,
-                 sum(s.nbytes for s in staged) / 2**20)
+                 (region.used - staged_bytes) / 2**20, sum(s.nbytes for s in staged) / 2**20)
         return region.handle
 
     def _placeable_buffers(self):

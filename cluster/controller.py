@@ -27,7 +27,7 @@ from . import placement
 from .checkpoint import CheckpointManager, atomic_write_json, load_trainer_state, resolve_checkpoint
 from .config import Config
 from .metrics import MetricsLogger, ProgressBar
-from .weight_sync import SyncGroupInfo, check_checksums, get_free_port, make_plan
+from .weight_sync import SyncGroupInfo, check_checksums, make_plan, node_ip_and_port
 
 log = logging.getLogger("vlgrpo")
 
@@ -146,7 +146,7 @@ class Trainer:
         n = self.cfg.learner.num_ranks
         res = placement.learner_resources(self.cfg, self.has_gpus)
         self.learner_pg = placement.placement_group([placement.bundle(res)] * n, "PACK", self.cfg.trainer.timeout_s)
-        probe = ray.remote(num_cpus=0)(_node_addr).options(
+        probe = ray.remote(num_cpus=0)(node_ip_and_port).options(
             scheduling_strategy=placement.bundle_strategy(self.learner_pg, 0))
         addr, port = ray.get(probe.remote())
         cls = learner_actor_class()
@@ -202,7 +202,7 @@ class Trainer:
         if self.sync_info is not None:
             self._call(self.learners[:1], "leave_sync_group", stage="leave sync group")
             self._call(self.workers, "leave_sync_group", stage="leave sync group")
-        addr, port = ray.get(ray.remote(num_cpus=0)(_node_addr).options(
+        addr, port = ray.get(ray.remote(num_cpus=0)(node_ip_and_port).options(
             scheduling_strategy=placement.bundle_strategy(self.learner_pg, 0)).remote())
         ranks = self._get([w.sync_ranks.remote() for w in self.workers], "form the weight-sync group")
         nodes = [h["node_ip"] for h in self._get([w.health.remote() for w in self.workers], "form the weight-sync group")]
@@ -505,13 +505,6 @@ class Trainer:
             if pg is not None:
                 ray.util.remove_placement_group(pg)
         self.workers, self.learners, self.worker_pgs, self.learner_pg = [], [], [], None
-
-
-def _node_addr() -> tuple[str, int]:
-    """The learner node's IP and a free port there (for the sync group's store)."""
-    from .weight_sync import get_node_ip
-
-    return get_node_ip(), get_free_port()
 
 
 def train(cfg: Config, resume: Optional[str] = None) -> list[dict[str, float]]:

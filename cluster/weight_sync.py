@@ -68,7 +68,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.numel * self.torch_dtype.itemsize
 
 
 @dataclass
@@ -180,6 +180,12 @@ def get_node_ip() -> str:
         return "127.0.0.1"
 
 
+def node_ip_and_port() -> tuple[str, int]:
+    """This node's IP and a free port on it: run as a Ray task where a group's rank 0 will live,
+    to get a rendezvous address (the learner group's, the weight-sync group's)."""
+    return get_node_ip(), get_free_port()
+
+
 # ------------------------------------------------------------------------------------------------
 # shared memory (same node)
 # ------------------------------------------------------------------------------------------------
@@ -253,7 +259,7 @@ class SharedRegion:
 
 
 def _typed_view(region: torch.Tensor, offset: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if offset < 0 or offset + nbytes > region.numel():
         raise WeightSyncError(f"tensor at byte {offset} (+{nbytes}) is outside the shared region "
                               f"({region.numel()} bytes)")
@@ -315,7 +321,6 @@ class SyncGroup:
         shm = [0, *info.shm_ranks]
         net = [r for r in range(info.world_size) if r not in info.shm_ranks]
         self.region: Optional[torch.Tensor] = None  # uint8 view of the shared mapping
-        self.source_region = region if rank == 0 else None
         if rank == 0 and len(shm) > 1:
             if region is None or tuple(region.handle) != tuple(info.shm_handle):
                 raise WeightSyncError("the sync source must pass the SharedRegion whose handle is in the group info")
@@ -367,7 +372,7 @@ class SyncGroup:
 
     def close(self) -> None:
         self.net_pg = self.shm_pg = None
-        self.region = self.source_region = None  # a receiver unmaps once its last view is gone
+        self.region = None  # a receiver unmaps once its last view is gone
         self.store = None
 
 

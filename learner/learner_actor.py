@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import socket
 import time
 import warnings
 from collections import defaultdict
@@ -41,12 +40,6 @@ _CKPT_FILE = "learner_state.pt"
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-def find_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
 def lr_lambda_factory(cfg: LearnerConfig):
     """``step -> lr factor``: linear warmup over ``warmup_steps`` optimiser steps (the first step
     uses ``1 / warmup_steps``), then constant, linear or cosine decay to ``min_lr_ratio`` at
@@ -721,11 +714,6 @@ class _LazyActor:
 LearnerActor = _LazyActor()
 
 
-def _node_ip_and_port() -> tuple[str, int]:
-    ray = _ray()
-    return ray.util.get_node_ip_address(), find_free_port()
-
-
 def create_learner_group(
     cfg: LearnerConfig,
     world_size: int,
@@ -742,7 +730,9 @@ def create_learner_group(
     ``LearnerActor``)."""
     ray = _ray()
     strategies = list(scheduling_strategies) if scheduling_strategies else [None] * world_size
-    probe = ray.remote(num_cpus=0)(_node_ip_and_port)
+    from ..cluster.weight_sync import node_ip_and_port
+
+    probe = ray.remote(num_cpus=0)(node_ip_and_port)
     if strategies[0] is not None:
         probe = probe.options(scheduling_strategy=strategies[0])
     addr, port = ray.get(probe.remote())

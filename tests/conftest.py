@@ -64,10 +64,10 @@ def small_run_config(out, *extra, prompts: int = 4, group_size: int = 4):
 def shared_copy(named):
     """``(name, tensor)`` pairs copied into a fresh ``SharedRegion``, as views of it (what a
     shared-memory sync hands an engine). Returns (region, [(name, view)])."""
-    from vlgrpo.cluster.weight_sync import SharedRegion, aligned
+    from vlgrpo.cluster.weight_sync import SharedRegion, packed_bytes, spec_of
 
     named = list(named)
-    region = SharedRegion(sum(aligned(t.numel() * t.element_size()) for _, t in named))
+    region = SharedRegion(packed_bytes([spec_of(n, t) for n, t in named]))
     views = []
     for n, t in named:
         v = region.view(region.alloc(t.numel() * t.element_size()), t.dtype, t.numel()).view(t.shape)
