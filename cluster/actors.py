@@ -1,162 +1,151 @@
-"""The actor classes the controller starts: learners that can send weights, and rollout workers."""
+"""The actor shells: a learner rank and a rollout worker, each with its side of the weight sync.
+
+``rollout.RolloutWorker`` and ``learner.Learner`` know nothing of Ray or of the sync; here the
+learner rank 0 becomes the sync's source (its live weights in shared memory where receivers are on
+its node) and a rollout worker becomes a receiver (or, for a multi-process vLLM engine, its
+worker processes do, through ``weight_sync.WeightSyncExtension``).
+"""
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import os
+import pickle
+import time
+from typing import Any, Optional
 
-from ..learner.learner_actor import Learner
+import ray
+
+from ..learner.rank import Learner
+from ..modules.loading import ModelConfig
+from ..rollout.worker import RolloutConfig, RolloutWorker
 from .weight_sync import (
-    SharedRegion, SyncGroup, SyncGroupInfo, SyncPlan, SyncStats, TensorSpec, WeightSyncError, aligned, packed_bytes,
-    send_weights, spec_of,
+    SharedRegion, SyncGroup, SyncGroupInfo, SyncPlan, SyncReport, TensorSpec, WeightSyncError, aligned, packed_bytes,
+    receive_weights, send_weights,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vlgrpo")
+
+VLLM_EXTENSION = {"worker_extension_cls": "vlgrpo.cluster.weight_sync.WeightSyncExtension"}
 
 
-class SyncedLearner(Learner):
-    """A learner rank that is also the source (rank 0) of the weight-sync group."""
+@ray.remote
+class LearnerActor(Learner):
+    """A learner rank; rank 0 is also the source (group rank 0) of the weight-sync group."""
 
     sync_group: Optional[SyncGroup] = None
     shared: Optional[SharedRegion] = None  # rank 0's live weights, when same-node workers read them
     shm_offsets: dict[str, int] = {}
     shm_live: frozenset[str] = frozenset()  # names whose live tensor is in the region
 
-    def join_sync_group(self, info: SyncGroupInfo) -> bool:
-        if self.rank == 0:
-            self.sync_group = SyncGroup(info, 0, self.shared)
-        return True
-
-    # -- same-node shared memory ----------------------------------------------------------------------
     def share_weights(self) -> tuple[int, int, int]:
         """Move rank 0's live weights into a :class:`SharedRegion` (once) and return its handle.
 
-        Under ZeRO-1/2 DeepSpeed keeps the trainable parameters as views of one flat buffer per
-        parameter group: those buffers move into the region and the parameters are re-pointed, as
-        DeepSpeed's own ``reload_states`` does; at stage 0 the trainable parameters move themselves.
-        The optimizer then updates the weights in shared memory, and a sync costs the receivers one
-        copy. Tensors that stay elsewhere (frozen ones, ZeRO-3 shards, merged conversions) get a
-        staging slot in the region that ``send_weights`` copies into."""
+        The storage ``movable_buffers`` names (ZeRO-1/2 flat buffers, or the parameters at stage
+        0) moves into the region and the parameters are re-pointed at it: the optimizer then
+        updates the weights in shared memory and a sync costs the receivers one copy. Tensors that
+        stay elsewhere (frozen ones, ZeRO-3 shards, merged conversions) get a staging slot."""
         if self.shared is not None:
             return self.shared.handle
         if self.rank != 0 or self.device.type != "cpu":
             raise WeightSyncError("shared-memory weight sync is for learner rank 0 with CPU weights")
-        buffers, repoint = self._placeable_buffers()
+        buffers, repoint = self.movable_buffers()
         ranges = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in buffers]
-        live = dict(self.named_weights()) if self.cfg.zero_stage != 3 and self._name_map is not None else {}
-
-        def inside(name: str) -> bool:
-            t = live.get(name)
-            return t is not None and any(lo <= t.data_ptr() < hi for lo, hi in ranges)
-
-        specs = self.weight_specs(trainable_only=False)
-        staged = [s for s in specs if not inside(s.name)]
-        staged_names = {s.name for s in staged}
-        staged_bytes = packed_bytes(staged)
+        live = dict(self.named_weights()) if buffers and self._name_map is not None else {}
+        specs = self._specs(trainable_only=False)
+        staged = {s.name for s in specs
+                  if not (s.name in live and any(lo <= live[s.name].data_ptr() < hi for lo, hi in ranges))}
+        staged_bytes = packed_bytes([s for s in specs if s.name in staged])
         region = SharedRegion(sum(aligned(b.numel() * b.element_size()) for b in buffers) + staged_bytes)
         for b in buffers:
             region.adopt(b)
         repoint()
-        offsets = {}
         live = dict(self.named_weights()) if live else {}
+        offsets = {}
         for s in specs:
-            if s.name in staged_names:
-                offsets[s.name] = region.alloc(s.nbytes)
-            else:
-                offsets[s.name] = region.offset_of(live[s.name])
-                if offsets[s.name] < 0:  # would silently train weights the receivers never see
-                    raise WeightSyncError(f"{s.name} did not move into shared memory with its buffer (unexpected "
-                                          "DeepSpeed layout); set sync.transport=broadcast")
+            offsets[s.name] = region.alloc(s.nbytes) if s.name in staged else region.offset_of(live[s.name])
+            if offsets[s.name] < 0:  # would silently train weights the receivers never see
+                raise WeightSyncError(f"{s.name} did not move into shared memory with its buffer (unexpected "
+                                      "DeepSpeed layout); set sync.transport=broadcast")
         self.shared, self.shm_offsets = region, offsets
-        self.shm_live = frozenset(n for n in offsets if n not in staged_names)
+        self.shm_live = frozenset(n for n in offsets if n not in staged)
         log.info("learner weights in shared memory: %.1f MB live there, %.1f MB staged",
-                 (region.used - staged_bytes) / 2**20, sum(s.nbytes for s in staged) / 2**20)
+                 (region.used - staged_bytes) / 2**20, staged_bytes / 2**20)
         return region.handle
 
-    def _placeable_buffers(self):
-        """(buffers whose storage may move into shared memory, a function re-pointing the
-        parameters at them once moved)."""
-        opt = getattr(self, "optimizer", None)
-        if self.cfg.zero_stage == 3:
-            return [], lambda: None
-        if self.use_deepspeed:
-            if not all(hasattr(opt, a) for a in ("bit16_groups_flat", "parallel_partitioned_bit16_groups",
-                                                 "get_data_parallel_partitions", "_update_model_bit16_weights")):
-                log.warning("DeepSpeed optimizer %s has no flat parameter buffers: weights are staged per sync",
-                            type(opt).__name__)
-                return [], lambda: None
-
-            def repoint() -> None:  # what DeepSpeed's ZeRO-1/2 reload_states does after moving the buffers
-                parts = opt.parallel_partitioned_bit16_groups
-                parts.clear()
-                for i, flat in enumerate(opt.bit16_groups_flat):
-                    parts.append(opt.get_data_parallel_partitions(flat, i))
-                for i in range(len(opt.bit16_groups_flat)):
-                    opt._update_model_bit16_weights(i)
-
-            return list(opt.bit16_groups_flat), repoint
-        # stage 0: the parameters themselves (``adopt`` re-points ``param.data``; AdamW updates in place)
-        return [p for p in self.model.parameters() if p.requires_grad and p.is_contiguous()], lambda: None
-
-    def placed_weights(self) -> dict[str, bool]:
-        """Checkpoint name -> whether the live tensor is in the shared region (for tests/metrics)."""
-        if self.shared is None:
-            return {}
-        if self.cfg.zero_stage == 3:  # nothing lives there (and named_weights would be collective)
-            return {n: False for n in self.shm_offsets}
-        return {n: n in self.shm_live and self.shared.offset_of(t) == self.shm_offsets.get(n)
-                for n, t in self.named_weights()}
+    def join_sync_group(self, info: SyncGroupInfo) -> bool:
+        if self.rank == 0:
+            self.sync_group = SyncGroup(info, 0, self.shared)
+        return True
 
     def leave_sync_group(self) -> None:
         if self.sync_group is not None:
             self.sync_group.close()
             self.sync_group = None
 
+    def _specs(self, trainable_only: bool) -> list[TensorSpec]:
+        return [TensorSpec(n, shape, dtype) for n, shape, dtype in self.weights_meta(trainable_only)]
+
     def weight_specs(self, trainable_only: bool) -> list[TensorSpec]:
-        """Specs of the tensors to sync, in ``named_weights`` order (not collective: full shapes
-        are read from ZeRO-3 metadata, nothing is gathered)."""
-        specs = self._weight_specs(trainable_only)
-        if self.shm_offsets:
-            specs = [TensorSpec(s.name, s.shape, s.dtype, self.shm_offsets[s.name], s.name in self.shm_live)
-                     for s in specs]
-        return specs
+        """Specs of the tensors to sync, in ``named_weights`` order, with their shared-memory
+        offsets once ``share_weights`` ran (not collective)."""
+        return [TensorSpec(s.name, s.shape, s.dtype, self.shm_offsets[s.name], s.name in self.shm_live)
+                if self.shm_offsets else s for s in self._specs(trainable_only)]
 
-    def _weight_specs(self, trainable_only: bool) -> list[TensorSpec]:
-        keep = set(self.trainable_names()) if trainable_only else None
-        try:
-            meta = self.weights_meta()
-        except NotImplementedError:  # checkpoint conversion merges tensors: read them for real
-            if self.cfg.zero_stage == 3:
-                raise NotImplementedError("weight sync of a model whose checkpoint conversion merges tensors "
-                                          "is not supported under ZeRO-3; use learner.zero_stage=2")
-            return [spec_of(n, t) for n, t in self.named_weights(all_ranks=True)
-                    if keep is None or n in keep]
-        return [TensorSpec(n, tuple(shape), dtype) for n, shape, dtype in meta if keep is None or n in keep]
-
-    def send_weights(self, plan: SyncPlan) -> Optional[SyncStats]:
-        """Collective over the learner group; rank 0 broadcasts ``plan`` to the rollout workers."""
+    def send_weights(self, plan: SyncPlan) -> Optional[SyncReport]:
+        """Collective over the learner group (ZeRO-3 gathers); rank 0 sends ``plan``."""
         device = "cuda" if self.sync_group is not None and self.sync_group.info.backend == "nccl" else None
         named = self.named_weights(device=device)
-        if self.rank != 0:
-            for _ in named:  # take part in the ZeRO-3 gathers
-                pass
-            return None
-        if self.sync_group is None:
-            raise RuntimeError("learner rank 0 has not joined the weight-sync group")
-        stats = send_weights(self.sync_group, plan, named)
-        for _ in named:  # drain: the other ranks' ZeRO-3 gathers must all be matched
+        report = None
+        if self.rank == 0:
+            if self.sync_group is None:
+                raise WeightSyncError("learner rank 0 has not joined the weight-sync group")
+            report = send_weights(self.sync_group, plan, named)
+        for _ in named:  # drain: every rank's ZeRO-3 gathers must be matched
             pass
-        return stats
+        return report
 
 
-def learner_actor_class():
-    import ray
+@ray.remote
+class RolloutActor(RolloutWorker):
+    """A rollout worker that receives weights from the sync group."""
 
-    return ray.remote(SyncedLearner)
+    def __init__(self, cfg: RolloutConfig, model: ModelConfig, worker_id: int, seed: int) -> None:
+        super().__init__(cfg, model, worker_id, seed, extra_engine_kwargs=VLLM_EXTENSION)
+        self.sync_group: Optional[SyncGroup] = None
+        # A multi-process vLLM engine joins from its own worker processes, one rank each.
+        self.engine_members = not getattr(self.engine, "in_process", True)
 
+    def health(self) -> dict[str, Any]:
+        return {**super().health(), "node_ip": ray.util.get_node_ip_address(),
+                "sync_ranks": self.engine.llm.llm_engine.vllm_config.parallel_config.world_size
+                if self.engine_members else 1}
 
-def rollout_actor_class():
-    import ray
+    def join_sync_group(self, info: SyncGroupInfo, rank: int) -> bool:
+        if self.engine_members:
+            self.engine.llm.collective_rpc("vlgrpo_join_sync_group", kwargs={"info": pickle.dumps(info), "rank": rank})
+        else:
+            self.sync_group = SyncGroup(info, rank)
+        return True
 
-    from ..rollout.worker import RolloutWorker
+    def leave_sync_group(self) -> None:
+        if self.engine_members:
+            self.engine.llm.collective_rpc("vlgrpo_leave_sync_group")
+        elif self.sync_group is not None:
+            self.sync_group.close()
+        self.sync_group = None
 
-    return ray.remote(RolloutWorker)
+    def receive_weights(self, plan: SyncPlan) -> SyncReport:
+        """Take part in one sync of ``plan``, loading each bucket into the engine as it arrives."""
+        t0 = time.perf_counter()
+        if self.engine_members:
+            report = self.engine.llm.collective_rpc("vlgrpo_receive_weights", kwargs={"plan": pickle.dumps(plan)})[0]
+            self.engine.loaded(plan.version)
+        else:
+            if self.sync_group is None:
+                raise WeightSyncError(f"rollout worker {self.worker_id} has not joined the weight-sync group")
+            report = SyncReport(plan.version, 0)
+            report.num_tensors = self.load_weights(receive_weights(self.sync_group, plan, report.checksums),
+                                                   plan.version)
+        report.version, report.seconds = self.engine.weights_version, time.perf_counter() - t0
+        report.member = f"rollout worker {self.worker_id} (pid {os.getpid()})"
+        return report

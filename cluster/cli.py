@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 
@@ -42,13 +43,15 @@ def _cmd_make_data(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from ..modules.loading import ModelConfig
     from ..rollout.data import DataSource, load_datasets
     from ..rollout.types import SamplingConfig
-    from ..rollout.worker import EngineConfig, RolloutWorker
+    from ..rollout.worker import RolloutConfig, RolloutWorker
 
     ds = load_datasets([DataSource(args.data, args.image_folder)])
     rewards = [{"name": r} for r in args.rewards.split(",")]
-    worker = RolloutWorker(EngineConfig(model_path=args.model, module=args.module, engine=args.engine), rewards)
+    worker = RolloutWorker(RolloutConfig(engine=args.engine, rewards=rewards, num_threads=0),
+                           ModelConfig(path=args.model, module=args.module))
     sampling = SamplingConfig(n=args.num_generations, temperature=args.temperature, max_tokens=args.max_tokens,
                               seed=args.seed)
     totals, per_fn, n, errors = 0.0, None, 0, 0
@@ -79,15 +82,21 @@ def _cmd_train(args) -> int:
     from .controller import train
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.resume and not args.config:  # continue the run it names: its own config, overrides on top
+            saved = Path(args.resume) / "config.yaml"
+            if not saved.exists():
+                raise ConfigError(f"--resume {args.resume}: no config.yaml there; name the output_dir of a "
+                                  "vlgrpo run (or also pass --config)")
+            cfg = load_config(saved, [f"trainer.output_dir={args.resume}", *args.overrides], saved=True)
+        else:
+            cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"vlgrpo: config error: {e}", file=sys.stderr)
         return 2
     history = train(cfg, resume=args.resume)
     last = history[-1] if history else {}
     print(json.dumps({"output_dir": cfg.trainer.output_dir, "steps": last.get("step"),
-                      "reward/mean": last.get("reward/mean"),
-                      "weights_version": last.get("weights_version")}))
+                      "reward/accuracy": last.get("reward/accuracy"), "reward/mean": last.get("reward/mean")}))
     return 0
 
 

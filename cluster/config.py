@@ -1,8 +1,13 @@
-"""One typed config for a run: dataclass sections loaded from YAML, with dotted CLI overrides.
+"""One config tree for a run: each section is its component's own dataclass (``model``:
+``ModelConfig``, ``data``: ``DataConfig``, ``rollout``: ``RolloutConfig``, ``learner``:
+``LearnerConfig``, ``sync``: ``SyncConfig``, ``metrics``: ``MetricsConfig``, ``trainer`` here),
+loaded from YAML with dotted CLI overrides:
 
     vlgrpo train --config run.yaml rollout.num_workers=4 learner.zero_stage=3 trainer.total_steps=50
 
-Every error names the field and the fix, and is raised before any actor starts.
+Unknown keys are rejected, derived values resolved once (``derived``), and ``config.yaml`` in the
+output dir records exactly what ran. Every error names the field and the fix, before any actor
+starts.
 """
 from __future__ import annotations
 
@@ -15,6 +20,16 @@ from typing import Any, Optional, Union
 import yaml
 
 from ..learner.types import LearnerConfig
+from ..modules import get_module_class
+from ..modules.loading import ModelConfig
+from ..modules.tiny import FAMILIES, SIZES
+from ..rollout.data import DataConfig
+from ..rollout.rewards import RewardSet
+from ..rollout.synthetic import TASKS
+from ..rollout.worker import RolloutConfig
+from .checkpoint import atomic_write_text
+from .metrics import MetricsConfig
+from .weight_sync import SyncConfig
 
 
 class ConfigError(ValueError):
@@ -22,64 +37,7 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelSection:
-    path: str = ""  # HF checkpoint dir or hub id; empty = build a tiny model from config (demo/tests)
-    module: str = "auto"  # VLM module key, 'package.module:Class', or auto (from config.json model_type)
-    tiny_family: str = "qwen2-vl"  # used when path is empty
-    tiny_size: str = "tiny"
-    processing_kwargs: dict = field(default_factory=dict)  # e.g. {max_pixels: 401408}
-
-
-@dataclass
-class DataSection:
-    # VLM-R1 JSONL files: [{path, image_folder, accu_reward_method, question_template}]; empty = synthetic task
-    sources: list = field(default_factory=list)
-    question_template: str = "{question}"  # default for sources without their own, e.g. VLM-R1's think/answer prompt
-    synthetic_task: str = "color"
-    synthetic_size: int = 512
-
-
-@dataclass
-class RolloutSection:
-    engine: str = "auto"  # auto | vllm | transformers
-    num_workers: int = 2
-    gpus_per_worker: float = -1  # -1: 1 per worker when the cluster has GPUs (x tensor_parallel_size), else 0
-    cpus_per_worker: float = 1
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5
-    max_model_len: int = 2048
-    enforce_eager: bool = False
-    num_threads: int = 1  # torch CPU threads per worker
-    dtype: str = "auto"
-    group_size: int = 8  # G completions per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_tokens: int = 12  # the embedded demo's answers are one word; set it for your task
-    rewards: list = field(default_factory=lambda: [{"name": "accuracy", "weight": 1.0},
-                                                   {"name": "choice", "weight": 0.5}])
-
-
-@dataclass
-class LearnerSection(LearnerConfig):
-    num_ranks: int = 1
-    gpus_per_rank: float = -1  # -1: 1 when the cluster has GPUs, else 0
-    cpus_per_rank: float = 1
-
-
-@dataclass
-class SyncSection:
-    bucket_mb: float = 16.0  # benchmarks/weight_sync: 16 MB beat 1, 64 and 256 MB over gloo on CPU
-    verify: bool = True  # compare checksums of every bucket on both sides; fail loudly on mismatch
-    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
-    # auto: workers on the learner's node read its weights from shared memory (CPU / gloo), the
-    # others get the broadcast | shm: like auto, but fail if a worker cannot | broadcast: never shm
-    transport: str = "auto"
-    timeout_s: float = 300.0
-
-
-@dataclass
-class TrainerSection:
+class TrainerConfig:
     total_steps: int = 30
     prompts_per_step: int = 8
     mode: str = "sync"  # sync (on-policy) | async (one-step off-policy: generation overlaps the update)
@@ -87,7 +45,6 @@ class TrainerSection:
     output_dir: str = "runs/vlgrpo"
     checkpoint_every: int = 10  # steps; 0 = only at the end
     keep_checkpoints: int = 2
-    tensorboard: Union[bool, str] = "auto"  # auto | true | false
     ray_address: Optional[str] = None  # None: connect to a running cluster if any (ray job), else local
     timeout_s: float = 600.0  # bound on any single Ray call (generation, update, sync)
     max_retries: int = 3  # times one chunk of prompts is retried on a replacement rollout worker
@@ -95,20 +52,28 @@ class TrainerSection:
 
 @dataclass
 class Config:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    rollout: RolloutSection = field(default_factory=RolloutSection)
-    learner: LearnerSection = field(default_factory=lambda: LearnerSection(lr=5e-3, micro_batch_size=16))
-    sync: SyncSection = field(default_factory=SyncSection)
-    trainer: TrainerSection = field(default_factory=TrainerSection)
+    """The run config: one section per component, each that component's own config class."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _plain(dataclasses.asdict(self))
 
     def save(self, path: str | Path) -> None:
-        from .checkpoint import atomic_write_text
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
-        atomic_write_text(Path(path), yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
+
+def derived(cfg: Config) -> dict[str, Any]:
+    """Values of one section computed from others, resolved once (``learner.*`` marked derived)."""
+    return {"learner.temperature": cfg.rollout.temperature,
+            "learner.total_steps": cfg.trainer.total_steps * cfg.learner.num_iterations,
+            "learner.max_completion_length": cfg.rollout.max_tokens, "learner.seed": cfg.trainer.seed}
 
 
 def _plain(x):
@@ -202,33 +167,44 @@ def apply_override(data: dict, expr: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Defaults <- YAML file <- dotted overrides, then validated."""
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                saved: bool = False) -> Config:
+    """Defaults <- YAML file <- dotted overrides, then derived values resolved and everything
+    validated. Derived keys (``learner.temperature`` ...) may not be set by hand; in a ``saved``
+    config.yaml of a run (``--resume``) they are recomputed from the other sections."""
     data: dict = {}
     if path:
         p = Path(path)
         if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
+            raise ConfigError(f"config file {p} does not exist; fix the path or drop --config for the demo")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-    defaults = Config().to_dict()
-    merged = _deep_merge(defaults, data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"the config file must be a mapping of sections, got {type(data).__name__}")
     for expr in overrides or []:
-        apply_override(merged, expr)
-    cfg = _build(Config, merged, "")
+        apply_override(data, expr)
+    learner = data.get("learner") if isinstance(data.get("learner"), dict) else {}
+    given = {f"learner.{k}": learner.pop(k) for k in list(learner) if k in _DERIVED}
+    cfg = _build(Config, _deep_merge(Config().to_dict(), data), "")
+    for key, value in derived(cfg).items():
+        if key in given and not saved and given[key] != value:
+            raise ConfigError(f"{key}={given[key]!r} is derived ({_DERIVED[key.split('.')[1]]} = {value!r}); "
+                              f"remove it and set that instead")
+        setattr(cfg.learner, key.split(".")[1], value)
     validate(cfg)
     return cfg
 
 
+_DERIVED = {f.name: f.metadata["derived"] for f in dataclasses.fields(LearnerConfig) if "derived" in f.metadata}
+
+
 def _deep_merge(base: dict, over: dict) -> dict:
-    if not isinstance(over, dict):
-        raise ConfigError(f"the config file must be a mapping of sections, got {type(over).__name__}")
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(base[k], v) if isinstance(base.get(k), dict) and isinstance(v, dict) and k not in (
-            "processing_kwargs",) else v
+        nested = isinstance(base.get(k), dict) and isinstance(v, dict) and k not in ("processing_kwargs", "init_kwargs")
+        out[k] = _deep_merge(base[k], v) if nested else v
     return out
 
 
@@ -260,10 +236,7 @@ def validate(cfg: Config) -> None:
     need(not (cfg.sync.transport == "shm" and cfg.sync.backend == "nccl"),
          "sync.transport=shm reads CPU weights from shared memory and cannot go with sync.backend=nccl; "
          "use sync.transport=auto (or broadcast)")
-    need(t.tensorboard in ("auto", True, False), f"trainer.tensorboard={t.tensorboard!r}: use auto, true or false")
     need(bool(r.rewards), "rollout.rewards is empty: add at least one reward, e.g. [{name: accuracy}]")
-    from ..rollout.rewards import RewardSet
-
     try:
         RewardSet(list(r.rewards))
     except (ValueError, ImportError, AttributeError) as e:
@@ -274,13 +247,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"model.path={cfg.model.path!r} has no config.json; point it at a Hugging Face "
                               "model directory (or leave it empty for the tiny demo model)")
     else:
-        from ..modules.tiny import FAMILIES, SIZES
-
         need(cfg.model.tiny_family in FAMILIES, f"model.tiny_family={cfg.model.tiny_family!r}: use one of {FAMILIES}")
         need(cfg.model.tiny_size in SIZES, f"model.tiny_size={cfg.model.tiny_size!r}: use one of {tuple(SIZES)}")
     if cfg.model.module not in ("auto", ""):
-        from ..modules import get_module_class
-
         try:
             get_module_class(cfg.model.module)
         except (ValueError, TypeError) as e:
@@ -288,13 +257,14 @@ def validate(cfg: Config) -> None:
     for i, src in enumerate(cfg.data.sources):
         need(isinstance(src, dict) and "path" in src,
              f"data.sources[{i}] must be a mapping with 'path' (and optional image_folder, accu_reward_method)")
-        need(Path(src["path"]).exists(), f"data.sources[{i}].path={src['path']!r} does not exist")
+        need(Path(src["path"]).exists(), f"data.sources[{i}].path={src['path']!r} does not exist; fix the path")
+        need(not src.get("image_folder") or Path(src["image_folder"]).is_dir(),
+             f"data.sources[{i}].image_folder={src.get('image_folder')!r} is not a folder; fix it or leave it "
+             "out (images are then looked up next to the JSONL file)")
         unknown = set(src) - {"path", "image_folder", "accu_reward_method", "question_template"}
         need(not unknown, f"data.sources[{i}] has unknown keys {sorted(unknown)}; allowed: path, image_folder, "
                           "accu_reward_method, question_template")
     need("{question}" in cfg.data.question_template,
          f"data.question_template={cfg.data.question_template!r} must contain '{{question}}'")
     if not cfg.data.sources:
-        from ..rollout.synthetic import TASKS
-
         need(cfg.data.synthetic_task in TASKS, f"data.synthetic_task={cfg.data.synthetic_task!r}: use one of {sorted(TASKS)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -84,3 +85,25 @@ def bundle_strategy(pg, index: int) -> Any:
 
 def bundle(res: Resources) -> dict[str, float]:
     return {"CPU": res.cpus, "GPU": res.gpus}
+
+
+def get_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_ip_and_port() -> tuple[str, int]:
+    """This node's IP and a free port on it: run as a Ray task where a group's rank 0 will live,
+    to get a rendezvous address (the learner group's, the weight-sync group's)."""
+    import ray
+
+    return ray.util.get_node_ip_address(), get_free_port()
+
+
+def rendezvous(pg, index: int = 0) -> tuple[str, int]:
+    """``node_ip_and_port`` on the node of bundle ``index`` of placement group ``pg``."""
+    import ray
+
+    task = ray.remote(num_cpus=0)(node_ip_and_port).options(scheduling_strategy=bundle_strategy(pg, index))
+    return ray.get(task.remote())

@@ -1,40 +1,31 @@
-"""Learner -> rollout weight sync over a dedicated ``torch.distributed`` process group.
+"""Learner -> rollout weight sync: the transport, its group, and vLLM worker processes as members.
 
-The group holds learner rank 0 (group rank 0, the source) and every rollout worker (ranks 1..W). It
-is built from its own ``TCPStore`` and is independent of the DeepSpeed training group and of any
-default process group, so rollout workers never join training collectives. NCCL is used when the
-tensors live on GPUs, gloo on CPU.
-
-Weights travel in buckets: tensors of one dtype, up to ``bucket_mb``, moved together. A
-``SyncPlan`` with names, shapes and dtypes is computed by the sender and handed to receivers
-through Ray before the sync starts, so receivers can allocate and unflatten without any extra
-message. Each sync carries a version; with ``verify`` every bucket's checksum is computed on both
-sides and compared by the controller (``check_checksums``), which fails loudly on mismatch.
+The group holds learner rank 0 (group rank 0, the source) and every rollout receiver (ranks
+1..W; a tensor-parallel vLLM engine takes one rank per worker process). It is built from its own
+``TCPStore``, independent of the DeepSpeed training group, so rollout workers never join training
+collectives. A ``SyncPlan`` (names, shapes, dtypes in buckets of up to ``bucket_mb`` of one dtype)
+is made by the sender and handed to receivers through Ray before the sync, so nobody needs an
+extra message to allocate or unflatten. Each sync carries a version; with ``verify`` every
+bucket's checksum is computed on both sides and compared by the controller.
 
 Two transports, chosen per receiver when the group is formed (``SyncGroupInfo.shm_ranks``):
 
-* ``broadcast`` (any node, gloo or NCCL): each bucket is flattened into one buffer and sent with
-  one ``broadcast`` collective among the source and the broadcast receivers.
-* ``shm`` (receivers on the source's node, CPU weights): the CPU counterpart of CUDA IPC. The
-  source owns a :class:`SharedRegion` (an anonymous ``memfd``, mapped by the receivers through
-  ``/proc/<pid>/fd/<fd>``, freed by the kernel when the last process lets go: nothing is left in
-  ``/dev/shm`` after a crash). The learner keeps its live weights *in* the region (DeepSpeed's flat
-  parameter buffers or the parameters themselves are moved there once, see
-  ``Learner.share_weights``), and every tensor has a fixed byte offset (``TensorSpec.offset``).
-  Those tensors are marked ``live``: when a sync starts (after the update, which the controller
-  waits for) they are final, so each receiver at once hands its engine views of the region and
-  the engine's loader copies them into its own parameters: one memory copy in all, instead of a
-  socket transfer. Tensors that do not live in the region (frozen ones, ZeRO-3 gathers) are
-  copied into a staging part of it by the source, which then posts a tiny "bucket k is staged"
-  broadcast that the receivers wait for (pipelined bucket by bucket). A sync ends with a barrier
-  over the shared-memory members, so the learner cannot update weights a receiver is still
-  reading; the engines copy what they are given (views must not be kept).
+* ``broadcast`` (any node; NCCL on GPU, gloo on CPU): one ``broadcast`` per flattened bucket.
+* ``shm`` (receivers on the source's node, CPU weights; the counterpart of CUDA IPC): the source
+  owns a :class:`SharedRegion` (an anonymous ``memfd`` mapped by receivers through
+  ``/proc/<pid>/fd/<fd>``; the kernel frees it with the last user, nothing is left after a
+  crash). The learner keeps its live weights *in* the region (``LearnerActor.share_weights``),
+  each at a fixed offset (``TensorSpec.offset``, ``live``): receivers hand their engine views of
+  it at once and the engine copies them, one memory copy in all. Other tensors (frozen ones,
+  ZeRO-3 gathers) are staged into the region by the source, which posts "bucket k is staged"
+  signals. A sync ends with a barrier, so the learner cannot update weights still being read.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-import socket
+import pickle
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -47,6 +38,19 @@ class WeightSyncError(RuntimeError):
     pass
 
 
+@dataclass
+class SyncConfig:
+    """The ``sync`` section of the run config."""
+
+    bucket_mb: float = 16.0  # benchmarks/weight_sync: 16 MB beat 1, 64 and 256 MB over gloo on CPU
+    verify: bool = True  # compare checksums of every bucket on both sides; fail loudly on mismatch
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    # auto: workers on the learner's node read its weights from shared memory (CPU / gloo), the
+    # others get the broadcast | shm: like auto, but fail if a worker cannot | broadcast: never shm
+    transport: str = "auto"
+    timeout_s: float = 300.0
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -57,10 +61,7 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -165,27 +166,6 @@ def buffer_checksum(*bufs: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def get_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def get_node_ip() -> str:
-    try:
-        import ray
-
-        return ray.util.get_node_ip_address()
-    except Exception:  # outside Ray
-        return "127.0.0.1"
-
-
-def node_ip_and_port() -> tuple[str, int]:
-    """This node's IP and a free port on it: run as a Ray task where a group's rank 0 will live,
-    to get a rendezvous address (the learner group's, the weight-sync group's)."""
-    return get_node_ip(), get_free_port()
-
-
 # ------------------------------------------------------------------------------------------------
 # shared memory (same node)
 # ------------------------------------------------------------------------------------------------
@@ -283,9 +263,7 @@ class SyncGroupInfo:
     shm_handle: Optional[tuple[int, int, int]] = None  # SharedRegion.handle of the source
 
     def __post_init__(self) -> None:
-        self.shm_ranks = tuple(sorted(int(r) for r in self.shm_ranks))  # a list after a msgpack trip
-        if self.shm_handle is not None:
-            self.shm_handle = tuple(int(x) for x in self.shm_handle)
+        self.shm_ranks = tuple(sorted(self.shm_ranks))
         if self.shm_ranks:
             if self.backend != "gloo":
                 raise ValueError("shared-memory weight sync needs CPU tensors (sync.backend gloo); "
@@ -380,20 +358,19 @@ class SyncGroup:
 # one sync
 # ------------------------------------------------------------------------------------------------
 @dataclass
-class SyncStats:
+class SyncReport:
+    """What one member did in one sync (the source's, or a receiver's)."""
+
     version: int
-    nbytes: int
-    seconds: float
     num_tensors: int
-    checksums: list[str] = field(default_factory=list)
+    checksums: list[str] = field(default_factory=list)  # per bucket, when the plan verifies
+    seconds: float = 0.0
+    nbytes: int = 0
     copied_bytes: int = 0  # bytes the source copied into shared memory (0: all its weights live there)
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.nbytes / 2**20 / max(self.seconds, 1e-9)
+    member: str = "source"  # "source" or "rollout worker <id>"
 
 
-def send_weights(group: SyncGroup, plan: SyncPlan, named: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
+def send_weights(group: SyncGroup, plan: SyncPlan, named: Iterable[tuple[str, torch.Tensor]]) -> SyncReport:
     """Source side: ``named`` must yield the plan's tensors in plan order (extra names are
     skipped, so a full-state iterator can serve a plan of trainable tensors only)."""
     t0 = time.perf_counter()
@@ -432,7 +409,7 @@ def send_weights(group: SyncGroup, plan: SyncPlan, named: Iterable[tuple[str, to
         if plan.verify:
             checksums.append(buffer_checksum(*parts))
     group.done()
-    return SyncStats(plan.version, plan.nbytes, time.perf_counter() - t0, len(plan.names), checksums, copied)
+    return SyncReport(plan.version, len(plan.names), checksums, time.perf_counter() - t0, plan.nbytes, copied)
 
 
 def receive_weights(group: SyncGroup, plan: SyncPlan, checksums: Optional[list[str]] = None
@@ -463,12 +440,51 @@ def receive_weights(group: SyncGroup, plan: SyncPlan, checksums: Optional[list[s
         group.done()  # the engine has loaded everything: the source may go on
 
 
-def check_checksums(sent: list[str], received: dict[str, list[str]], version: int) -> None:
+def check_checksums(sent: SyncReport, received: Sequence[SyncReport]) -> None:
     """Controller side: every receiver must have seen exactly the sender's buckets."""
-    for who, got in received.items():
+    version, sent = sent.version, sent.checksums
+    for r in received:
+        who, got = r.member, r.checksums
         if got != sent:
             bad = next((i for i, (a, b) in enumerate(zip(sent, got)) if a != b), min(len(sent), len(got)))
             raise WeightSyncError(
                 f"weight sync v{version}: {who} received different bytes than sent (first bad bucket {bad} "
                 f"of {len(sent)}); its weights are not the learner's"
             )
+
+
+# ------------------------------------------------------------------------------------------------
+# vLLM worker processes as members
+# ------------------------------------------------------------------------------------------------
+class WeightSyncExtension:
+    """vLLM worker extension (``worker_extension_cls``, installed by the cluster): mixed into every
+    vLLM worker, so that a multi-process (tensor-parallel) engine's workers join the sync group
+    themselves, one rank each. Called through ``llm.collective_rpc("vlgrpo_...")``; messages are
+    the dataclasses pickled (vLLM's msgpack carries bytes, not our types). ``self`` is the vLLM
+    worker: ``self.reload_weights`` is vLLM's in-place reload, ``self.rank`` its TP rank."""
+
+    def vlgrpo_join_sync_group(self, info: bytes, rank: int) -> int:
+        my_rank = int(rank) + int(getattr(self, "rank", 0) or 0)  # a TP=k engine takes k consecutive ranks
+        self._vlgrpo_sync_group = SyncGroup(pickle.loads(info), my_rank)
+        return my_rank
+
+    def vlgrpo_leave_sync_group(self) -> None:
+        group = getattr(self, "_vlgrpo_sync_group", None)
+        if group is not None:
+            group.close()
+        self._vlgrpo_sync_group = None
+
+    def vlgrpo_receive_weights(self, plan: bytes) -> SyncReport:
+        """Take part in one sync of ``plan`` and reload the tensors in place as buckets arrive."""
+        group = getattr(self, "_vlgrpo_sync_group", None)
+        if group is None:
+            raise WeightSyncError("this vLLM worker has not joined the weight-sync group")
+        t0, plan, checksums, names = time.perf_counter(), pickle.loads(plan), [], []
+
+        def counted():
+            for name, t in receive_weights(group, plan, checksums):
+                names.append(name)
+                yield name, t
+
+        self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
+        return SyncReport(plan.version, len(names), checksums, time.perf_counter() - t0)

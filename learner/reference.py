@@ -1,24 +1,20 @@
 """The frozen reference policy for the KL term (only built when ``beta > 0``)."""
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from ..modules import resolve_module
+from ..modules.loading import ModelConfig, load_model_and_processor
 
-def load_reference_model(cfg: Any, device: torch.device, dtype: torch.dtype):
+
+def load_reference_model(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
     """A frozen copy of the initial policy in eval mode: ``(model, module)``.
 
-    Loaded from ``cfg.model_path`` through its own module instance (modules hold per-model state)
+    Loaded from ``model_cfg.path`` through its own module instance (modules hold per-model state)
     with ``post_model_init`` called, exactly like the policy. No gradients, no optimizer state."""
-    from vlgrpo.modules import resolve_module
-    from vlgrpo.modules.loading import load_model_and_processor
-
-    module = resolve_module(cfg.model_path, cfg.module)
-    model, _ = load_model_and_processor(
-        cfg.model_path, module, dtype=dtype, processing_kwargs=cfg.processing_kwargs or None,
-        model_init_kwargs=cfg.model_init_kwargs or None,
-    )
+    module = resolve_module(model_cfg.path, model_cfg.module)
+    model, _ = load_model_and_processor(model_cfg.path, module, dtype, model_cfg.processing_kwargs,
+                                        model_cfg.init_kwargs)
     model.requires_grad_(False)
     model.eval()
     if getattr(model, "config", None) is not None:

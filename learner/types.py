@@ -1,7 +1,7 @@
 """Configuration and the batch message of the learner (plain dataclasses, picklable by Ray)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -12,21 +12,24 @@ from .grpo import normalize_loss_agg
 
 @dataclass
 class LearnerConfig:
-    """Everything one learner rank needs. Defaults follow TRL's ``GRPOConfig`` where they overlap.
+    """The ``learner`` section of the run config: everything one learner rank needs besides the
+    model (``modules.loading.ModelConfig``). Defaults follow TRL's ``GRPOConfig`` where they overlap.
 
     Optimisation counts *optimiser steps*: one ``train_step`` performs ``num_iterations``
     optimiser steps over the same batch (each one accumulating gradients over all micro-batches).
-    ``total_steps`` (for linear/cosine decay) is in optimiser steps as well.
+
+    Fields marked ``derived`` are resolved once from other sections by the run config (see
+    ``cluster.config.resolve``) and recorded in ``config.yaml``; setting them by hand is rejected.
     """
 
-    model_path: str = ""
-    module: str = "auto"  # VLM module key ("qwen", "internvl", "pkg.mod:Class") or "auto"
-    processing_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"max_pixels": ...}
-    model_init_kwargs: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained kwargs
+    # placement (read by the cluster)
+    num_ranks: int = 1
+    gpus_per_rank: float = -1  # -1: 1 when the cluster has GPUs, else 0
+    cpus_per_rank: float = 1
 
     # parallelism / memory
     zero_stage: int = 2  # 0: plain torch (gradients all-reduced by hand), 2 or 3: DeepSpeed ZeRO
-    micro_batch_size: int = 4  # rows per forward/backward on one rank; grad accumulation is derived
+    micro_batch_size: int = 16  # rows per forward/backward on one rank; grad accumulation is derived
     gradient_checkpointing: bool = False
     freeze_vision: bool = False  # freeze params matching module.get_vision_modules_keywords()
     dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "bf16" / "fp16" / "fp32"
@@ -34,14 +37,13 @@ class LearnerConfig:
     num_threads: Optional[int] = None  # torch CPU threads per rank (Ray sets 1); None: cores / world
 
     # optimiser and schedule
-    lr: float = 1e-6
+    lr: float = 5e-3  # the demo's tiny random model; a 3B-7B VLM wants ~1e-6
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
     min_lr_ratio: float = 0.0  # final lr / lr for linear and cosine
-    total_steps: int = 1000  # optimiser steps, for linear / cosine decay
     grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
 
     # GRPO objective
@@ -50,13 +52,15 @@ class LearnerConfig:
     epsilon_high: float = 0.2  # > epsilon_low: DAPO clip-higher
     num_iterations: int = 1  # μ: optimiser steps per batch
     loss_agg: str = "seq_mean_token_mean"  # | token_mean | seq_mean_token_sum_norm (or grpo/dapo/dr_grpo)
-    max_completion_length: Optional[int] = None  # Dr. GRPO constant; None: longest T of the batch
-    scale_adv_by_std: bool = True  # used by the controller's group_advantages
-    temperature: float = 1.0  # logits / temperature, as when sampling
+    scale_adv_by_std: bool = True  # group advantages divided by the group's reward std
     tis_cap: Optional[float] = None  # truncated importance sampling vs sampling_logprobs (e.g. 2.0)
     compute_entropy: bool = True
 
-    seed: int = 0
+    # derived (resolved once by the run config; 0 / None only outside a run, e.g. in tests)
+    total_steps: int = field(default=0, metadata={"derived": "trainer.total_steps x num_iterations"})
+    max_completion_length: int = field(default=0, metadata={"derived": "rollout.max_tokens"})
+    temperature: float = field(default=1.0, metadata={"derived": "rollout.temperature"})
+    seed: int = field(default=0, metadata={"derived": "trainer.seed"})
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -79,13 +83,19 @@ class LearnerConfig:
         return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[name]
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LearnerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown learner options {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+
+@dataclass
+class MicroBatch:
+    """One forward/backward of a learner rank: model inputs of its rows and their ``[n, t]``
+    completion tensors (trailing all-padding columns cut), on the rank's device."""
+
+    inputs: dict[str, torch.Tensor]  # exactly the module's forward keys, prompt part
+    ids: torch.Tensor
+    mask: torch.Tensor  # bool
+    adv: torch.Tensor  # [n] float32
+    old: Optional[torch.Tensor] = None  # log-probs before this batch's first update
+    ref: Optional[torch.Tensor] = None  # reference-model log-probs
+    samp: Optional[torch.Tensor] = None  # the sampler's log-probs
 
 
 @dataclass

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+
+@dataclass
+class ModelConfig:
+    """The ``model`` section of the run config: which checkpoint, through which VLM module."""
+
+    path: str = ""  # HF checkpoint dir or hub id; empty = build a tiny model (demo/tests), resolved at start
+    module: str = "auto"  # VLM module key, 'package.module:Class', or auto (from config.json model_type)
+    tiny_family: str = "qwen2-vl"  # used when path is empty
+    tiny_size: str = "tiny"
+    processing_kwargs: dict = field(default_factory=dict)  # e.g. {max_pixels: 401408}
+    init_kwargs: dict = field(default_factory=dict)  # extra from_pretrained kwargs (e.g. attn_implementation)
 
 
 def read_model_config(model_id: str) -> dict[str, Any]:

@@ -76,6 +76,22 @@ class DataSource:
 
 
 @dataclass
+class DataConfig:
+    """The ``data`` section of the run config."""
+
+    # VLM-R1 JSONL files: [{path, image_folder, accu_reward_method, question_template}]; empty = synthetic task
+    sources: list = field(default_factory=list)
+    question_template: str = "{question}"  # default for sources without their own, e.g. VLM-R1's think/answer prompt
+    synthetic_task: str = "color"
+    synthetic_size: int = 512
+
+    def data_sources(self, synthetic_path: Optional[PathLike] = None) -> list[DataSource]:
+        """The sources to load: the configured files, else the synthetic task written at ``synthetic_path``."""
+        given = self.sources or [{"path": synthetic_path}]
+        return [DataSource(**{"question_template": self.question_template, **s}) for s in given]
+
+
+@dataclass
 class Record:
     """A validated row: everything but the decoded images."""
 

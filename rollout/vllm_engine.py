@@ -41,10 +41,9 @@ Weights
 
     Tensors can be handed to vLLM directly only when its engine and worker run in this process
     (``in_process``; the default on CPU and for ``tensor_parallel_size == 1``). With worker
-    processes (tensor parallel), the tensors go through a safetensors file in shared memory
-    (``reload_weights(weights_path=...)``), or better, the vLLM workers join the learner's
-    weight-sync group themselves through the ``WeightSyncExtension`` worker extension
-    (``join_sync_group`` / ``receive_weights`` below) and receive the broadcast directly.
+    processes (tensor parallel) the vLLM workers join the learner's weight-sync group themselves,
+    through the worker extension the cluster passes in ``extra_engine_kwargs``
+    (``worker_extension_cls``), and the caller then calls ``loaded(version)``.
 
 Process layout: ``in_process=None`` follows ``VLLM_ENABLE_V1_MULTIPROCESSING`` where the caller set
 it, else runs vLLM in this process on CPU and for ``tensor_parallel_size == 1`` (so tensors can be
@@ -59,10 +58,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, is_dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -74,95 +70,31 @@ from .types import Completion, GenerationResult, Sample, SamplingConfig
 
 logger = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "vlgrpo.rollout.vllm_engine.WeightSyncExtension"
-
 # What SamplingParams(logprobs=0) returns: log_softmax(logits / T) of the sampled token (see above).
 LOGPROBS_MODE = "processed_logprobs"
 
 
-def _to_plain(obj: Any) -> Any:
-    """Dataclasses (e.g. ``SyncGroupInfo``, ``SyncPlan``) as plain dicts: ``collective_rpc``
-    arguments cross a msgpack boundary when vLLM's workers are other processes."""
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return asdict(obj)
-    return obj
-
-
-class WeightSyncExtension:
-    """vLLM worker extension (``worker_extension_cls``): mixed into every vLLM worker, its methods
-    are called with ``llm.collective_rpc("vlgrpo_...", kwargs=...)`` and run inside each worker,
-    next to the model. Names are prefixed ``vlgrpo_`` so they never clash with vLLM's own worker
-    methods (vLLM refuses an extension that shadows one).
-
-    ``self`` is the vLLM worker: ``self.model_runner.get_model()`` is the vLLM model,
-    ``self.reload_weights(...)`` vLLM's in-place reload, ``self.device`` its device.
-    """
-
-    # -- weight-sync group (the learner broadcasts, each vLLM worker receives) ------------------
-    def vlgrpo_join_sync_group(self, info: dict, rank: int) -> int:
-        """Join ``vlgrpo.cluster.weight_sync``'s group as ``rank`` + this worker's rank within
-        the vLLM instance (tensor-parallel rank), so a TP=k engine takes k consecutive ranks."""
-        from vlgrpo.cluster.weight_sync import SyncGroup, SyncGroupInfo
-
-        my_rank = int(rank) + int(getattr(self, "rank", 0) or 0)
-        self._vlgrpo_sync_group = SyncGroup(SyncGroupInfo(**info), my_rank)
-        return my_rank
-
-    def vlgrpo_leave_sync_group(self) -> None:
-        group = getattr(self, "_vlgrpo_sync_group", None)
-        if group is not None:
-            group.close()
-        self._vlgrpo_sync_group = None
-
-    def vlgrpo_receive_weights(self, plan: dict) -> dict:
-        """Take part in the broadcast of ``plan`` (a ``SyncPlan`` as a dict) and reload the
-        received tensors in place, bucket by bucket as they arrive."""
-        from vlgrpo.cluster.weight_sync import SyncPlan, TensorSpec, receive_weights
-
-        group = getattr(self, "_vlgrpo_sync_group", None)
-        if group is None:
-            raise RuntimeError("this vLLM worker has not joined the weight-sync group")
-        plan_obj = SyncPlan(version=plan["version"], verify=plan.get("verify", False),
-                            buckets=[[TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in b]
-                                     for b in plan["buckets"]])
-        checksums: list[str] = []
-        counted = _Counted(receive_weights(group, plan_obj, checksums))
-        t0 = time.perf_counter()
-        self.reload_weights(weights_iterator=counted, is_checkpoint_format=True)
-        return {"num_tensors": counted.n, "checksums": checksums, "seconds": time.perf_counter() - t0}
-
-    # -- direct loading / inspection ------------------------------------------------------------
-    def vlgrpo_load_weights(self, weights: Sequence[tuple[str, torch.Tensor]]) -> int:
-        """Reload from ``(hf_name, tensor)`` pairs (usable where the tensors can be passed)."""
-        counted = _Counted(iter(weights))
-        self.reload_weights(weights_iterator=counted, is_checkpoint_format=True)
-        return counted.n
-
-    def vlgrpo_weights_checksum(self, names: Optional[Sequence[str]] = None) -> dict[str, Optional[str]]:
-        """``tensor_checksum`` of HF-named weights as vLLM holds them.
-
-        A name maps to vLLM's parameter through the model's ``hf_to_vllm_mapper``; weights that
-        vLLM stores differently (q/k/v or gate/up fused into one tensor, sharded by tensor
-        parallelism, repacked for a CPU kernel, cast to another dtype) have no equal tensor:
-        they map to ``None``. ``names=None`` lists every vLLM parameter under its vLLM name."""
-        model = self.model_runner.get_model()
-        params = dict(model.named_parameters())
-        if names is None:
-            return {n: tensor_checksum(p) for n, p in params.items()}
-        mapper = getattr(model, "hf_to_vllm_mapper", None)
-        out: dict[str, Optional[str]] = {}
-        for name in names:
-            vname = name
-            if mapper is not None:
-                mapped = mapper._map_name(name) if hasattr(mapper, "_map_name") else mapper.map_name(name)
-                vname = mapped if mapped is not None else name
-            p = params.get(vname)
-            # numel 0: the weight lives in a kernel-specific packed buffer (vLLM on CPU).
-            out[name] = tensor_checksum(p) if p is not None and p.numel() > 0 else None
-        return out
-
-    def vlgrpo_param_names(self) -> list[str]:
-        return [n for n, _ in self.model_runner.get_model().named_parameters()]
+def _worker_checksums(worker: Any, names: Optional[Sequence[str]]) -> dict[str, Optional[str]]:
+    """Run inside a vLLM worker (``collective_rpc`` with a function): ``tensor_checksum`` of
+    HF-named weights as vLLM holds them. A name maps to vLLM's parameter through the model's
+    ``hf_to_vllm_mapper``; weights that vLLM stores differently (q/k/v or gate/up fused, sharded by
+    tensor parallelism, repacked for a CPU kernel, cast) have no equal tensor and map to ``None``.
+    ``names=None`` lists every vLLM parameter under its vLLM name."""
+    model = worker.model_runner.get_model()
+    params = dict(model.named_parameters())
+    if names is None:
+        return {n: tensor_checksum(p) for n, p in params.items()}
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    out: dict[str, Optional[str]] = {}
+    for name in names:
+        vname = name
+        if mapper is not None:
+            mapped = mapper._map_name(name) if hasattr(mapper, "_map_name") else mapper.map_name(name)
+            vname = mapped if mapped is not None else name
+        p = params.get(vname)
+        # numel 0: the weight lives in a kernel-specific packed buffer (vLLM on CPU).
+        out[name] = tensor_checksum(p) if p is not None and p.numel() > 0 else None
+    return out
 
 
 class _Counted:
@@ -257,7 +189,6 @@ class VLLMEngine(GenerationEngine):
             seed=seed,
             limit_mm_per_prompt={"image": limit_images_per_prompt},
             logprobs_mode=LOGPROBS_MODE,
-            worker_extension_cls=WORKER_EXTENSION,
         )
         mm_kwargs = _vllm_mm_processor_kwargs(module, self.processing_kwargs)
         if mm_kwargs:
@@ -340,70 +271,34 @@ class VLLMEngine(GenerationEngine):
 
     # -- weights --------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """Reload in place from ``(hf_name, tensor)`` pairs: tensors reach the model only when vLLM
+        runs in this process; worker processes (tensor parallel) take part in the weight sync
+        themselves, through the worker extension the cluster installs."""
+        if not self.in_process:
+            raise RuntimeError("this vLLM engine runs in worker processes: tensors cannot be passed to it; its "
+                               "workers must receive weights through the weight-sync worker extension")
         t0 = time.perf_counter()
-        if self.in_process:
-            counted = _Counted(iter(weights))
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted,
-                                                              "is_checkpoint_format": True})
-            n = counted.n
-        else:
-            n = self._load_weights_via_file(weights)
-        self.reset_caches()
-        self.weights_version = int(version)
-        logger.info("vLLM engine: loaded %d tensors (version %d) in %.2fs", n, version, time.perf_counter() - t0)
-        return n
+        counted = _Counted(iter(weights))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted, "is_checkpoint_format": True})
+        self.loaded(version)
+        logger.info("vLLM engine: loaded %d tensors (version %d) in %.2fs", counted.n, version,
+                    time.perf_counter() - t0)
+        return counted.n
 
-    def _load_weights_via_file(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Worker processes can't receive tensors through ``collective_rpc``: write them to a
-        safetensors file (in shared memory where there is one) and have vLLM reload from it."""
-        from safetensors.torch import save_file
-
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        tmp = tempfile.mkdtemp(prefix="vlgrpo-weights-", dir=base)
-        try:
-            state = {name: t.detach().to("cpu").contiguous() for name, t in weights}
-            save_file(state, os.path.join(tmp, "model.safetensors"))
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp, "is_checkpoint_format": True})
-            return len(state)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def reset_caches(self) -> None:
-        """Forget everything computed with the old weights: KV prefix cache, encoder (vision
-        embedding) cache and the multimodal processor cache."""
+    def loaded(self, version: int) -> None:
+        """After new weights arrived (here or in the workers): forget everything computed with the
+        old ones (KV prefix cache, encoder cache of vision embeddings, multimodal processor cache)."""
         llm = self.llm
-        if hasattr(llm, "reset_prefix_cache"):
-            if llm.reset_prefix_cache() is False:
-                logger.warning("vLLM refused to reset its prefix cache (requests still running)")
-        engine = getattr(llm, "llm_engine", None)
-        if engine is not None and hasattr(engine, "reset_encoder_cache"):
-            engine.reset_encoder_cache()
-        if hasattr(llm, "reset_mm_cache"):
-            llm.reset_mm_cache()
-
-    # Weight-sync group, joined by the vLLM workers themselves (needed when they are other
-    # processes; works in-process too). ``info`` / ``plan`` are ``vlgrpo.cluster.weight_sync``'s
-    # ``SyncGroupInfo`` / ``SyncPlan`` (or their dicts). A TP=k engine takes ranks rank..rank+k-1.
-    def join_sync_group(self, info: Any, rank: int) -> list[int]:
-        return self.llm.collective_rpc("vlgrpo_join_sync_group", kwargs={"info": _to_plain(info), "rank": int(rank)})
-
-    def leave_sync_group(self) -> None:
-        self.llm.collective_rpc("vlgrpo_leave_sync_group")
-
-    def receive_weights(self, plan: Any) -> dict[str, Any]:
-        """Receive one broadcast of ``plan`` in every vLLM worker and reload in place. Returns
-        the first worker's ``{"num_tensors", "checksums", "seconds"}``."""
-        results = self.llm.collective_rpc("vlgrpo_receive_weights", kwargs={"plan": _to_plain(plan)})
-        self.reset_caches()
-        plan_version = plan["version"] if isinstance(plan, dict) else plan.version
-        self.weights_version = int(plan_version)
-        return results[0]
+        if llm.reset_prefix_cache() is False:
+            logger.warning("vLLM refused to reset its prefix cache (requests still running)")
+        llm.llm_engine.reset_encoder_cache()
+        llm.reset_mm_cache()
+        self.weights_version = int(version)
 
     def weights_checksum(self, names: Optional[Sequence[str]] = None) -> dict[str, Optional[str]]:
         """``tensor_checksum`` of HF-named weights inside vLLM (worker 0); ``None`` for weights
         that vLLM stores fused, sharded, repacked or cast (no tensor equals the HF one)."""
-        names = list(names) if names is not None else None
-        return self.llm.collective_rpc("vlgrpo_weights_checksum", kwargs={"names": names})[0]
+        return self.llm.collective_rpc(_worker_checksums, args=(list(names) if names is not None else None,))[0]
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

@@ -1,37 +1,45 @@
-"""The rollout worker: one generation engine + the reward functions, run as a Ray actor.
-
-It turns prompts (``Sample``s with PIL images) into a scored, tensorised ``RolloutBatch``, joins the
-weight-sync group as a receiver and loads new weights into its engine in place.
-"""
+"""The rollout worker: one generation engine + the reward functions (the cluster runs it as a Ray
+actor). It turns prompts (``Sample``s with PIL images) into a scored, tensorised ``RolloutBatch``
+and loads new weights into its engine in place (``load_weights``)."""
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
 from ..modules import resolve_module
+from ..modules.loading import ModelConfig, read_model_config
 from .engine import GenerationEngine
+from .hf_engine import TransformersEngine
 from .rewards import RewardSet
 from .types import RolloutBatch, Sample, SamplingConfig
 
 
 @dataclass
-class EngineConfig:
-    model_path: str = ""
-    module: str = "auto"
+class RolloutConfig:
+    """The ``rollout`` section of the run config: the engine, sampling, rewards and placement of
+    the rollout workers."""
+
     engine: str = "auto"  # auto | vllm | transformers
-    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
-    processing_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_workers: int = 2
+    gpus_per_worker: float = -1  # -1: tensor_parallel_size GPUs per worker when the cluster has GPUs, else 0
+    cpus_per_worker: float = 1
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
-    max_model_len: int = 2048
+    max_model_len: int = 2048  # prompt + completion tokens; longer prompts are skipped and counted
     enforce_eager: bool = False
-    num_threads: int = 0  # torch CPU threads in the actor (Ray sets 1); 0 = leave as is
-    seed: int = 0
-    max_prompt_tokens: int = 0  # longer prompts are skipped and counted; 0 = the model's context - max_tokens
+    num_threads: int = 1  # torch CPU threads per worker (Ray sets 1)
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    group_size: int = 8  # G completions per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 12  # the embedded demo's answers are one word; set it for your task
+    rewards: list = field(default_factory=lambda: [{"name": "accuracy", "weight": 1.0},
+                                                   {"name": "choice", "weight": 0.5}])
 
 
 def resolve_engine_name(name: str) -> str:
@@ -52,52 +60,50 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def make_engine(cfg: EngineConfig) -> GenerationEngine:
-    module = resolve_module(cfg.model_path, cfg.module)
-    engine = resolve_engine_name(cfg.engine)
-    if engine == "vllm":
-        from .vllm_engine import VLLMEngine
+def make_engine(cfg: RolloutConfig, model: ModelConfig, seed: int = 0,
+                extra_engine_kwargs: Optional[dict[str, Any]] = None) -> GenerationEngine:
+    module = resolve_module(model.path, model.module)
+    if resolve_engine_name(cfg.engine) == "vllm":
+        from .vllm_engine import VLLMEngine  # imports vllm, absent from CPU-only environments
 
-        return VLLMEngine(cfg.model_path, module, dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
+        return VLLMEngine(model.path, module, dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
                           gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                          enforce_eager=cfg.enforce_eager, seed=cfg.seed, processing_kwargs=cfg.processing_kwargs)
-    from .hf_engine import TransformersEngine
-
-    return TransformersEngine(cfg.model_path, module, dtype=resolve_dtype(cfg.dtype),
+                          enforce_eager=cfg.enforce_eager, seed=seed, processing_kwargs=model.processing_kwargs,
+                          extra_engine_kwargs=extra_engine_kwargs)
+    return TransformersEngine(model.path, module, dtype=resolve_dtype(cfg.dtype),
                               device="cuda" if torch.cuda.is_available() else "cpu",
-                              processing_kwargs=cfg.processing_kwargs)
+                              processing_kwargs=model.processing_kwargs)
 
 
 class RolloutWorker:
-    """Wrap with ``ray.remote`` (see ``cluster.placement``); usable in-process too."""
+    """A generation engine and the reward functions; the cluster runs it as a Ray actor."""
 
-    def __init__(self, engine_cfg: EngineConfig, reward_specs: Sequence[Any], worker_id: int = 0) -> None:
-        if engine_cfg.num_threads > 0:
-            torch.set_num_threads(engine_cfg.num_threads)
-        torch.manual_seed(engine_cfg.seed)  # sampling of the transformers engine is reproducible per worker
+    def __init__(self, cfg: RolloutConfig, model: ModelConfig, worker_id: int = 0, seed: int = 0,
+                 extra_engine_kwargs: Optional[dict[str, Any]] = None) -> None:
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
+        torch.manual_seed(seed)  # sampling of the transformers engine is reproducible per worker
         self.worker_id = worker_id
-        self.engine = make_engine(engine_cfg)
-        self.rewards = RewardSet(list(reward_specs))
-        self.sync_group = None
+        self.engine = make_engine(cfg, model, seed, extra_engine_kwargs)
+        self.rewards = RewardSet(list(cfg.rewards))
         tok = self.engine.tokenizer()
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        from ..modules.loading import read_model_config
-
         self.module, self.processor = self.engine.module, self.engine.processor  # for the prompt-length check
-        text_cfg = read_model_config(engine_cfg.model_path)
+        text_cfg = read_model_config(model.path)
         text_cfg = text_cfg.get("text_config", text_cfg) or text_cfg
-        self.context_len = int(text_cfg.get("max_position_embeddings") or engine_cfg.max_model_len)
-        self.max_prompt_tokens = engine_cfg.max_prompt_tokens
+        self.context_len = min(int(text_cfg.get("max_position_embeddings") or cfg.max_model_len), cfg.max_model_len)
 
     def _prompt_fits(self, samples: Sequence[Sample], sampling: SamplingConfig) -> tuple[list[Sample], list[str]]:
-        """Split off prompts (text + image tokens) too long for the model's context."""
-        limit = self.max_prompt_tokens or (self.context_len - sampling.max_tokens)
+        """Split off prompts (text + image tokens) that leave no room for ``max_tokens`` in the
+        engine's context (``rollout.max_model_len``, at most the model's positions)."""
+        limit = self.context_len - sampling.max_tokens
         texts = self.module.prepare_prompt(self.processor, [{"prompt": s.prompt} for s in samples])
         keep, skipped = [], []
         for s, text in zip(samples, texts):
             n = self.module.prepare_model_inputs(self.processor, [text], [s.images])["input_ids"].shape[1]
             (keep if n <= limit else skipped).append(s)
         return keep, [s.sample_id for s in skipped]
+
     # -- generation --------------------------------------------------------------------------
     def generate(self, samples: Sequence[Sample], sampling: SamplingConfig) -> RolloutBatch:
         t0 = time.perf_counter()
@@ -145,63 +151,14 @@ class RolloutWorker:
             skipped_prompts={"prompt_too_long": too_long} if too_long else {},
         )
 
-    # -- weights -----------------------------------------------------------------------------
-    def _engine_syncs_itself(self) -> bool:
-        """A multi-process engine (vLLM with tensor parallel workers) joins the sync group from
-        its own worker processes, one rank each; an in-process engine is fed by this actor."""
-        return hasattr(self.engine, "receive_weights") and not getattr(self.engine, "in_process", True)
-
-    def sync_ranks(self) -> int:
-        """How many ranks of the weight-sync group this worker takes."""
-        return int(getattr(self.engine, "tensor_parallel_size", 1)) if self._engine_syncs_itself() else 1
-
-    def join_sync_group(self, info, rank: int) -> bool:
-        if self._engine_syncs_itself():
-            self.engine.join_sync_group(info, rank)
-            self.sync_group = "engine"
-            return True
-        from ..cluster.weight_sync import SyncGroup
-
-        self.sync_group = SyncGroup(info, rank)
-        return True
-
-    def leave_sync_group(self) -> None:
-        if self.sync_group == "engine":
-            self.engine.leave_sync_group()
-        elif self.sync_group is not None:
-            self.sync_group.close()
-        self.sync_group = None
-
-    def receive_weights(self, plan) -> dict[str, Any]:
-        """Join the broadcast of ``plan`` and load each bucket into the engine as it arrives."""
-        from ..cluster.weight_sync import receive_weights
-
-        if self.sync_group is None:
-            raise RuntimeError(f"rollout worker {self.worker_id} has not joined the weight-sync group")
-        t0 = time.perf_counter()
-        if self.sync_group == "engine":
-            r = self.engine.receive_weights(plan)
-            return {"worker": self.worker_id, "version": self.engine.weights_version, "num_tensors": r["num_tensors"],
-                    "checksums": r["checksums"], "seconds": time.perf_counter() - t0}
-        checksums: list[str] = []
-        n = self.engine.load_weights(receive_weights(self.sync_group, plan, checksums), plan.version)
-        return {"worker": self.worker_id, "version": self.engine.weights_version, "num_tensors": n,
-                "checksums": checksums, "seconds": time.perf_counter() - t0}
-
-    def load_weights(self, weights: Sequence[tuple[str, torch.Tensor]], version: int) -> int:
+    # -- weights ------------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """Copy ``(checkpoint name, tensor)`` pairs into the engine; it now holds ``version``."""
         return self.engine.load_weights(weights, version)
 
-    def weights_checksum(self, names: Optional[Sequence[str]] = None) -> dict[str, str]:
-        fn = getattr(self.engine, "weights_checksum", None)
-        if fn is None:
-            raise NotImplementedError(f"{type(self.engine).__name__} cannot report weight checksums")
-        return fn(names)
-
-    def version(self) -> int:
-        return self.engine.weights_version
+    def weights_checksum(self, names: Optional[Sequence[str]] = None) -> dict[str, Optional[str]]:
+        return self.engine.weights_checksum(names)
 
     def health(self) -> dict[str, Any]:
-        from ..cluster.weight_sync import get_node_ip
-
         return {"worker": self.worker_id, "pid": os.getpid(), "version": self.engine.weights_version,
-                "engine": type(self.engine).__name__, "node_ip": get_node_ip()}
+                "engine": type(self.engine).__name__}

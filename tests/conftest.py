@@ -56,9 +56,50 @@ def small_run_config(out, *extra, prompts: int = 4, group_size: int = 4):
         f"trainer.output_dir={out}", "trainer.checkpoint_every=0", f"trainer.prompts_per_step={prompts}",
         f"rollout.group_size={group_size}", "rollout.max_tokens=6", "rollout.num_workers=2",
         "rollout.engine=transformers", "learner.num_ranks=1", "learner.zero_stage=0", "learner.lr=0.005",
-        "trainer.tensorboard=false", "rollout.rewards=[{name: choice}, {name: vlgrpo.tests.plugins:char_variety}]",
+        "metrics.tensorboard=false", "rollout.rewards=[{name: choice}, {name: vlgrpo.tests.plugins:char_variety}]",
         *extra,
     ])
+
+
+def saved_weights(learners) -> dict:
+    """The policy of a group of learner actors as the product saves it (``save_pretrained``, a
+    collective), read back from its safetensors files: an independent view of their weights."""
+    import tempfile
+
+    import ray
+    from safetensors.torch import load_file
+
+    out = tempfile.mkdtemp(prefix="policy-")
+    ray.get([a.save_pretrained.remote(out) for a in learners])
+    weights = {}
+    for f in sorted(Path(out).glob("*.safetensors")):
+        weights.update(load_file(f))
+    return weights
+
+
+def policy_weights(trainer) -> dict:
+    return saved_weights(trainer.fleet.learners)
+
+
+def start_learners(cfg, model_cfg, world_size: int, num_cpus: float = 0.5) -> list:
+    """A data-parallel group of ``cluster.actors.LearnerActor`` on local Ray (rank order)."""
+    import ray
+
+    from vlgrpo.cluster.actors import LearnerActor
+    from vlgrpo.cluster.placement import get_free_port
+
+    port = get_free_port()
+    actors = [LearnerActor.options(num_cpus=num_cpus).remote(cfg, model_cfg, r, world_size, "127.0.0.1", port)
+              for r in range(world_size)]
+    ray.get([a.ping.remote() for a in actors])
+    return actors
+
+
+def group_train_step(actors, batch) -> dict:
+    """One collective ``train_step`` with ``batch`` split over the ranks; rank 0's metrics."""
+    import ray
+
+    return ray.get([a.train_step.remote(s) for a, s in zip(actors, batch.split(len(actors)))])[0]
 
 
 def shared_copy(named):

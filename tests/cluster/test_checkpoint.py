@@ -1,17 +1,18 @@
-"""Atomic writes, checkpoint commit/latest/pruning, and the safetensors HF policy round trip."""
+"""Atomic writes, the step_N.tmp -> step_N commit protocol, latest, keep_last rotation, moving
+earlier checkpoints aside (never deleting them) and resolve_checkpoint."""
 from __future__ import annotations
 
 import json
 import os
-import random
+import stat
+import warnings
+from pathlib import Path
 
 import pytest
-import torch
 
 from vlgrpo.cluster import checkpoint as ck
 from vlgrpo.cluster.checkpoint import (CheckpointManager, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                                       capture_rng_state, config_hash, load_safetensors, load_trainer_state,
-                                       resolve_checkpoint, restore_rng_state, save_hf_policy, save_safetensors)
+                                       is_complete_checkpoint, load_trainer_state, resolve_checkpoint)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -26,6 +27,9 @@ def test_atomic_write_roundtrip(tmp_path):
     atomic_write_bytes(p, b"\x00\x01")
     assert p.read_bytes() == b"\x00\x01"
     assert sorted(os.listdir(p.parent)) == ["a.json"]  # no temp files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask  # the usual mode, not mkstemp's 0600
 
 
 @pytest.mark.parametrize("where", ["replace", "fsync"])
@@ -44,214 +48,333 @@ def test_atomic_write_keeps_old_content_when_writer_crashes(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == ["state.json"]
 
 
+def test_atomic_write_keeps_old_content_when_write_fails_midway(tmp_path, monkeypatch):
+    p = tmp_path / "m.bin"
+    atomic_write_bytes(p, b"old content")
+    real_fdopen = os.fdopen
+
+    class HalfWriter:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:3])
+            self.f.flush()
+            raise OSError("disk full")
+
+    monkeypatch.setattr(ck.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(p, b"new content")
+    assert p.read_bytes() == b"old content"
+    assert os.listdir(tmp_path) == ["m.bin"]
+
+
+def test_atomic_write_fsyncs_file_and_directory(tmp_path, monkeypatch):
+    kinds = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        kinds.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(ck.os, "fsync", spy)
+    atomic_write_text(tmp_path / "x.txt", "x")
+    assert kinds == ["file", "dir"]  # the data, then the directory entry of the rename
+
+
 def test_atomic_write_json_rejects_unserialisable_before_touching_file(tmp_path):
     p = tmp_path / "s.json"
     atomic_write_json(p, {"ok": 1})
     with pytest.raises(TypeError):
         atomic_write_json(p, {"bad": object()})
     assert json.loads(p.read_text()) == {"ok": 1}
+    assert os.listdir(tmp_path) == ["s.json"]
 
 
 # ------------------------------------------------------------------------------------------------
 # checkpoint manager
 # ------------------------------------------------------------------------------------------------
-def _commit(mgr: CheckpointManager, step: int, **state) -> "os.PathLike":
+def _fill(tmp: Path, step: int, tag: str = "", **state) -> None:
+    """What the controller does between begin and commit."""
+    (tmp / "learner" / "optim.bin").write_bytes(f"optim {step} {tag}".encode() * 100)  # the learner fills learner/
+    (tmp / "policy").mkdir()
+    (tmp / "policy" / "model.safetensors").write_bytes(os.urandom(256))
+    atomic_write_json(tmp / "trainer_state.json", {"step": step, "weights_version": step, "tag": tag, **state})
+
+
+def _commit(mgr: CheckpointManager, step: int, tag: str = "", **state) -> Path:
     tmp = mgr.begin(step)
-    assert tmp.name == f"step_{step:06d}.tmp" and (tmp / "learner").is_dir()
-    (tmp / "learner" / "optim.bin").write_bytes(b"x" * 10)  # the learner fills learner/
-    mgr.write_trainer_state(tmp, {"step": step, "weights_version": step, **state})
+    assert tmp.name == f"step_{step:06d}.tmp" and sorted(os.listdir(tmp)) == ["learner"]
+    _fill(tmp, step, tag, **state)
     return mgr.commit(step, tmp)
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _names(root: Path) -> list[str]:
+    return sorted(os.listdir(root))
 
 
 def test_commit_latest_and_incomplete_checkpoints_ignored(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=3)
-    assert mgr.latest() is None
+    assert mgr.latest() is None and mgr.list_checkpoints() == []
     d10 = _commit(mgr, 10, sampler={"epoch": 0, "index": 40})
-    assert d10 == tmp_path / "checkpoints" / "step_000010"
+    assert d10 == tmp_path / "checkpoints" / "step_000010" and is_complete_checkpoint(d10)
     d20 = _commit(mgr, 20)
-    assert mgr.latest() == d20 and mgr.latest_step() == 20
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000020"
+    assert mgr.latest() == d20 and [s for s, _ in mgr.list_checkpoints()] == [10, 20]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000020\n"
     assert load_trainer_state(d10)["sampler"] == {"epoch": 0, "index": 40}
-    assert (d20 / "learner" / "optim.bin").exists()
+    assert (d20 / "learner" / "optim.bin").exists() and (d20 / "policy" / "model.safetensors").exists()
+    assert _names(tmp_path / "checkpoints") == ["latest", "step_000010", "step_000020"]
 
-    # a crash while writing step 30: the .tmp dir is left behind and ignored
-    tmp30 = mgr.begin(30)
-    mgr.write_trainer_state(tmp30, {"step": 30})
+    # step dirs without a (valid) trainer_state.json are not checkpoints
+    root = tmp_path / "checkpoints"
+    (root / "step_000040").mkdir()
+    (root / "step_000050").mkdir()
+    (root / "step_000050" / "trainer_state.json").write_text('{"step": 5')
+    (root / "step_000060").mkdir()
+    (root / "step_000060" / "trainer_state.json").write_text("[1, 2]")
     assert mgr.latest() == d20
-    # a step dir without a (valid) trainer_state.json is not a checkpoint either
-    (tmp_path / "checkpoints" / "step_000040").mkdir()
-    (tmp_path / "checkpoints" / "step_000050").mkdir()
-    (tmp_path / "checkpoints" / "step_000050" / "trainer_state.json").write_text('{"step": 5')
-    assert mgr.latest() == d20
-    assert resolve_checkpoint(tmp_path) == d20
-    assert resolve_checkpoint(tmp_path / "checkpoints") == d20
-    assert resolve_checkpoint(d10) == d10
-    with pytest.raises(ValueError, match="incomplete"):
-        resolve_checkpoint(tmp30)
-    with pytest.raises(FileNotFoundError):
-        resolve_checkpoint(tmp_path / "nothing")
-
-    # begin() again for the same step starts afresh; commit cleans leftovers
-    tmp30 = mgr.begin(30)
-    assert list(tmp30.iterdir()) == [tmp30 / "learner"]
-    mgr.write_trainer_state(tmp30, {"step": 30})
-    with pytest.warns(UserWarning, match="later step"):  # the stray step_000040/50 dirs are removed
-        d30 = mgr.commit(30, tmp30)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "latest", "step_000010", "step_000020", "step_000030"]
-    assert mgr.latest() == d30 and not tmp30.exists()
+    assert [s for s, _ in mgr.list_checkpoints(complete_only=False)] == [10, 20, 40, 50, 60]
+    for s in (40, 50, 60):
+        assert not is_complete_checkpoint(root / f"step_{s:06d}")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_trainer_state(root / "step_000050")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        load_trainer_state(root / "step_000060")
 
 
-def test_failed_save_leaves_previous_checkpoint(tmp_path):
-    mgr = CheckpointManager(tmp_path, keep_last=2)
-    d10 = mgr.save(10, {"weights_version": 1}, learner_writer=lambda d: (d / "s.txt").write_text("ok"))
+def test_crash_between_begin_and_commit_leaves_previous_checkpoint(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    d10 = _commit(mgr, 10, tag="good")
+    before = _snapshot(d10)
+    tmp20 = mgr.begin(20)
+    _fill(tmp20, 20)  # complete, even with its trainer_state.json, but never committed
+    # the process dies here; a new one looks at the output directory
+    again = CheckpointManager(tmp_path, keep_last=3)
+    assert again.latest() == d10 and resolve_checkpoint(tmp_path) == d10
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000010\n"
+    assert _snapshot(d10) == before
+    # begin() for the same step starts afresh (the leftover .tmp was never committed)
+    tmp20 = again.begin(20)
+    assert sorted(os.listdir(tmp20)) == ["learner"] and not (tmp20 / "learner" / "optim.bin").exists()
+    # a leftover .tmp of an earlier step is removed by the next commit
+    stale = again.begin(15)
+    _fill(tmp20, 20)
+    d20 = again.commit(20, tmp20)
+    assert not stale.exists() and not tmp20.exists()
+    assert again.latest() == d20 and _names(tmp_path / "checkpoints") == ["latest", "step_000010", "step_000020"]
 
-    def crashing_writer(d):
-        (d / "model.safetensors").write_bytes(b"partial")
-        raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError, match="disk full"):
-        mgr.save(20, {"weights_version": 2}, policy_writer=crashing_writer)
-    assert mgr.latest() == d10
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000010"]
-
-    # commit refuses a checkpoint without trainer_state.json
+def test_crash_inside_commit_rename_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    d10 = _commit(mgr, 10)
+    before = _snapshot(d10)
     tmp = mgr.begin(20)
-    with pytest.raises(FileNotFoundError, match="trainer_state.json"):
+    _fill(tmp, 20)
+    real_replace = os.replace
+
+    def crash_on_publish(src, dst):
+        if str(src).endswith("step_000020.tmp"):
+            raise OSError("killed during commit")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", crash_on_publish)
+    with pytest.raises(OSError, match="killed"):
         mgr.commit(20, tmp)
-    assert mgr.latest() == d10
+    monkeypatch.undo()
+    assert mgr.latest() == d10 and _snapshot(d10) == before
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000010\n"
+    assert not (tmp_path / "checkpoints" / "step_000020").exists()
 
 
-def test_keep_last_pruning(tmp_path):
+@pytest.mark.parametrize("fsync", [True, False])
+def test_commit_fsyncs_the_checkpoint_before_publishing_it(tmp_path, monkeypatch, fsync):
+    mgr = CheckpointManager(tmp_path, keep_last=2, fsync=fsync)
+    tmp = mgr.begin(1)
+    _fill(tmp, 1)
+    synced = []
+    monkeypatch.setattr(ck, "_fsync", lambda p: synced.append((os.fspath(p), os.path.exists(tmp))))
+    mgr.commit(1, tmp)
+    in_tmp = {os.path.relpath(p, tmp) for p, tmp_still_there in synced if p.startswith(str(tmp)) and tmp_still_there}
+    expected = {"learner/optim.bin", "policy/model.safetensors", "trainer_state.json", ".", "learner", "policy"}
+    assert in_tmp == (expected if fsync else set())
+    assert (os.fspath(tmp_path / "checkpoints"), False) in synced  # the rename itself is made durable
+
+
+def test_commit_refuses_bad_input(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    d10 = _commit(mgr, 10)
+    tmp = mgr.begin(20)
+    with pytest.raises(FileNotFoundError, match="trainer_state.json"):  # no trainer state: not publishable
+        mgr.commit(20, tmp)
+    atomic_write_json(tmp / "trainer_state.json", {"step": 21})
+    with pytest.raises(ValueError, match="says step 21"):
+        mgr.commit(20, tmp)
+    with pytest.raises(ValueError, match="expects"):
+        mgr.commit(30, tmp)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        mgr.begin(-1)
+    with pytest.raises(FileNotFoundError, match="call begin"):
+        mgr.commit(40, tmp_path / "checkpoints" / "step_000040.tmp")
+    assert mgr.latest() == d10 and [s for s, _ in mgr.list_checkpoints()] == [10]
+
+
+def test_keep_last_rotation(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=2)
     for step in (10, 20, 30, 40):
         _commit(mgr, step)
     assert [s for s, _ in mgr.list_checkpoints()] == [30, 40]
-    mgr1 = CheckpointManager(tmp_path, keep_last=1)
-    _commit(mgr1, 50)  # the one just committed is never deleted
-    assert [s for s, _ in mgr1.list_checkpoints()] == [50]
-    (tmp_path / "checkpoints" / "step_000045").mkdir()  # incomplete, older: removed at the next commit
-    _commit(mgr1, 60)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000060"]
-    keep_all = CheckpointManager(tmp_path / "all", keep_last=0)
-    for step in (1, 2, 3, 4):
-        _commit(keep_all, step)
-    assert [s for s, _ in keep_all.list_checkpoints()] == [1, 2, 3, 4]
+    assert _names(tmp_path / "checkpoints") == ["latest", "step_000030", "step_000040"]  # no .tmp residue
+
+    one = CheckpointManager(tmp_path / "one", keep_last=1)
+    for step in (1, 2, 3):
+        d = _commit(one, step)
+        assert [s for s, _ in one.list_checkpoints()] == [step] and one.latest() == d  # the new one is kept
+
+    for keep in (0, None):
+        keep_all = CheckpointManager(tmp_path / f"all-{keep}", keep_last=keep)
+        for step in (1, 2, 3, 4):
+            _commit(keep_all, step)
+        assert [s for s, _ in keep_all.list_checkpoints()] == [1, 2, 3, 4]
+
+
+def test_rotation_crash_midway_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    _commit(mgr, 1)
+    monkeypatch.setattr(ck.shutil, "rmtree", lambda *a, **k: None)  # the process dies before deleting
+    d2 = _commit(mgr, 2)
+    monkeypatch.undo()
+    # the rotated checkpoint was renamed to a .tmp first: it can never be taken for a checkpoint
+    assert _names(tmp_path / "checkpoints") == ["latest", "step_000001.tmp", "step_000002"]
+    assert mgr.latest() == d2
+    d3 = _commit(CheckpointManager(tmp_path, keep_last=1), 3)
+    assert _names(tmp_path / "checkpoints") == ["latest", "step_000002", "step_000003"]
+    assert resolve_checkpoint(tmp_path) == d3
+
+
+def test_rotation_only_deletes_this_runs_checkpoints(tmp_path):
+    first = CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3):
+        _commit(first, step, tag="first")
+    kept = {s: _snapshot(p) for s, p in first.list_checkpoints()}
+    assert sorted(kept) == [2, 3]
+    root = tmp_path / "checkpoints"
+    (root / "step_000000").mkdir()  # a step dir that is not a complete checkpoint: not ours either
+    (root / "step_000000" / "notes.txt").write_text("keep me")
+
+    # a second run resumes from step 3 and rotates only what it committed itself
+    second = CheckpointManager(tmp_path, keep_last=2)
+    for step in (4, 5, 6, 7):
+        _commit(second, step, tag="second")
+    assert [s for s, _ in second.list_checkpoints()] == [2, 3, 6, 7]
+    assert {s: _snapshot(root / f"step_{s:06d}") for s in (2, 3)} == kept
+    assert (root / "step_000000" / "notes.txt").read_text() == "keep me"
+    assert second.latest() == root / "step_000007"
+
+
+def test_recommit_of_existing_step_moves_old_checkpoint_aside(tmp_path):
+    root = tmp_path / "checkpoints"
+    first = CheckpointManager(tmp_path, keep_last=3)
+    for step in (10, 20):
+        _commit(first, step, tag="first")
+    old10, old20 = _snapshot(root / "step_000010"), _snapshot(root / "step_000020")
+
+    # a re-run into the same output directory: begin() alone leaves every committed dir as it was
+    second = CheckpointManager(tmp_path, keep_last=3)
+    tmp = second.begin(10)
+    assert _snapshot(root / "step_000010") == old10 and _snapshot(root / "step_000020") == old20
+    assert second.latest() == root / "step_000020"
+    _fill(tmp, 10, tag="second")
+    with pytest.warns(UserWarning) as record:
+        d10 = second.commit(10, tmp)
+    messages = " ".join(str(w.message) for w in record)
+    assert "already existed" in messages and "later step" in messages
+    assert load_trainer_state(d10)["tag"] == "second"
+    # the first run's step 10 and (later) step 20 are still on disk, byte for byte
+    assert _names(root) == ["latest", "step_000010", "step_000010.prev-1", "step_000020.prev-1"]
+    assert _snapshot(root / "step_000010.prev-1") == old10
+    assert _snapshot(root / "step_000020.prev-1") == old20
+    # .prev-K folders are never checkpoints for latest/list_checkpoints
+    assert second.latest() == d10 and second.list_checkpoints(complete_only=False) == [(10, d10)]
+    assert not is_complete_checkpoint(root / "step_000010.prev-1")
+    assert resolve_checkpoint(tmp_path) == d10
+    # ... but an explicit --resume of one is honoured
+    assert resolve_checkpoint(root / "step_000010.prev-1") == root / "step_000010.prev-1"
+
+    # a third run: first free K; and rotation (keep_last=1) never touches .prev-K folders
+    new10 = _snapshot(d10)
+    third = CheckpointManager(tmp_path, keep_last=1)
+    with pytest.warns(UserWarning, match="already existed"):
+        _commit(third, 10, tag="third")
+    assert _snapshot(root / "step_000010.prev-2") == new10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing else is moved or warned about
+        for step in (20, 30, 40):
+            _commit(third, step, tag="third")
+    assert _names(root) == ["latest", "step_000010.prev-1", "step_000010.prev-2", "step_000020.prev-1",
+                            "step_000040"]
+    assert _snapshot(root / "step_000010.prev-1") == old10
+    assert _snapshot(root / "step_000010.prev-2") == new10
+    assert _snapshot(root / "step_000020.prev-1") == old20
+    assert third.latest() == root / "step_000040"
 
 
 def test_commit_after_resume_from_earlier_step(tmp_path):
-    mgr = CheckpointManager(tmp_path, keep_last=5)
+    root = tmp_path / "checkpoints"
+    first = CheckpointManager(tmp_path, keep_last=5)
     for step in (10, 20, 30):
-        _commit(mgr, step, weights_version=step)
-    # resumed from step 10: step 20 is written again (replaced), 30 belongs to the abandoned run
-    with pytest.warns(UserWarning, match="later step"):
-        d20 = _commit(mgr, 20, run="second")
-    assert load_trainer_state(d20)["run"] == "second"
-    assert [s for s, _ in mgr.list_checkpoints()] == [10, 20]
-    assert mgr.latest() == d20
-    with pytest.raises(ValueError, match="says step"):
-        tmp = mgr.begin(60)
-        mgr.write_trainer_state(tmp, {"step": 61})
-        mgr.commit(60, tmp)
-
-
-def test_rng_state_roundtrip_through_json(tmp_path):
-    np = pytest.importorskip("numpy")
-    state = json.loads(json.dumps(capture_rng_state()))
-    a = (random.random(), np.random.rand(), torch.rand(3))
-    restore_rng_state(state)
-    b = (random.random(), np.random.rand(), torch.rand(3))
-    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
-    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
-    assert config_hash({"a": 1}) != config_hash({"a": 2})
-
-
-def test_save_safetensors_clones_shared_tensors(tmp_path):
-    w = torch.randn(4, 3)
-    fused = torch.randn(6, 3)
-    tensors = {"embed.weight": w, "lm_head.weight": w, "q": fused[:3], "k": fused[3:], "t": torch.randn(3, 4).t()}
-    path = save_safetensors(tmp_path / "x.safetensors", tensors)
-    back = load_safetensors(path)
-    assert set(back) == set(tensors)
-    for k, v in tensors.items():
-        assert torch.equal(back[k], v)
+        _commit(first, step, tag="first")
+    old = {s: _snapshot(p) for s, p in first.list_checkpoints()}
+    # resumed from step 10: step 20 is written again; 30 belongs to the abandoned timeline
+    second = CheckpointManager(tmp_path, keep_last=5)
+    with pytest.warns(UserWarning) as record:
+        d20 = _commit(second, 20, tag="second")
+    assert sorted("later step" in str(w.message) for w in record) == [False, True]  # + "already existed"
+    assert load_trainer_state(d20)["tag"] == "second"
+    assert [s for s, _ in second.list_checkpoints()] == [10, 20]
+    assert second.latest() == d20 and resolve_checkpoint(tmp_path) == d20
+    assert (root / "latest").read_text() == "step_000020\n"
+    assert _snapshot(root / "step_000010") == old[10]
+    assert _snapshot(root / "step_000020.prev-1") == old[20]
+    assert _snapshot(root / "step_000030.prev-1") == old[30]
 
 
 # ------------------------------------------------------------------------------------------------
-# policy in Hugging Face format
+# resolve_checkpoint (--resume DIR)
 # ------------------------------------------------------------------------------------------------
-def _inputs(processor):
-    from PIL import Image
+def test_resolve_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    mgr = CheckpointManager(out, keep_last=3)
+    d1, d2 = _commit(mgr, 1), _commit(mgr, 2)
+    tmp3 = mgr.begin(3)
+    _fill(tmp3, 3)
+    assert resolve_checkpoint(out) == d2                     # a run's output directory: its newest
+    assert resolve_checkpoint(str(out)) == d2
+    assert resolve_checkpoint(out / "checkpoints") == d2     # its checkpoints directory
+    assert resolve_checkpoint(d1) == d1                      # a checkpoint directory itself
+    with pytest.raises(ValueError, match="incomplete"):
+        resolve_checkpoint(tmp3)
 
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the shape?"}]}]
-    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    return processor(text=[text], images=[Image.new("RGB", (56, 56), (255, 0, 0))], return_tensors="pt")
-
-
-def test_save_hf_policy_roundtrip(qwen2_vl_path, tmp_path):
-    from safetensors import safe_open
-
-    from vlgrpo.modules import get_module
-    from vlgrpo.modules.loading import load_model_and_processor
-
-    module = get_module("qwen")
-    src = qwen2_vl_path
-    model, processor = load_model_and_processor(str(src), module)
-    inputs = _inputs(processor)
-    with torch.no_grad():
-        before = model(**inputs).logits
-        g = torch.Generator().manual_seed(123)
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        expected = model(**inputs).logits
-    assert not torch.allclose(before, expected)
-
-    out = tmp_path / "ckpt" / "policy"
-    save_hf_policy(model.state_dict().items(), src, out)
-    names = sorted(os.listdir(out))
-    assert "model.safetensors" in names and "config.json" in names and "generation_config.json" in names
-    assert "tokenizer.json" in names and "processor_config.json" in names
-    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth")) or n.startswith(".")]
-    assert not [n for n in os.listdir(out.parent) if n != "policy"]  # staging dir renamed away
-    # written in the source checkpoint's tensor names (what vLLM and hub checkpoints use)
-    with safe_open(str(out / "model.safetensors"), "pt") as f, safe_open(str(src / "model.safetensors"), "pt") as s:
-        assert set(f.keys()) == set(s.keys())
-        assert f.metadata().get("format") == "pt"
-
-    reloaded, processor2 = load_model_and_processor(str(out), module)
-    with torch.no_grad():
-        got = reloaded(**inputs).logits
-    assert torch.equal(got, expected)
-    sd, sd2 = model.state_dict(), reloaded.state_dict()
-    assert set(sd) == set(sd2) and all(torch.equal(sd[k], sd2[k]) for k in sd)
-    assert processor2.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
-
-    # checkpoint names (as the learner's named_weights yields them) give the same files; saving over
-    # an existing policy replaces it
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        ck_items = [(k, f.get_tensor(k) * 0 + 1) for k in f.keys()]
-    save_hf_policy(ck_items, src, out)
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert all(torch.all(f.get_tensor(k) == 1) for k in f.keys())
-
-    # the manager's model + processor path (save_pretrained into a staging dir, renamed)
-    mgr = CheckpointManager(tmp_path / "run")
-    d = mgr.save(1, {"weights_version": 1}, model=model, processor=processor)
-    pol = d / "policy"
-    assert (pol / "model.safetensors").exists() and (pol / "tokenizer.json").exists()
-    assert not list(pol.glob("*.bin"))
-    reloaded2, _ = load_model_and_processor(str(pol), module)
-    with torch.no_grad():
-        assert torch.equal(reloaded2(**inputs).logits, expected)
-
-
-def test_save_hf_policy_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        save_hf_policy([("a", torch.zeros(1))], tmp_path, tmp_path / "out")
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="empty"):
-        save_hf_policy([], tmp_path, tmp_path / "out")
-    with pytest.raises(ValueError, match="meta"):
-        save_hf_policy([("a", torch.empty(2, device="meta"))], tmp_path, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint.*output directory"):
+        resolve_checkpoint(empty)
+    (empty / "checkpoints" / "step_000005").mkdir(parents=True)  # only an incomplete one
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resolve_checkpoint(empty)
+    with pytest.raises(FileNotFoundError, match="no such file or directory.*output directory"):
+        resolve_checkpoint(tmp_path / "missing")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "trainer_state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        resolve_checkpoint(bad)

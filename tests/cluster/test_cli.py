@@ -129,7 +129,8 @@ def test_eval_prints_consistent_summary(cli_model, cli_data, tmp_path):
 
     from vlgrpo.rollout.data import DataSource, load_datasets
     from vlgrpo.rollout.types import SamplingConfig
-    from vlgrpo.rollout.worker import EngineConfig, RolloutWorker
+    from vlgrpo.modules.loading import ModelConfig
+    from vlgrpo.rollout.worker import RolloutConfig, RolloutWorker
 
     model, _ = cli_model
     data, _ = cli_data
@@ -153,8 +154,8 @@ def test_eval_prints_consistent_summary(cli_model, cli_data, tmp_path):
     sys.path.insert(0, str(tmp_path))
     try:
         ds = load_datasets([DataSource(data / "data.jsonl", data)])
-        worker = RolloutWorker(EngineConfig(model_path=str(model), engine="transformers"),
-                               [{"name": n} for n in names])
+        worker = RolloutWorker(RolloutConfig(engine="transformers", rewards=[{"name": n} for n in names],
+                                             num_threads=0), ModelConfig(path=str(model)))
         batch = worker.generate([ds[i] for i in range(len(ds))],
                                 SamplingConfig(n=2, temperature=1.0, max_tokens=4, seed=0))
     finally:

@@ -33,3 +33,34 @@ def test_config_is_saved_and_reloads(tmp_path):
     cfg = load_config(None, ["rollout.num_workers=4"])
     cfg.save(tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml").to_dict() == cfg.to_dict()
+
+
+def test_derived_values_resolved_once_and_not_settable(tmp_path):
+    cfg = load_config(None, ["rollout.temperature=0.7", "rollout.max_tokens=20", "trainer.total_steps=1000",
+                             "learner.num_iterations=2", "trainer.seed=5"])
+    lc = cfg.learner
+    # an explicit 1000 steps is honoured (no sentinel): 2 optimiser steps per batch
+    assert (lc.temperature, lc.max_completion_length, lc.total_steps, lc.seed) == (0.7, 20, 2000, 5)
+    for override in ("learner.temperature=0.5", "learner.total_steps=10", "learner.seed=1"):
+        with pytest.raises(ConfigError, match="derived.*remove it"):
+            load_config(None, [override])
+    # a saved config.yaml carries the derived values; resuming with new overrides re-derives them
+    cfg.save(tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml", ["trainer.total_steps=50"], saved=True)
+    assert again.learner.total_steps == 100 and again.learner.temperature == 0.7
+
+
+@pytest.mark.parametrize("override", ["learner.model_path=/x", "learner.module=qwen", "trainer.tensorboard=false"])
+def test_keys_that_moved_are_rejected(override):
+    with pytest.raises(ConfigError, match="unknown option"):
+        load_config(None, [override])
+
+
+def test_sections_are_the_component_configs():
+    from vlgrpo.learner.types import LearnerConfig
+    from vlgrpo.modules.loading import ModelConfig
+    from vlgrpo.rollout.worker import RolloutConfig
+
+    cfg = load_config(None, [])
+    assert type(cfg.learner) is LearnerConfig and type(cfg.rollout) is RolloutConfig
+    assert type(cfg.model) is ModelConfig

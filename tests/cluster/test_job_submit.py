@@ -209,7 +209,7 @@ def test_ray_job_submit_tiny_run(tmp_path, ray_head):
         "--", "vlgrpo", "train", "--config", "cfg.yaml",
         f"trainer.output_dir={out_dir}", "trainer.total_steps=2", "trainer.checkpoint_every=0",
         "trainer.prompts_per_step=2", "rollout.group_size=2", "rollout.max_tokens=4",
-        "rollout.num_workers=1", "learner.num_ranks=1", "trainer.tensorboard=false",
+        "rollout.num_workers=1", "learner.num_ranks=1", "metrics.tensorboard=false",
     )
     assert submitted.returncode == 0, f"ray job submit failed:\n{submitted.stdout}\n{submitted.stderr}"
     print(f"[job-submit] submitted {job_id}: {time.perf_counter() - t0:.1f}s")
@@ -233,11 +233,11 @@ def test_ray_job_submit_tiny_run(tmp_path, ray_head):
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
-        for key in ("step", "reward/mean", "weights_version", "time/step_s"):
+        for key in ("step", "reward/mean", "sync/version", "time/step_s"):
             assert key in r, f"metrics.jsonl row lacks {key!r}: {sorted(r)}"
-        assert r["weights_version"] == r["step"]
+        assert r["sync/version"] == r["step"]
     saved = yaml.safe_load((out_dir / "config.yaml").read_text())
     assert saved["trainer"]["output_dir"] == str(out_dir) and saved["rollout"]["num_workers"] == 1
     # the CLI's last line, through `ray job logs`
     summary = [json.loads(line) for line in logs.stdout.splitlines() if line.startswith('{"output_dir"')]
-    assert summary and summary[-1]["steps"] == 2 and summary[-1]["weights_version"] == 2
+    assert summary and summary[-1]["steps"] == 2 and "reward/accuracy" in summary[-1]

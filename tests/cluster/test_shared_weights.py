@@ -7,11 +7,12 @@ import pytest
 import ray
 import torch
 
-from vlgrpo.cluster.actors import learner_actor_class
 from vlgrpo.cluster.weight_sync import SharedRegion
-from vlgrpo.learner.learner_actor import create_learner_group, group_call, group_train_step
+from vlgrpo.learner.rank import Learner
 from vlgrpo.learner.types import LearnerConfig
+from vlgrpo.modules.loading import ModelConfig
 
+from ..conftest import group_train_step, saved_weights, start_learners
 from ..learner.conftest import make_batch
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
@@ -29,49 +30,47 @@ def _region_weights(handle, specs) -> dict[str, torch.Tensor]:
 
 @pytest.mark.timeout(900)
 def test_zero2_weights_live_in_shared_memory(tiny_model_factory, tmp_path):
-    from vlgrpo.learner.learner_actor import Learner
-
     path = str(tiny_model_factory("qwen2-vl", size="micro"))
-    cfg = LearnerConfig(model_path=path, module="qwen", zero_stage=2, lr=1e-2, adam_eps=1e-2, micro_batch_size=2,
-                        grad_clip=1.0, seed=0, num_threads=1, freeze_vision=True)
-    local = Learner(LearnerConfig(model_path=path, module="qwen", zero_stage=0))
+    model = ModelConfig(path=path, module="qwen")
+    cfg = LearnerConfig(zero_stage=2, lr=1e-2, adam_eps=1e-2, micro_batch_size=2, grad_clip=1.0, seed=0,
+                        num_threads=1, freeze_vision=True)
+    local = Learner(LearnerConfig(zero_stage=0), model)
     batches = [make_batch(local.module, local.processor, num_prompts=3, group_size=3, seed=s) for s in (0, 1, 2)]
-    cls = learner_actor_class()
-    shared = create_learner_group(cfg, 2, num_cpus_per_actor=0.5, actor_class=cls)
+    shared = start_learners(cfg, model, 2)
     try:
         handle = ray.get(shared[0].share_weights.remote())
         assert ray.get(shared[0].share_weights.remote()) == handle  # once
         specs = ray.get(shared[0].weight_specs.remote(trainable_only=False))
         frozen = set(ray.get(shared[0].frozen_names.remote()))
-        placed = ray.get(shared[0].placed_weights.remote())
-        trainable = [s.name for s in specs if s.name not in {f for f in frozen}]
-        assert all(placed[n] for n in trainable) and not any(placed[n] for n in placed if n not in trainable)
+        trainable = [s.name for s in specs if s.name not in frozen]
+        # the trainable weights live in the region (nothing to stage for them), the frozen ones do not
+        assert frozen and all(s.live == (s.name in trainable) for s in specs)
         assert all(s.offset >= 0 for s in specs) and len({s.offset for s in specs}) == len(specs)
-        w0 = group_call(shared, "get_weights")[0]
+        w0 = saved_weights(shared)
         for b in batches[:2]:
             group_train_step(shared, b)
-        w2 = group_call(shared, "get_weights")[0]
+        w2 = saved_weights(shared)
         in_region = _region_weights(handle, [s for s in specs if s.name in trainable])
         for n in trainable:  # the optimizer's updates are in the region, where receivers read them
             assert torch.equal(in_region[n], w2[n]), n
         assert not torch.equal(w0["lm_head.weight"], w2["lm_head.weight"])
 
         ck = str(tmp_path / "ck")
-        group_call(shared, "save_checkpoint", ck)
+        ray.get([a.save_checkpoint.remote(ck) for a in shared])
         group_train_step(shared, batches[2])
         assert not torch.equal(_region_weights(handle, specs)["lm_head.weight"], w2["lm_head.weight"])
-        group_call(shared, "load_checkpoint", ck)  # loads back into the shared buffers
+        ray.get([a.load_checkpoint.remote(ck) for a in shared])  # loads back into the shared buffers
         back = _region_weights(handle, [s for s in specs if s.name in trainable])
         assert all(torch.equal(back[n], w2[n]) for n in trainable)
     finally:
         for a in shared:
             ray.kill(a)
 
-    plain = create_learner_group(cfg, 2, num_cpus_per_actor=0.5, actor_class=cls)
+    plain = start_learners(cfg, model, 2)
     try:  # the same two steps without shared memory: bit-identical weights
         for b in batches[:2]:
             group_train_step(plain, b)
-        w2_plain = group_call(plain, "get_weights")[0]
+        w2_plain = saved_weights(plain)
         assert set(w2_plain) == set(w2)
         for n in w2:
             assert torch.equal(w2_plain[n], w2[n]), n

@@ -22,7 +22,7 @@ def test_reward_rises_with_vllm_rollouts(tmp_path):
         f"trainer.output_dir={tmp_path / 'vllm'}", f"trainer.total_steps={STEPS}", "trainer.checkpoint_every=0",
         "trainer.prompts_per_step=8", "rollout.group_size=8", "rollout.max_tokens=8", "rollout.num_workers=2",
         "rollout.engine=vllm", "rollout.max_model_len=512", "learner.num_ranks=2", "learner.zero_stage=2",
-        "learner.micro_batch_size=16", "learner.lr=0.005", "trainer.tensorboard=false",
+        "learner.micro_batch_size=16", "learner.lr=0.005", "metrics.tensorboard=false",
     ])
     init_ray(None, 4)
     trainer = Trainer(cfg)

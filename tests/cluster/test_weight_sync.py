@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from vlgrpo.cluster.weight_sync import (
-    SyncGroup, SyncGroupInfo, WeightSyncError, buffer_checksum, check_checksums, get_free_port,
-    make_plan, receive_weights, send_weights, spec_of,
+    SyncGroup, SyncGroupInfo, SyncReport, WeightSyncError, buffer_checksum, check_checksums, make_plan,
+    receive_weights, send_weights, spec_of,
 )
+from vlgrpo.cluster.placement import get_free_port
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -37,12 +38,15 @@ def test_plan_buckets_by_size_and_dtype_in_order():
 
 
 def test_checksum_mismatch_fails_loudly():
-    sent = ["aa", "bb"]
-    check_checksums(sent, {"w0": ["aa", "bb"], "w1": ["aa", "bb"]}, version=1)
+    def got(*per_worker):
+        return [SyncReport(1, 2, list(c), member=f"w{i}") for i, c in enumerate(per_worker)]
+
+    sent = SyncReport(1, 2, ["aa", "bb"])
+    check_checksums(sent, got(["aa", "bb"], ["aa", "bb"]))
     with pytest.raises(WeightSyncError, match="w1 received different bytes"):
-        check_checksums(sent, {"w0": ["aa", "bb"], "w1": ["aa", "xx"]}, version=1)
+        check_checksums(sent, got(["aa", "bb"], ["aa", "xx"]))
     with pytest.raises(WeightSyncError):
-        check_checksums(sent, {"w0": ["aa"]}, version=1)
+        check_checksums(sent, got(["aa"]))
 
 
 def _receiver(info: SyncGroupInfo, rank: int, plans, queue, go=None) -> None:
@@ -112,7 +116,7 @@ def test_sync_between_processes_delivers_exact_tensors(mode):
             assert all(same.values()), (transport, same)
             assert checksums == st.checksums and len(checksums) == len(plan.buckets)
     for i, st in enumerate(stats):
-        check_checksums(st.checksums, {f"rank {r}": out[i][1] for r, _, out in results}, st.version)
+        check_checksums(st, [SyncReport(st.version, 0, out[i][1], member=f"rank {r}") for r, _, out in results])
 
 
 def _idle_receiver(info: SyncGroupInfo) -> None:

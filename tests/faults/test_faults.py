@@ -19,7 +19,7 @@ from vlgrpo.cluster.controller import Trainer
 from vlgrpo.rollout.hf_engine import tensor_checksum
 from vlgrpo.rollout.synthetic import make_dataset
 
-from ..conftest import small_run_config
+from ..conftest import policy_weights, small_run_config
 
 PROMPTS, G = 4, 4
 
@@ -33,11 +33,11 @@ class KillWorkerMidGeneration(Trainer):
 
     killed_pid = None
 
-    def _launch_generation(self, step):
+    def launch(self, step):
         if step != 1 or self.killed_pid is not None:
-            return super()._launch_generation(step)
-        pid = ray.get(self.workers[0].health.remote())["pid"]
-        chunks = super()._launch_generation(step)
+            return super().launch(step)
+        pid = ray.get(self.fleet.workers[0].health.remote())["pid"]
+        chunks = super().launch(step)
         time.sleep(0.05)  # the chunk is in flight (32 tokens take longer than this)
         os.kill(pid, signal.SIGKILL)
         self.killed_pid = pid
@@ -50,17 +50,16 @@ def test_rollout_worker_death(tmp_path, ray_session, fault_log):
     try:
         trainer.setup()
         history = trainer.run()
-        weights = ray.get(trainer.learners[0].get_weights.remote())
-        learner = {n: tensor_checksum(t) for n, t in weights.items()}
-        workers = ray.get([w.weights_checksum.remote(list(learner)) for w in trainer.workers])
-        pids = {h["pid"] for h in ray.get([w.health.remote() for w in trainer.workers])}
+        learner = {n: tensor_checksum(t) for n, t in policy_weights(trainer).items()}
+        workers = ray.get([w.weights_checksum.remote(list(learner)) for w in trainer.fleet.workers])
+        pids = {h["pid"] for h in ray.get([w.health.remote() for w in trainer.fleet.workers])}
     finally:
         trainer.shutdown()
     assert trainer.killed_pid is not None and trainer.killed_pid not in pids
     assert len(pids) == 2  # replaced, not just dropped
     assert [h["step"] for h in history] == [1, 2, 3]
     assert history[1]["faults/worker_replaced"] >= 1 and history[1]["faults/prompts_retried"] >= 1
-    rows = [int(h["num_seqs"]) for h in history]
+    rows = [int(h["learner/num_seqs"]) for h in history]
     lost = sum(PROMPTS * G - r for r in rows)
     assert lost == 0, rows
     assert all(w == learner for w in workers), "the replacement worker does not hold the learner's weights"
@@ -68,8 +67,8 @@ def test_rollout_worker_death(tmp_path, ray_session, fault_log):
 
 
 class NaNAdvantages(Trainer):
-    def _to_train_batch(self, rollout, off_policy):
-        batch, extra = super()._to_train_batch(rollout, off_policy)
+    def advantages(self, rollout):
+        batch, extra = super().advantages(rollout)
         if self.step == 1:
             batch.advantages = torch.full_like(batch.advantages, float("nan"))
         return batch, extra
@@ -81,13 +80,13 @@ def test_nan_loss_is_skipped(tmp_path, ray_session, fault_log):
     try:
         trainer.setup()
         history = trainer.run()
-        weights = ray.get(trainer.learners[0].get_weights.remote())
+        weights = policy_weights(trainer)
     finally:
         trainer.shutdown()
-    assert history[1]["nonfinite_micro_batches"] >= 1
-    assert history[0]["nonfinite_micro_batches"] == 0 and history[2]["nonfinite_micro_batches"] == 0
+    assert history[1]["faults/nonfinite_micro_batches"] >= 1
+    assert history[0]["faults/nonfinite_micro_batches"] == 0 and history[2]["faults/nonfinite_micro_batches"] == 0
     assert all(torch.isfinite(t).all() for t in weights.values()), "a NaN reached the weights"
-    assert all(h["loss"] == h["loss"] for h in (history[0], history[2]))  # finite steps around it
+    assert all(h["loss/total"] == h["loss/total"] for h in (history[0], history[2]))  # finite steps around it
     fault_log("NaN loss (step skipped)", survived=True)
 
 
@@ -123,7 +122,7 @@ def test_bad_rows_long_prompts_and_raising_reward(tmp_path, ray_session, fault_l
     assert history[-1]["data/skipped"] == 4
     # the over-long prompt was drawn (7 of 7 usable rows per step), skipped and counted, not generated
     assert history[0]["faults/prompts_prompt_too_long"] >= 1
-    assert history[0]["num_seqs"] == 6 * G
+    assert history[0]["learner/num_seqs"] == 6 * G
     assert history[0]["reward/errors"] > 0  # the raising reward was caught per sample and counted
     fault_log("bad rows (missing, corrupt, no answer, bad JSON)", survived=True)
     fault_log("prompt longer than the model's context", survived=True)
@@ -163,7 +162,7 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path, fault_log):
     args = [sys.executable, "-m", "vlgrpo.cluster.cli", "train", f"trainer.output_dir={out}",
             "trainer.total_steps=4", "trainer.checkpoint_every=2", "trainer.prompts_per_step=4",
             "rollout.group_size=4", "rollout.max_tokens=6", "rollout.num_workers=1", "learner.zero_stage=0",
-            "learner.lr=0.005", "trainer.tensorboard=false"]
+            "learner.lr=0.005", "metrics.tensorboard=false"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -185,7 +184,7 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path, fault_log):
     resumed = _metrics(out)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]  # steps after the checkpoint were re-run once
     # same seed, same data order, same optimizer state: step 3 again equals step 3 before the kill
-    for key in ("reward/mean", "loss", "response_length/mean"):
+    for key in ("reward/mean", "loss/total", "response_length/mean"):
         assert resumed[2][key] == pytest.approx(killed[2][key], rel=1e-4, abs=1e-6), key
     from transformers import AutoConfig
 

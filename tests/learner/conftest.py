@@ -1,5 +1,9 @@
-"""Shared fixtures of the learner tests: tiny random VLM checkpoints and a fixed batch."""
+"""Shared fixtures and helpers of the learner tests: tiny random VLM checkpoints, a fixed batch,
+full weights and batch log-probs of a ``Learner``, and a Ray learner group (for the distributed
+tests)."""
 from __future__ import annotations
+
+from typing import Any, Sequence
 
 import pytest
 import torch
@@ -9,15 +13,13 @@ FAMILY_MODULE = {"qwen2-vl": "qwen", "internvl": "internvl"}
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    """``{family: checkpoint dir}`` of micro-sized random models (each built once per session)."""
-    from vlgrpo.modules.tiny import build_tiny_model
-
-    root = tmp_path_factory.mktemp("tiny_models")
+def tiny_models(tiny_model_factory):
+    """``{family: checkpoint dir}`` of micro-sized random models (each built once per session,
+    through the session-wide ``tiny_model_factory`` of ``tests/conftest.py``)."""
 
     class Lazy(dict):  # built on first use: a test file needing one family builds only that one
         def __missing__(self, fam):
-            self[fam] = str(build_tiny_model(fam, root / fam, seed=0, size="micro"))
+            self[fam] = str(tiny_model_factory(fam, size="micro"))
             return self[fam]
 
     return Lazy()
@@ -53,3 +55,108 @@ def make_batch(module, processor, num_prompts=2, group_size=3, max_len=7, seed=0
         advantages = torch.randn(n, generator=g)
     return TrainBatch(prompts_text=texts, images=images, completion_ids=ids, completion_mask=mask,
                       advantages=torch.as_tensor(advantages, dtype=torch.float32))
+
+
+# -- learner configs ------------------------------------------------------------------------------
+def learner_configs(path, family: str = "qwen2-vl", **kw):
+    """``(LearnerConfig, ModelConfig)`` for a tiny checkpoint: ``kw`` are ``LearnerConfig`` fields
+    (derived ones like ``seed``/``total_steps``/``max_completion_length`` included)."""
+    from vlgrpo.learner.types import LearnerConfig
+    from vlgrpo.modules.loading import ModelConfig
+
+    return LearnerConfig(**kw), ModelConfig(path=str(path), module=FAMILY_MODULE[family])
+
+
+def make_learner(path, family: str = "qwen2-vl", **kw):
+    """An in-process ``Learner`` (one rank, no Ray); plain torch unless ``zero_stage`` says otherwise."""
+    from vlgrpo.learner.rank import Learner
+
+    opts: dict[str, Any] = dict(zero_stage=0, lr=1e-3, micro_batch_size=4, seed=0, num_threads=2)
+    opts.update(kw)
+    return Learner(*learner_configs(path, family, **opts))
+
+
+# -- what the tests read off a learner ------------------------------------------------------------
+def weights(learner) -> dict[str, torch.Tensor]:
+    """``{checkpoint name: CPU copy}`` of the learner's full weights (rank 0; ``named_weights``)."""
+    return {n: t.detach().to("cpu", copy=True) for n, t in learner.named_weights()}
+
+
+def batch_logprobs(learner, batch, reference: bool = False) -> torch.Tensor:
+    """Log-probs ``[N, T]`` (float32, CPU) of ``batch``'s completions under the learner's current
+    policy (or reference model): ``micro_batches`` + ``logprobs`` per micro-batch, concatenated and
+    padded with 0 to the batch's ``T`` (micro-batches cut trailing all-padding columns)."""
+    n, t = batch.completion_ids.shape
+    out = torch.zeros(n, t, dtype=torch.float32)
+    row = 0
+    with torch.no_grad():
+        for mb in learner.micro_batches(batch):
+            lp = learner.logprobs(mb, reference=reference).float().cpu()
+            out[row:row + lp.shape[0], :lp.shape[1]] = lp
+            row += lp.shape[0]
+    assert row == n
+    return out
+
+
+# -- a Ray learner group --------------------------------------------------------------------------
+def start_learner_group(cfg, model_cfg, world_size: int, num_cpus: float = 0.5) -> list:
+    """``world_size`` ``ray.remote(Learner)`` actors forming one data-parallel group (rendezvous on
+    127.0.0.1 at a free port), returned once every rank is initialised. Needs a running Ray (the
+    ``ray_session`` fixture); kill them with ``kill_group``."""
+    import ray
+
+    from vlgrpo.cluster.placement import get_free_port
+    from vlgrpo.learner.rank import Learner
+
+    cls = ray.remote(Learner)
+    port = get_free_port()
+    actors = [cls.options(num_cpus=num_cpus, num_gpus=0).remote(cfg, model_cfg, r, world_size, "127.0.0.1", port)
+              for r in range(world_size)]
+    try:
+        pings = ray.get([a.ping.remote() for a in actors])
+    except Exception:
+        kill_group(actors)
+        raise
+    assert [p["rank"] for p in pings] == list(range(world_size))
+    return actors
+
+
+def kill_group(actors: Sequence[Any]) -> None:
+    import ray
+
+    for a in actors:
+        ray.kill(a)
+
+
+def group_call(actors: Sequence[Any], method: str, *args, **kwargs) -> list:
+    """Call ``method`` on every rank at once (collective methods) and wait for all results."""
+    import ray
+
+    return ray.get([getattr(a, method).remote(*args, **kwargs) for a in actors])
+
+
+def group_train_step(actors: Sequence[Any], batch) -> dict[str, float]:
+    """``batch`` split over the group (``TrainBatch.split``), one ``train_step`` on every rank;
+    returns rank 0's metrics after checking every rank reported the same (timings aside)."""
+    import ray
+
+    shards = batch.split(len(actors))
+    results = ray.get([a.train_step.remote(s) for a, s in zip(actors, shards)])
+    stable = [{k: v for k, v in m.items() if not (k.startswith("time/") or k == "learner/tokens_per_s")}
+              for m in results]
+    for r, m in enumerate(stable[1:], 1):
+        assert m.keys() == stable[0].keys(), r
+        for k in m:
+            assert m[k] == pytest.approx(stable[0][k], rel=1e-6, abs=1e-9, nan_ok=True), (r, k)
+    return results[0]
+
+
+def group_weights(actors: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """Rank 0's full weights: ``named_weights`` (a collective generator) run on every rank, each
+    rank's stream consumed to the end."""
+    import ray
+
+    streams = [a.named_weights.remote() for a in actors]
+    per_rank = [ray.get(list(s)) for s in streams]
+    assert all(not p for p in per_rank[1:]), "only rank 0 yields weights"
+    return {n: t.detach().clone() for n, t in per_rank[0]}

@@ -2,26 +2,18 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
-from vlgrpo.learner.learner_actor import Learner, lr_lambda_factory
+from vlgrpo.learner.rank import Learner, lr_lambda_factory
 from vlgrpo.learner.types import LearnerConfig, TrainBatch
+from vlgrpo.modules.loading import ModelConfig
 
-from .conftest import FAMILY_MODULE, make_batch
-
-
-def make_learner(path, family="qwen2-vl", **kw) -> Learner:
-    opts = dict(model_path=path, module=FAMILY_MODULE[family], zero_stage=0, lr=1e-3,
-                micro_batch_size=4, seed=0, num_threads=2)
-    opts.update(kw)
-    return Learner(LearnerConfig(**opts))
-
-
-def weights(learner) -> dict[str, torch.Tensor]:
-    return learner.get_weights()
+from .conftest import FAMILY_MODULE, batch_logprobs, make_batch, make_learner, weights
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
@@ -30,14 +22,77 @@ def test_update_direction_follows_advantage_sign(tiny_models, sign):
     batch = make_batch(learner.module, learner.processor, num_prompts=2, group_size=3,
                        advantages=torch.full((6,), sign))
     mask = batch.completion_mask.bool()
-    before = (learner.compute_logprobs(batch) * mask).sum(1)
+    before = (batch_logprobs(learner, batch) * mask).sum(1)
     metrics = learner.train_step(batch)
-    after = (learner.compute_logprobs(batch) * mask).sum(1)
+    after = (batch_logprobs(learner, batch) * mask).sum(1)
     delta = after - before
-    assert metrics["global_step"] == 1 and metrics["grad_norm"] > 0
+    assert metrics["optim/global_step"] == 1 and metrics["optim/grad_norm"] > 0
     # positive advantage raises every completion's log-prob, negative lowers it
     assert torch.all(delta * sign > 0), delta
-    assert metrics["loss"] == pytest.approx(-sign, abs=1e-6)  # on-policy: loss = -mean(A)
+    assert metrics["loss/total"] == pytest.approx(-sign, abs=1e-6)  # on-policy: loss = -mean(A)
+
+
+def test_multimodal_keywords_change_the_loss_and_reach_vision_gradients(tiny_models):
+    """The module's custom multimodal inputs (``pixel_values``, ``image_grid_thw``, ...) go from
+    ``micro_batches`` through ``logprobs`` into the forward: the images change the completions'
+    log-probs (hence the loss's gradient), the vision tower gets gradients through
+    ``pixel_values`` and one ``train_step`` moves it."""
+    learner = make_learner(tiny_models["qwen2-vl"], zero_stage=0, lr=1e-3, micro_batch_size=3)
+    module = learner.module
+    keys = module.get_vision_modules_keywords()
+
+    def is_vision(name):
+        return any(k in name for k in keys)
+
+    vision = [n for n in learner.trainable_names() if is_vision(n)]
+    assert vision and len(vision) < len(learner.trainable_names())
+    batch = make_batch(module, learner.processor, num_prompts=2, group_size=3)
+    # the same prompts and completions, every image replaced by a grey one of the same size (so
+    # the same number of image tokens: the token inputs are identical)
+    grey = replace(batch, images=[[Image.new("RGB", im.size, (128, 128, 128)) for im in ims]
+                                  for ims in batch.images])
+    micros, grey_micros = learner.micro_batches(batch), learner.micro_batches(grey)
+    for mb, gmb in zip(micros, grey_micros):
+        assert {"pixel_values", "image_grid_thw"} <= set(mb.inputs)
+        for k, v in mb.inputs.items():
+            same = torch.equal(v, gmb.inputs[k])
+            assert same == (k != "pixel_values"), k  # only the pixels differ
+
+    # (a) log-probs of the same completions: reproducible, and different under other images
+    mask = batch.completion_mask.bool()
+    lp = batch_logprobs(learner, batch)
+    torch.testing.assert_close(batch_logprobs(learner, batch), lp, atol=1e-6, rtol=0)
+    diff = (lp - batch_logprobs(learner, grey)).abs().masked_fill(~mask, 0)
+    assert diff.sum() / mask.sum() > 1e-3, diff
+    assert torch.all(diff.amax(dim=1) > 1e-4), diff  # every row sees its image
+
+    # (c) gradients of the log-probs reach every vision parameter through pixel_values, and none
+    # without them (the text-only path does not touch the vision tower)
+    def vision_grads(mb):
+        learner.model.zero_grad(set_to_none=True)
+        out = learner.logprobs(mb)
+        (out * mb.mask).sum().backward()
+        grads = {n: None if p.grad is None else p.grad.clone()
+                 for n, p in learner.model.named_parameters() if is_vision(n)}
+        learner.model.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    full_lp, grads = vision_grads(micros[0])
+    assert len(grads) == len(vision)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), \
+        [n for n, g in grads.items() if g is None or not g.abs().sum() > 0]
+    no_pixels = replace(micros[0], inputs={k: v for k, v in micros[0].inputs.items() if k != "pixel_values"})
+    text_lp, text_grads = vision_grads(no_pixels)
+    assert (full_lp - text_lp).abs().masked_fill(~micros[0].mask, 0).max() > 1e-3
+    assert all(g is None or not g.any() for g in text_grads.values())
+
+    # (b) one update moves every vision parameter
+    w0 = weights(learner)
+    m = learner.train_step(batch)
+    assert m["optim/global_step"] == 1 and math.isfinite(m["optim/grad_norm"])
+    w1 = weights(learner)
+    unchanged = [n for n in w0 if is_vision(n) and torch.equal(w0[n], w1[n])]
+    assert len([n for n in w0 if is_vision(n)]) == len(vision) and not unchanged, unchanged
 
 
 def test_frozen_vision_is_bit_identical(tiny_models):
@@ -97,9 +152,9 @@ def test_micro_batch_size_does_not_change_the_update(tiny_models, loss_agg):
         m = learner.train_step(batch)
         results.append((m, weights(learner)))
     (m1, w1), (m6, w6) = results
-    assert m1["num_micro_batches"] == 6 and m6["num_micro_batches"] == 1
-    assert m1["loss"] == pytest.approx(m6["loss"], abs=1e-6)
-    assert m1["grad_norm"] == pytest.approx(m6["grad_norm"], rel=1e-5)
+    assert m1["learner/num_micro_batches"] == 6 and m6["learner/num_micro_batches"] == 1
+    assert m1["loss/total"] == pytest.approx(m6["loss/total"], abs=1e-6)
+    assert m1["optim/grad_norm"] == pytest.approx(m6["optim/grad_norm"], rel=1e-5)
     for n in w1:
         torch.testing.assert_close(w1[n], w6[n], atol=1e-6, rtol=1e-5)
 
@@ -110,27 +165,34 @@ def test_num_iterations_reuses_old_logprobs_and_reports_kl(tiny_models):
     assert learner.ref_model is not None
     batch = make_batch(learner.module, learner.processor)
     m = learner.train_step(batch)
-    assert m["global_step"] == 3 and m["num_iterations"] == 3
+    # one train_step = num_iterations optimiser steps over the same batch
+    assert m["optim/global_step"] == 3 and learner.global_step == 3
     # iterations 2 and 3 see the policy moved away from the old one
-    assert m["ratio_max"] > 1.0 or m["ratio_min"] < 1.0
-    assert m["clip_frac"] > 0
-    assert m["kl"] > 0 and m["kl_loss"] > 0
-    assert math.isfinite(m["entropy"]) and m["entropy"] > 0
-    for k in ("loss", "pg_loss", "grad_norm", "lr", "tokens_per_s", "time_s", "clip_frac_low",
-              "clip_frac_high", "ratio_mean"):
+    assert m["policy/ratio_max"] > 1.0 or m["policy/ratio_min"] < 1.0
+    assert m["policy/clip_frac"] > 0
+    assert m["policy/kl"] > 0 and m["loss/kl"] > 0
+    assert m["loss/total"] == pytest.approx(m["loss/pg"] + m["loss/kl"], abs=1e-9)
+    assert math.isfinite(m["policy/entropy"]) and m["policy/entropy"] > 0
+    assert m["faults/nonfinite_micro_batches"] == 0
+    for k in ("loss/total", "loss/pg", "optim/grad_norm", "optim/grad_norm_mean", "optim/lr",
+              "learner/tokens_per_s", "learner/num_seqs", "learner/num_tokens", "time/learner_s",
+              "time/prepare_s", "time/ref_old_s", "time/update_s", "policy/clip_frac_low",
+              "policy/clip_frac_high", "policy/ratio_mean"):
         assert k in m and math.isfinite(m[k]), k
+    assert m["learner/num_seqs"] == batch.num_rows
+    assert m["learner/num_tokens"] == int(batch.completion_mask.sum())
 
 
 def test_given_old_and_sampling_logprobs_are_used(tiny_models):
     learner = make_learner(tiny_models["qwen2-vl"], tis_cap=2.0)
     batch = make_batch(learner.module, learner.processor)
-    current = learner.compute_logprobs(batch)
+    current = batch_logprobs(learner, batch)
     batch.old_logprobs = current - 0.5  # the policy "moved up": ratio exp(0.5) on every token
     batch.sampling_logprobs = current + 0.1
     m = learner.train_step(batch)
-    assert m["ratio_mean"] == pytest.approx(math.exp(0.5), rel=1e-4)
+    assert m["policy/ratio_mean"] == pytest.approx(math.exp(0.5), rel=1e-4)
     # the learner's current log-probs vs the sampler's (not vs old): the engine/learner mismatch
-    assert m["sampler_logprob_abs_diff"] == pytest.approx(0.1, rel=1e-4)
+    assert m["policy/sampler_logprob_abs_diff"] == pytest.approx(0.1, rel=1e-4)
 
 
 def test_checkpoint_resume_is_exact(tiny_models, tmp_path):
@@ -143,14 +205,14 @@ def test_checkpoint_resume_is_exact(tiny_models, tmp_path):
     b = make_learner(tiny_models["qwen2-vl"], **kw)
     assert b.load_checkpoint(str(tmp_path / "ck")) == 1
     mb = [b.train_step(x) for x in batches[1:]]
-    assert [m["lr"] for m in ma] == [m["lr"] for m in mb] == [1e-2, lr_lambda_factory(a.cfg)(2) * 1e-2]
+    assert [m["optim/lr"] for m in ma] == [m["optim/lr"] for m in mb] == [1e-2, lr_lambda_factory(a.cfg)(2) * 1e-2]
     wa, wb = weights(a), weights(b)
     for n in wa:
         assert torch.equal(wa[n], wb[n]), n
 
 
 def test_lr_schedules():
-    cfg = LearnerConfig(model_path="x", lr=1.0, warmup_steps=4, total_steps=14, lr_schedule="cosine",
+    cfg = LearnerConfig(lr=1.0, warmup_steps=4, total_steps=14, lr_schedule="cosine",
                         min_lr_ratio=0.1)
     f = lr_lambda_factory(cfg)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -164,13 +226,15 @@ def test_lr_schedules():
 
 
 def test_config_and_batch_validation():
-    with pytest.raises(ValueError):
-        LearnerConfig(model_path="x", zero_stage=4)
-    with pytest.raises(ValueError):
-        LearnerConfig(model_path="x", loss_agg="bogus")
-    with pytest.raises(ValueError):
-        LearnerConfig.from_dict({"model_path": "x", "nope": 1})
-    assert LearnerConfig(model_path="x", loss_agg="dapo").loss_agg == "token_mean"
+    for bad in (dict(zero_stage=4), dict(loss_agg="bogus"), dict(lr_schedule="step"), dict(dtype="int8"),
+                dict(micro_batch_size=0), dict(num_iterations=0)):
+        with pytest.raises(ValueError):
+            LearnerConfig(**bad)
+    with pytest.raises(TypeError):  # the model lives in ModelConfig, not here
+        LearnerConfig(model_path="x")
+    assert LearnerConfig(loss_agg="dapo").loss_agg == "token_mean"
+    with pytest.raises(ValueError, match="model.path"):  # rejected before loading anything
+        Learner(LearnerConfig(zero_stage=0), ModelConfig(path=""))
     ids = torch.zeros(6, 3, dtype=torch.long)
     b = TrainBatch(["a", "b"], [[], []], ids, torch.ones_like(ids), torch.arange(6.0))
     assert b.row_prompt_index() == [0, 0, 0, 1, 1, 1]
@@ -196,6 +260,6 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_models):
         assert enabled == gc
         m = learner.train_step(make_batch(learner.module, learner.processor))
         out.append((m, weights(learner)))
-    assert out[0][0]["loss"] == pytest.approx(out[1][0]["loss"], abs=1e-6)
+    assert out[0][0]["loss/total"] == pytest.approx(out[1][0]["loss/total"], abs=1e-6)
     for n, t in out[0][1].items():
         torch.testing.assert_close(t, out[1][1][n], atol=1e-6, rtol=1e-5)

@@ -1,0 +1,290 @@
+"""The fleet: learner ranks and rollout worker slots on Ray, and the weight-sync group among them.
+
+Everything here is bounded (``trainer.timeout_s``, ``sync.timeout_s``) and survives a rollout
+worker that dies or hangs: it is replaced by a fresh one that first receives the current weights,
+and its prompts are generated again with the same seed (no prompt is dropped). Workers can be
+added and removed between steps (``scale``), also at a user's request (``vlgrpo scale``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import ray
+
+from ..learner.types import TrainBatch
+from ..rollout.types import RolloutBatch, Sample, SamplingConfig
+from . import placement
+from .actors import LearnerActor, RolloutActor
+from .config import Config
+from .weight_sync import SyncGroupInfo, check_checksums, make_plan
+
+log = logging.getLogger("vlgrpo")
+
+
+class StageError(RuntimeError):
+    """A stage of the step (generate, update, sync, checkpoint) failed or timed out."""
+
+
+@dataclass
+class WorkerSlot:
+    """One rollout worker and what the driver knows of it."""
+
+    id: int
+    actor: Any
+    pg: Any  # its own placement group (so workers come and go independently)
+    node_ip: str = ""
+    sync_ranks: int = 1  # ranks it takes in the sync group (one per vLLM worker process)
+    transport: str = "broadcast"  # "shm" (the learner's node, CPU weights) or "broadcast"
+    has_frozen: bool = False  # received the frozen tensors (they travel once)
+
+
+@dataclass
+class Chunk:
+    """One worker's share of a step's prompts; ``result`` once generated (retried if lost)."""
+
+    samples: list[Sample]
+    sampling: SamplingConfig
+    slot: Optional[WorkerSlot] = None
+    ref: Any = None
+    result: Optional[RolloutBatch] = None
+    retries: int = 0
+
+
+class Fleet:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.has_gpus = placement.cluster_gpus() > 0
+        self.backend = cfg.sync.backend if cfg.sync.backend != "auto" else ("nccl" if self.has_gpus else "gloo")
+        self.learners: list[Any] = []
+        self.learner_pg: Any = None
+        self.slots: list[WorkerSlot] = []
+        self.sync_info: Optional[SyncGroupInfo] = None
+        self.faults: Counter = Counter()
+        self._next_id = 0
+
+    # -- bounded calls ----------------------------------------------------------------------------
+    def get(self, refs, stage: str, timeout: Optional[float] = None):
+        timeout = timeout or self.cfg.trainer.timeout_s
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError as e:
+            raise StageError(f"{stage}: no answer within {timeout:.0f}s (trainer.timeout_s); a worker or "
+                             "collective is hung") from e
+        except ray.exceptions.RayError as e:
+            raise StageError(f"{stage} failed: {e}") from e
+
+    def call(self, actors, method: str, *args, stage: str, **kwargs) -> list:
+        return self.get([getattr(a, method).remote(*args, **kwargs) for a in actors], stage)
+
+    @property
+    def workers(self) -> list[Any]:
+        return [s.actor for s in self.slots]
+
+    # -- start, replace, scale --------------------------------------------------------------------
+    def start_learners(self) -> None:
+        n, res = self.cfg.learner.num_ranks, placement.learner_resources(self.cfg, self.has_gpus)
+        self.learner_pg = placement.placement_group([placement.bundle(res)] * n, "PACK", self.cfg.trainer.timeout_s)
+        addr, port = placement.rendezvous(self.learner_pg)
+        self.learners = [LearnerActor.options(num_cpus=res.cpus, num_gpus=res.gpus,
+                                              scheduling_strategy=placement.bundle_strategy(self.learner_pg, r))
+                         .remote(self.cfg.learner, self.cfg.model, r, n, addr, port) for r in range(n)]
+        self.call(self.learners, "ping", stage="start learners")
+
+    def start_workers(self, n: int) -> list[WorkerSlot]:
+        """Start ``n`` rollout workers and wait until each answers."""
+        new = [self._start_worker() for _ in range(n)]
+        for slot, h in zip(new, self.get([s.actor.health.remote() for s in new], "start rollout workers")):
+            slot.node_ip, slot.sync_ranks = h["node_ip"], h["sync_ranks"]
+        return new
+
+    def _start_worker(self) -> WorkerSlot:
+        res = placement.worker_resources(self.cfg, self.has_gpus)
+        pg = placement.placement_group([placement.bundle(res)], "PACK", self.cfg.trainer.timeout_s)
+        actor = RolloutActor.options(num_cpus=res.cpus, num_gpus=res.gpus,
+                                     scheduling_strategy=placement.bundle_strategy(pg, 0)).remote(
+            self.cfg.rollout, self.cfg.model, self._next_id, self.cfg.trainer.seed + self._next_id)
+        slot = WorkerSlot(self._next_id, actor, pg)
+        self._next_id += 1
+        self.slots.append(slot)
+        return slot
+
+    def _remove(self, slot: WorkerSlot) -> None:
+        self.slots.remove(slot)
+        try:
+            ray.kill(slot.actor)
+        except Exception:  # already dead
+            pass
+        ray.util.remove_placement_group(slot.pg)
+
+    def replace(self, dead: list[WorkerSlot], version: int, sync: bool = True) -> None:
+        """Swap dead workers for fresh ones, which receive the current weights (``version``) when ``sync``."""
+        for slot in dead:
+            if slot in self.slots:  # idempotent: a slot may be reported by several chunks
+                self._remove(slot)
+                self.faults["worker_replaced"] += 1
+        self.start_workers(self.cfg.rollout.num_workers - len(self.slots))
+        self.form_sync_group()
+        if sync:
+            self.sync(version)
+
+    def scale(self, n: int, version: int) -> None:
+        """Add or remove rollout workers (between steps); new ones get the current weights first."""
+        if n < 1:
+            raise ValueError("need at least one rollout worker")
+        while len(self.slots) > n:
+            self._remove(self.slots[-1])
+        self.start_workers(n - len(self.slots))
+        self.cfg.rollout.num_workers = n
+        self.form_sync_group()
+        self.sync(version)
+        log.info("rollout workers: %d", n)
+
+    def dead_workers(self) -> list[WorkerSlot]:
+        dead = []
+        for slot in self.slots:
+            try:
+                ray.get(slot.actor.health.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
+                    ray.exceptions.ActorUnavailableError):
+                dead.append(slot)
+        return dead
+
+    # -- weight sync ------------------------------------------------------------------------------
+    def form_sync_group(self) -> None:
+        """(Re)form the sync group: learner rank 0 + every worker. Called when membership changes."""
+        if self.sync_info is not None:
+            self.call(self.learners[:1] + self.workers, "leave_sync_group", stage="leave sync group")
+        addr, port = placement.rendezvous(self.learner_pg)
+        shm = self._shm_slots(addr)
+        rank, shm_ranks = 1, []
+        for slot in self.slots:  # a TP=k engine takes k consecutive ranks
+            slot.transport = "shm" if slot in shm else "broadcast"
+            shm_ranks += list(range(rank, rank + slot.sync_ranks)) if slot in shm else []
+            rank += slot.sync_ranks
+        handle = self.get([self.learners[0].share_weights.remote()], "share the learner's weights")[0] if shm else None
+        self.sync_info = SyncGroupInfo(addr, port, rank, self.backend, name=f"wsync-{port}",
+                                       timeout_s=self.cfg.sync.timeout_s, shm_ranks=tuple(shm_ranks),
+                                       shm_handle=handle)
+        refs, rank = [self.learners[0].join_sync_group.remote(self.sync_info)], 1
+        for slot in self.slots:
+            refs.append(slot.actor.join_sync_group.remote(self.sync_info, rank))
+            rank += slot.sync_ranks
+        self.get(refs, "form the weight-sync group")
+
+    def _shm_slots(self, learner_ip: str) -> list[WorkerSlot]:
+        """The workers that read the learner's weights from shared memory: those on its node,
+        when weights are on the CPU (gloo) and ``sync.transport`` allows it."""
+        transport = self.cfg.sync.transport
+        if transport == "broadcast" or self.backend != "gloo" or self.has_gpus:
+            if transport == "shm":
+                raise StageError("sync.transport=shm needs CPU weights and sync.backend gloo; this cluster has GPUs "
+                                 "or NCCL: use sync.transport=auto")
+            return []
+        far = sorted({s.node_ip for s in self.slots if s.node_ip != learner_ip})
+        if transport == "shm" and far:
+            raise StageError(f"sync.transport=shm but rollout workers run on {far}, not on the learner's node "
+                             f"{learner_ip}: use sync.transport=auto (shared memory where possible, broadcast elsewhere)")
+        return [s for s in self.slots if s.node_ip == learner_ip]
+
+    def sync(self, version: int, full: bool = False) -> dict[str, float]:
+        """Send the learner's weights to every worker as ``version``. A worker that died meanwhile
+        is replaced (the replacement gets its own sync) and the sync is repeated for everyone."""
+        try:
+            return self._sync(version, full)
+        except StageError:
+            dead = self.dead_workers()
+            if not dead:
+                raise
+            log.warning("weight sync v%d: %d rollout worker(s) died; replacing them", version, len(dead))
+            self.replace(dead, version, sync=False)
+            return self._sync(version, full=True)
+
+    def _sync(self, version: int, full: bool) -> dict[str, float]:
+        """One sync; frozen tensors travel only when some worker has never received them."""
+        full = full or not all(s.has_frozen for s in self.slots)
+        specs = self.get(self.learners[0].weight_specs.remote(trainable_only=not full), "sync: list weights")
+        plan = make_plan(specs, version, self.cfg.sync.bucket_mb, verify=self.cfg.sync.verify)
+        t0 = time.perf_counter()
+        refs = [a.send_weights.remote(plan) for a in self.learners] + [w.receive_weights.remote(plan) for w in self.workers]
+        reports = self.get(refs, f"weight sync v{version}", timeout=self.cfg.sync.timeout_s)
+        seconds = time.perf_counter() - t0
+        sent, received = reports[0], reports[len(self.learners):]
+        if plan.verify:
+            check_checksums(sent, received)
+        for r in received:
+            if r.version != version:
+                raise StageError(f"{r.member} reports weights v{r.version} after sync v{version}")
+        for slot in self.slots:
+            slot.has_frozen = True
+        mb = plan.nbytes / 2**20
+        return {"sync/seconds": seconds, "sync/mb": mb, "sync/staged_mb": sent.copied_bytes / 2**20,
+                "sync/shm_workers": float(sum(s.transport == "shm" for s in self.slots)),
+                "sync/mb_per_s": mb / max(seconds, 1e-9), "sync/tensors": float(len(plan.names)),
+                "sync/full": float(full)}
+
+    # -- generation with retries ------------------------------------------------------------------
+    def launch(self, samples: list[Sample], sampling: list[SamplingConfig]) -> list[Chunk]:
+        """Start generating ``samples`` round-robin over the workers (chunk ``i`` with ``sampling[i]``)."""
+        k = len(self.slots)
+        chunks = [Chunk(samples[i::k], sampling[i]) for i in range(k) if samples[i::k]]
+        for chunk, slot in zip(chunks, self.slots):
+            self._submit(chunk, slot)
+        return chunks
+
+    def _submit(self, chunk: Chunk, slot: WorkerSlot) -> None:
+        chunk.slot, chunk.ref = slot, slot.actor.generate.remote(chunk.samples, chunk.sampling)
+
+    def collect(self, chunks: list[Chunk], stage: str, version: int) -> list[RolloutBatch]:
+        """Wait for every chunk. A worker that dies (or answers nothing within trainer.timeout_s)
+        is replaced and its chunk generated again there with the same seed."""
+        deadline = time.monotonic() + self.cfg.trainer.timeout_s
+        while any(c.result is None for c in chunks):
+            waiting = {c.ref: c for c in chunks if c.result is None}
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:  # hung: treat the workers still generating as dead
+                self._retry(list(waiting.values()), f"no answer within {self.cfg.trainer.timeout_s:.0f}s",
+                            stage, version)
+                deadline = time.monotonic() + self.cfg.trainer.timeout_s
+                continue
+            chunk = waiting[ready[0]]
+            try:
+                chunk.result = ray.get(ready[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                self._retry([chunk], type(e).__name__, stage, version)
+            except ray.exceptions.RayTaskError as e:
+                raise StageError(f"{stage}: rollout worker failed: {e}") from e
+        return [c.result for c in chunks]
+
+    def _retry(self, lost: list[Chunk], why: str, stage: str, version: int) -> None:
+        for chunk in lost:
+            if chunk.retries >= self.cfg.trainer.max_retries:
+                raise StageError(f"{stage}: prompts {[s.sample_id for s in chunk.samples]} failed "
+                                 f"{chunk.retries + 1} times ({why}); giving up (trainer.max_retries)")
+        log.warning("%s: %d rollout worker(s) lost (%s); replacing them and retrying %d prompts", stage,
+                    len({id(c.slot) for c in lost}), why, sum(len(c.samples) for c in lost))
+        self.replace([c.slot for c in lost], version)
+        for i, chunk in enumerate(lost):
+            chunk.retries += 1
+            self.faults["prompts_retried"] += len(chunk.samples)
+            self._submit(chunk, self.slots[-1 - i % len(self.slots)])
+
+    # -- learners ---------------------------------------------------------------------------------
+    def update(self, batch: TrainBatch, stage: str) -> dict[str, float]:
+        """One learner update on ``batch``, split over the ranks; rank 0's (reduced) metrics."""
+        shards = batch.split(len(self.learners))
+        return self.get([a.train_step.remote(s) for a, s in zip(self.learners, shards)], stage)[0]
+
+    def shutdown(self) -> None:
+        for a in self.workers + self.learners:
+            try:
+                ray.kill(a)
+            except Exception:  # already gone
+                pass
+        for pg in [s.pg for s in self.slots] + [self.learner_pg]:
+            if pg is not None:
+                ray.util.remove_placement_group(pg)
+        self.slots, self.learners, self.learner_pg = [], [], None
