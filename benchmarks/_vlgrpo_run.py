@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from vlgrpo.cluster.actors import SyncedLearner
-from vlgrpo.rollout.worker import RolloutWorker
+from vlgrpo.cluster.actors import SyncedLearner, SyncedWorker
+from vlgrpo.cluster.fleet import Fleet
 
 from ._common import mean
 
@@ -65,7 +65,7 @@ class ProfiledLearner(SyncedLearner):
         return m
 
 
-class ProfiledWorker(RolloutWorker):
+class ProfiledWorker(SyncedWorker):
     """``RolloutWorker`` that keeps the timings of every ``generate`` call."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -83,13 +83,8 @@ class ProfiledWorker(RolloutWorker):
 
 
 def use_profiled_actors() -> None:
-    """Make the controller start the profiled subclasses (it looks the classes up at start)."""
-    import ray
-
-    import vlgrpo.cluster.actors as actors
-
-    actors.learner_actor_class = lambda: ray.remote(ProfiledLearner)
-    actors.rollout_actor_class = lambda: ray.remote(ProfiledWorker)
+    """Make the controller's fleet start the profiled subclasses."""
+    Fleet.learner_class, Fleet.worker_class = ProfiledLearner, ProfiledWorker
 
 
 def run_vlgrpo(overrides: list[str], steps: int, warmup: int = 1, workdir: Optional[str] = None) -> dict[str, Any]:
@@ -102,7 +97,7 @@ def run_vlgrpo(overrides: list[str], steps: int, warmup: int = 1, workdir: Optio
     tmp = tempfile.TemporaryDirectory(prefix="vlgrpo-bench-run-")
     out = workdir or tmp.name
     cfg = load_config(None, list(overrides) + [
-        f"trainer.total_steps={warmup + steps}", "trainer.tensorboard=false", "trainer.checkpoint_every=0",
+        f"trainer.total_steps={warmup + steps}", "metrics.tensorboard=false", "trainer.checkpoint_every=0",
         f"trainer.output_dir={out}"])
     trainer = Trainer(cfg)
     t0 = time.perf_counter()
@@ -118,8 +113,7 @@ def run_vlgrpo(overrides: list[str], steps: int, warmup: int = 1, workdir: Optio
         for _ in range(steps):
             hist.append(trainer.train_step())
         wall = time.perf_counter() - t_run
-        wlog = ray.get(trainer.workers[0].prof_log.remote())
-        trainer._drain_pending()  # noqa: SLF001
+        wlog = ray.get(trainer.fleet.workers[0].prof_log.remote())
     finally:
         try:
             trainer.metrics.close()
@@ -137,12 +131,12 @@ def run_vlgrpo(overrides: list[str], steps: int, warmup: int = 1, workdir: Optio
         "setup_s": setup_s,
         "step_s": wall / steps,
         "driver_wait_generation_s": avg("time/generate_s"),
-        "driver_learner_call_s": avg("time/train_s"),
+        "driver_learner_call_s": avg("time/update_s"),
         "sync_s": avg("sync/seconds"),
         "worker_generate_s": mean([c.get("generate_s", 0.0) for c in gen_calls]),
         "worker_reward_s": mean([c.get("reward_s", 0.0) for c in gen_calls]),
-        "learner_step_s": avg("time_s"),
-        "learner_prepare_s": avg("time_prepare_s"),
+        "learner_step_s": avg("time/learner_s"),
+        "learner_prepare_s": avg("time/learner_prepare_s"),
         "learner_forward_s": avg("prof/forward_s"),
         "learner_backward_s": avg("prof/backward_s"),
         "learner_optimizer_s": avg("prof/optimizer_s"),

@@ -11,7 +11,7 @@ Rows (each measured ``--reps`` times round-robin after one untimed warm-up; best
 * ``direct engine, 2 threads``: the same with 2 torch threads (both cores).
 * ``RolloutWorker in-process, 1 thread``: the worker class without Ray (engine + rewards +
   tensorising), to separate the worker's own work from Ray's.
-* ``1 actor``: one ``RolloutWorker`` actor (1 torch thread, ``EngineConfig.num_threads=1``),
+* ``1 actor``: one ``RolloutWorker`` actor (1 torch thread, ``RolloutConfig.num_threads=1``),
   all prompts, wall time of ``ray.get(worker.generate.remote(...))`` seen by the driver.
 * ``2 actors``: the prompts split round-robin over two actors (as the controller does), in parallel.
 
@@ -64,7 +64,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     from vlgrpo.modules import resolve_module
     from vlgrpo.rollout.hf_engine import TransformersEngine
     from vlgrpo.rollout.types import SamplingConfig
-    from vlgrpo.rollout.worker import EngineConfig, RolloutWorker
+    from vlgrpo.modules.loading import ModelConfig
+    from vlgrpo.rollout.worker import RolloutConfig, RolloutWorker
 
     print(f"machine: {machine()}", flush=True)
     tmp = tempfile.TemporaryDirectory(prefix="vlgrpo-bench-")
@@ -76,14 +77,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"model: {args.family} {args.size} ({n_params / 1e6:.2f}M params); {args.prompts} prompts x "
           f"{args.group_size} completions, max {args.max_tokens} tokens", flush=True)
 
-    ecfg = EngineConfig(model_path=model_path, engine="transformers", num_threads=1, seed=0)
-    local_worker = RolloutWorker(ecfg, REWARDS, worker_id=99)
+    rcfg, model = RolloutConfig(engine="transformers", num_threads=1, rewards=REWARDS), ModelConfig(path=model_path)
+    local_worker = RolloutWorker(rcfg, model, worker_id=99)
     torch.set_num_threads(1)  # RolloutWorker's constructor set it too; restore per method below
 
     init_ray(2)
     actor_cls = ray.remote(num_cpus=1)(RolloutWorker)
-    actors = [actor_cls.remote(EngineConfig(model_path=model_path, engine="transformers", num_threads=1, seed=i),
-                               REWARDS, i) for i in range(2)]
+    actors = [actor_cls.remote(rcfg, model, i, i) for i in range(2)]
     ray.get([a.health.remote() for a in actors])
 
     def direct(threads: int):

@@ -214,7 +214,8 @@ def run_case(size_mb: float, n_recv: int, buckets: list[float], shm_buckets: lis
     then rep 2, ...) so that load from other processes hits them alike; best and median reported."""
     import ray
 
-    from vlgrpo.cluster.weight_sync import SyncGroupInfo, TensorSpec, get_free_port, make_plan
+    from vlgrpo.cluster.placement import get_free_port
+    from vlgrpo.cluster.weight_sync import SyncGroupInfo, TensorSpec, make_plan
 
     shapes = model_shapes(size_mb)
     nbytes = 4 * sum(_numel(s) for _, s in shapes)

@@ -1,4 +1,5 @@
-"""The actor shells: a learner rank and a rollout worker, each with its side of the weight sync.
+"""The actor shells: a learner rank and a rollout worker, each with its side of the weight sync
+(the fleet runs them with ``ray.remote``).
 
 ``rollout.RolloutWorker`` and ``learner.Learner`` know nothing of Ray or of the sync; here the
 learner rank 0 becomes the sync's source (its live weights in shared memory where receivers are on
@@ -28,8 +29,7 @@ log = logging.getLogger("vlgrpo")
 VLLM_EXTENSION = {"worker_extension_cls": "vlgrpo.cluster.weight_sync.WeightSyncExtension"}
 
 
-@ray.remote
-class LearnerActor(Learner):
+class SyncedLearner(Learner):
     """A learner rank; rank 0 is also the source (group rank 0) of the weight-sync group."""
 
     sync_group: Optional[SyncGroup] = None
@@ -105,8 +105,7 @@ class LearnerActor(Learner):
         return report
 
 
-@ray.remote
-class RolloutActor(RolloutWorker):
+class SyncedWorker(RolloutWorker):
     """A rollout worker that receives weights from the sync group."""
 
     def __init__(self, cfg: RolloutConfig, model: ModelConfig, worker_id: int, seed: int) -> None:

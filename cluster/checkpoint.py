@@ -1,27 +1,13 @@
 """Atomic file writes and numbered, atomically committed checkpoint directories.
 
-Layout under ``OUTPUT_DIR/checkpoints`` (a checkpoint's content is written by the caller)::
-
-    step_000010/          a committed checkpoint
-    step_000010.prev-1/   an earlier checkpoint of step 10, moved aside (never deleted here)
-    step_000020.tmp/      being written, or left by a crash: ignored
-    latest                text marker naming the newest committed checkpoint
-
-``begin(step)`` creates ``step_N.tmp``; ``commit(step, tmp)`` fsyncs it and renames it to ``step_N``,
-so a crash at any point leaves the previous checkpoint as the newest. Files: :func:`atomic_write_bytes`
-(temp file in the same directory, fsync, ``os.replace``, fsync of the directory).
-
-Nothing committed is deleted except by ``keep_last`` rotation among the checkpoints committed by the
-same :class:`CheckpointManager` (the same run). When step N is committed, an existing ``step_N`` (a
-re-run into the same output directory) and any ``step_M`` with M > N (a timeline abandoned by resuming
-from an earlier step) are renamed to ``step_*.prev-K`` (first free K), which ``latest`` and
-``list_checkpoints`` ignore and nothing removes automatically.
-
-    mgr = CheckpointManager(output_dir, keep_last=3)
-    tmp = mgr.begin(step)                 # the caller fills tmp / "learner", tmp / "policy"
-    atomic_write_json(tmp / "trainer_state.json", {"step": step, "weights_version": v, ...})
-    mgr.commit(step, tmp)
-    state = load_trainer_state(mgr.latest())   # or resolve_checkpoint(path) for ``--resume DIR``
+Under ``OUTPUT_DIR/checkpoints``: ``step_000010/`` (committed), ``step_000010.prev-1/`` (an earlier
+checkpoint of step 10 moved aside, never deleted here), ``step_000020.tmp/`` (being written or left
+by a crash: ignored) and ``latest`` (names the newest committed one). ``begin(step)`` creates
+``step_N.tmp``, the caller fills it, ``commit(step, tmp)`` fsyncs and renames it, so a crash at any
+point leaves the previous checkpoint as the newest. Nothing committed is deleted except by
+``keep_last`` rotation among the checkpoints of the same :class:`CheckpointManager` (run); an
+existing ``step_N`` (a re-run into the same directory) and any later ``step_M`` (a timeline
+abandoned by resuming from an earlier step) are renamed to ``step_*.prev-K`` when N is committed.
 """
 from __future__ import annotations
 

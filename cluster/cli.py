@@ -1,12 +1,5 @@
-"""The ``vlgrpo`` command line.
-
-    vlgrpo train [--config run.yaml] [--resume DIR] [section.option=value ...]
-    vlgrpo eval --model DIR --data FILE.jsonl [--image-folder DIR] [--engine auto|transformers|vllm]
-    vlgrpo make-data [--task color] --n 256 OUT_DIR
-    vlgrpo tiny-model --family qwen2-vl [--size tiny] OUT_DIR
-    vlgrpo scale --output-dir DIR --rollout-workers N
-    vlgrpo modules
-"""
+"""The ``vlgrpo`` command line (``vlgrpo -h``). Commands import what they need when they run, so that
+``vlgrpo modules`` or a config error answers in a second, before torch, Ray or DeepSpeed load."""
 from __future__ import annotations
 
 import argparse
@@ -54,9 +47,9 @@ def _cmd_eval(args) -> int:
                            ModelConfig(path=args.model, module=args.module))
     sampling = SamplingConfig(n=args.num_generations, temperature=args.temperature, max_tokens=args.max_tokens,
                               seed=args.seed)
-    totals, per_fn, n, errors = 0.0, None, 0, 0
     from tqdm import tqdm
 
+    totals, per_fn, n, errors = 0.0, None, 0, 0
     rows = [ds.get(i) for i in range(len(ds))]
     bad = sum(r is None for r in rows)
     rows = [r for r in rows if r is not None]

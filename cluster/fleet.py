@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import ray
@@ -18,7 +18,7 @@ import ray
 from ..learner.types import TrainBatch
 from ..rollout.types import RolloutBatch, Sample, SamplingConfig
 from . import placement
-from .actors import LearnerActor, RolloutActor
+from .actors import SyncedLearner, SyncedWorker
 from .config import Config
 from .weight_sync import SyncGroupInfo, check_checksums, make_plan
 
@@ -55,6 +55,9 @@ class Chunk:
 
 
 class Fleet:
+    learner_class: type = SyncedLearner  # what runs as an actor (benchmarks add timers by subclassing)
+    worker_class: type = SyncedWorker
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.has_gpus = placement.cluster_gpus() > 0
@@ -89,7 +92,7 @@ class Fleet:
         n, res = self.cfg.learner.num_ranks, placement.learner_resources(self.cfg, self.has_gpus)
         self.learner_pg = placement.placement_group([placement.bundle(res)] * n, "PACK", self.cfg.trainer.timeout_s)
         addr, port = placement.rendezvous(self.learner_pg)
-        self.learners = [LearnerActor.options(num_cpus=res.cpus, num_gpus=res.gpus,
+        self.learners = [ray.remote(self.learner_class).options(num_cpus=res.cpus, num_gpus=res.gpus,
                                               scheduling_strategy=placement.bundle_strategy(self.learner_pg, r))
                          .remote(self.cfg.learner, self.cfg.model, r, n, addr, port) for r in range(n)]
         self.call(self.learners, "ping", stage="start learners")
@@ -104,7 +107,7 @@ class Fleet:
     def _start_worker(self) -> WorkerSlot:
         res = placement.worker_resources(self.cfg, self.has_gpus)
         pg = placement.placement_group([placement.bundle(res)], "PACK", self.cfg.trainer.timeout_s)
-        actor = RolloutActor.options(num_cpus=res.cpus, num_gpus=res.gpus,
+        actor = ray.remote(self.worker_class).options(num_cpus=res.cpus, num_gpus=res.gpus,
                                      scheduling_strategy=placement.bundle_strategy(pg, 0)).remote(
             self.cfg.rollout, self.cfg.model, self._next_id, self.cfg.trainer.seed + self._next_id)
         slot = WorkerSlot(self._next_id, actor, pg)

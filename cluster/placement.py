@@ -10,6 +10,10 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import ray
+from ray.util.placement_group import placement_group as make_pg
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
 log = logging.getLogger("vlgrpo")
 
 
@@ -18,7 +22,6 @@ def init_ray(address: Optional[str], needed_cpus: float) -> None:
 
     A local one binds to 127.0.0.1 and gets at least ``needed_cpus`` logical CPUs (actors are
     mostly idle while others compute, so oversubscribing a laptop's cores is intended)."""
-    import ray
 
     if ray.is_initialized():
         return
@@ -37,7 +40,6 @@ def init_ray(address: Optional[str], needed_cpus: float) -> None:
 
 
 def cluster_gpus() -> float:
-    import ray
 
     return float(ray.cluster_resources().get("GPU", 0))
 
@@ -62,8 +64,6 @@ def worker_resources(cfg, has_gpus: bool) -> Resources:
 
 def placement_group(bundles: list[dict[str, float]], strategy: str, timeout_s: float):
     """Create and wait for a placement group; a clear error when the cluster cannot host it."""
-    import ray
-    from ray.util.placement_group import placement_group as make_pg
 
     bundles = [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
     pg = make_pg(bundles, strategy=strategy)
@@ -78,7 +78,6 @@ def placement_group(bundles: list[dict[str, float]], strategy: str, timeout_s: f
 
 
 def bundle_strategy(pg, index: int) -> Any:
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
 
@@ -96,14 +95,12 @@ def get_free_port() -> int:
 def node_ip_and_port() -> tuple[str, int]:
     """This node's IP and a free port on it: run as a Ray task where a group's rank 0 will live,
     to get a rendezvous address (the learner group's, the weight-sync group's)."""
-    import ray
 
     return ray.util.get_node_ip_address(), get_free_port()
 
 
 def rendezvous(pg, index: int = 0) -> tuple[str, int]:
     """``node_ip_and_port`` on the node of bundle ``index`` of placement group ``pg``."""
-    import ray
 
     task = ray.remote(num_cpus=0)(node_ip_and_port).options(scheduling_strategy=bundle_strategy(pg, index))
     return ray.get(task.remote())

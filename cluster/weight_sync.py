@@ -166,9 +166,6 @@ def buffer_checksum(*bufs: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-# ------------------------------------------------------------------------------------------------
-# shared memory (same node)
-# ------------------------------------------------------------------------------------------------
 class SharedRegion:
     """``nbytes`` of anonymous shared memory (``memfd``) owned by this process, with a bump
     allocator. Other processes of the same user on this node map it with :meth:`attach` through
@@ -246,9 +243,6 @@ def _typed_view(region: torch.Tensor, offset: int, dtype: torch.dtype, numel: in
     return region[offset:offset + nbytes].view(dtype)
 
 
-# ------------------------------------------------------------------------------------------------
-# the group
-# ------------------------------------------------------------------------------------------------
 @dataclass
 class SyncGroupInfo:
     """Everything a member needs to join: sent by the controller to every member."""
@@ -273,10 +267,6 @@ class SyncGroupInfo:
             if self.shm_handle is None:
                 raise ValueError("shm_handle (the source's SharedRegion.handle) is needed when some receivers "
                                  "use shared memory")
-
-    def transport(self, rank: int) -> str:
-        """``"shm"`` or ``"broadcast"`` for a receiver rank (rank 0, the source, serves both)."""
-        return "shm" if rank in self.shm_ranks else "broadcast"
 
 
 class SyncGroup:
@@ -309,10 +299,6 @@ class SyncGroup:
                               timeout=self.timeout, wait_for_workers=False)
         self.net_pg = self._process_group("net", net, info.backend) if rank in net and len(net) > 1 else None
         self.shm_pg = self._process_group("shm", shm, "gloo") if rank in shm and len(shm) > 1 else None
-
-    @property
-    def transport(self) -> str:
-        return "source" if self.rank == 0 else self.info.transport(self.rank)
 
     def _process_group(self, suffix: str, members: list[int], backend: str):
         from torch.distributed import PrefixStore
@@ -354,9 +340,6 @@ class SyncGroup:
         self.store = None
 
 
-# ------------------------------------------------------------------------------------------------
-# one sync
-# ------------------------------------------------------------------------------------------------
 @dataclass
 class SyncReport:
     """What one member did in one sync (the source's, or a receiver's)."""
@@ -453,9 +436,6 @@ def check_checksums(sent: SyncReport, received: Sequence[SyncReport]) -> None:
             )
 
 
-# ------------------------------------------------------------------------------------------------
-# vLLM worker processes as members
-# ------------------------------------------------------------------------------------------------
 class WeightSyncExtension:
     """vLLM worker extension (``worker_extension_cls``, installed by the cluster): mixed into every
     vLLM worker, so that a multi-process (tensor-parallel) engine's workers join the sync group

@@ -38,7 +38,7 @@ Then every aggregation is a plain sum over pieces divided by a constant, hence
 ``sum(grpo_loss(piece, global_*)) == grpo_loss(full batch)`` exactly, and so are the gradients.
 Under data parallelism the gradients are *averaged* over ``world_size`` ranks, so a rank
 multiplies its micro-batch loss by ``world_size`` (``loss_scale=world_size``) to make the
-all-reduced gradient equal the full-batch gradient (``vlgrpo.learner.learner_actor`` does this).
+all-reduced gradient equal the full-batch gradient (``learner.rank`` does this).
 
 ``num_iterations`` (μ) > 1: pass the log-probs recorded before the first update of this batch as
 ``old_logprobs`` (computed once by the learner, or by the sampler). With μ = 1 leave it ``None``:

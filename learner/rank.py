@@ -228,8 +228,8 @@ class Learner(LearnerWeights):
         acc, extremes, grad_norms, lrs = self._update(micros, counts)
         t3 = time.perf_counter()
         return self._reduce_metrics(acc, extremes, grad_norms, lrs, counts,
-                                    {"time/learner_s": t3 - t0, "time/prepare_s": t1 - t0,
-                                     "time/ref_old_s": t2 - t1, "time/update_s": t3 - t2})
+                                    {"time/learner_s": t3 - t0, "time/learner_prepare_s": t1 - t0,
+                                     "time/learner_ref_old_s": t2 - t1, "time/learner_optimize_s": t3 - t2})
 
     def _global_counts(self, batch: TrainBatch, n_local_micro: int) -> dict[str, Any]:
         """Rows and valid tokens of the whole step (all ranks), the micro-batch count every rank

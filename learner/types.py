@@ -100,26 +100,14 @@ class MicroBatch:
 
 @dataclass
 class TrainBatch:
-    """The rows one learner rank trains on (its shard of the step's global batch).
-
-    Prompts are stored once: ``prompts_text[p]`` / ``images[p]`` (chat-template text and that
-    prompt's images) and ``prompt_index[i]`` says which prompt row ``i`` completes. By default
-    (``prompt_index=None``) rows are group-major, ``len(rows) / len(prompts)`` per prompt.
-    The learner rebuilds model inputs with ``module.prepare_model_inputs`` per micro-batch.
-
-    ``completion_ids[N, T]`` are right-padded, ``completion_mask[N, T]`` is 1 on tokens that count
-    in the loss (the learner never sees prompt tokens in these tensors). Log-prob tensors are
-    ``[N, T]`` float with anything on masked positions.
-
-    ``old_logprobs``: log-probs before this batch's first update (for μ > 1 from an earlier pass);
-    ``None`` lets the learner compute them itself when needed. ``sampling_logprobs``: what the
-    sampler reported (used for truncated importance sampling and the learner/sampler mismatch
-    metric). ``ref_logprobs``: reference-model log-probs computed elsewhere (else the learner's own
-    reference model computes them when ``beta > 0``).
-
-    ``global_num_seqs`` / ``global_num_tokens``: counts of the full step across ranks; when None
-    the learners all-reduce them.
-    """
+    """The rows one learner rank trains on (its shard of the step's batch). Prompts are stored once
+    (``prompts_text[p]``, ``images[p]``); ``prompt_index[i]`` names row ``i``'s prompt (default:
+    group-major, equal groups). ``completion_ids`` / ``completion_mask`` ``[N, T]`` are
+    right-padded, the mask 1 on tokens that count; log-prob tensors are ``[N, T]`` float.
+    ``old_logprobs``: before this batch's first update (None: computed by the learner when μ > 1);
+    ``sampling_logprobs``: the sampler's (truncated IS, mismatch metric); ``ref_logprobs``: None
+    lets the learner's reference model compute them. ``global_num_*``: counts of the whole step
+    across ranks (None: all-reduced by the learners)."""
 
     prompts_text: list[str]
     images: list[list[Image.Image]]

@@ -7,22 +7,15 @@ from importlib.metadata import entry_points
 from typing import Callable
 
 from .base import VLMModule
+from .internvl import InternVLModule
+from .loading import read_model_config
+from .qwen import QwenModule
 
 ENTRY_POINT_GROUP = "vlgrpo.modules"
 
 
 def _builtins() -> dict[str, Callable[[], type]]:
-    def qwen():
-        from .qwen import QwenModule
-
-        return QwenModule
-
-    def internvl():
-        from .internvl import InternVLModule
-
-        return InternVLModule
-
-    return {"qwen": qwen, "internvl": internvl}
+    return {"qwen": lambda: QwenModule, "internvl": lambda: InternVLModule}
 
 
 def _entry_points() -> dict[str, object]:
@@ -77,8 +70,6 @@ def get_module(key: str) -> VLMModule:
 
 def infer_module_key(model_id: str) -> str:
     """The key of the registered module whose ``model_types`` contains the checkpoint's model_type."""
-    from .loading import read_model_config
-
     model_type = read_model_config(model_id).get("model_type", "")
     for key, cls in available_modules().items():
         if model_type in getattr(cls, "model_types", ()):

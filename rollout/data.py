@@ -1,37 +1,24 @@
 """VLM-R1 JSONL datasets, read as-is, and a deterministic resumable prompt sampler.
 
-Each JSONL row looks like::
+A row: ``{"id": "42", "image": "a.jpg" | ["a.png", "b.png"] | absent, "conversations": [{"from":
+"human", "value": "<image>What is ...?"}, {"from": "gpt", "value": "answer"}], "accu_reward_method":
+"mcq", "options": [...]}`` (the last two optional). Several files combine, each with its own image
+folder and default reward method (:class:`DataSource`). A row becomes a ``Sample`` whose prompt is a
+transformers chat conversation with one ``{"type": "image"}`` item per ``<image>`` placeholder.
 
-    {"id": "42", "image": "coco/1.jpg" | ["a.png", "b.png"] | absent,
-     "conversations": [{"from": "human", "value": "<image>What is ...?"},
-                       {"from": "gpt", "value": "answer"}],
-     "accu_reward_method": "mcq",          # optional: else the source's default, else "default"
-     "options": ["red", "green"]}          # optional: copied into Sample.meta["options"]
-
-Several files can be combined, each with its own image folder and default reward method
-(:class:`DataSource`). A row becomes a :class:`~vlgrpo.rollout.types.Sample` whose ``prompt`` is a
-transformers chat conversation with one ``{"type": "image"}`` item where each ``<image>``
-placeholder was (images without a placeholder go first).
-
-Bad rows never crash loading: invalid JSON, no question, no answer, a missing image file, an
-unreadable or corrupt image are skipped, logged (the first few per file, then a summary) and
-counted by reason in ``dataset.skipped``. Only a file with *no* usable row is an error.
-
-Images are checked when the dataset is loaded and decoded again (RGB) each time a sample is
-built, so memory stays small. ``image_check="decode"`` (default) fully decodes every image once at
-load time, which catches truncated files; ``"header"`` only opens each file (fast, for large
-datasets) and an image that then fails to decode is counted, dropped and skipped by the sampler
-when it is first drawn.
+Bad rows never crash loading: invalid JSON, no question, no answer, a missing, unreadable or
+corrupt image are skipped, logged and counted by reason in ``dataset.skipped``; only a file with
+no usable row is an error. Images are decoded once at load time (catching truncated files) and
+again each time a sample is built; one that fails later is counted and skipped by the sampler.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -41,7 +28,6 @@ from .types import Sample
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
-ImageCheck = Literal["decode", "header"]
 
 IMAGE_PLACEHOLDER = "<image>"
 _HUMAN_ROLES = ("human", "user")
@@ -103,11 +89,6 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------------------------------------
-# Row parsing
-# ---------------------------------------------------------------------------------------------
-
-
 def build_prompt(question: str, num_images: int) -> list[dict[str, Any]]:
     """A one-turn user conversation: an image item per ``<image>`` placeholder, text in between.
 
@@ -151,20 +132,6 @@ def _image_names(row: dict[str, Any]) -> list[str]:
     raise BadRow("bad_row", f"'image' must be a string or a list of strings, got {image!r}")
 
 
-def check_image(path: Path, mode: ImageCheck = "decode") -> tuple[int, int]:
-    """(w, h) of the image at ``path``; raises BadRow ``missing_image`` / ``unreadable_image``."""
-    if not path.is_file():
-        raise BadRow("missing_image", f"no file {path}")
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            if mode == "decode":
-                im.load()
-    except Exception as e:  # noqa: BLE001 - PIL raises many kinds (OSError, SyntaxError, ...)
-        raise BadRow("unreadable_image", f"{path}: {type(e).__name__}: {e}") from e
-    return size
-
-
 def load_image(path: Path) -> Image.Image:
     """Decode an image as RGB; raises BadRow ``missing_image`` / ``unreadable_image``."""
     if not path.is_file():
@@ -172,20 +139,18 @@ def load_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds (OSError, SyntaxError, ...)
         raise BadRow("unreadable_image", f"{path}: {type(e).__name__}: {e}") from e
 
 
-def parse_row(
-    row: Any, source: DataSource, image_folder: Path, line_no: int, image_check: ImageCheck = "decode"
-) -> Record:
+def parse_row(row: Any, source: DataSource, image_folder: Path, line_no: int) -> Record:
     """Validate one decoded JSON row and turn it into a Record (raises BadRow)."""
     if not isinstance(row, dict):
         raise BadRow("bad_row", f"row is a {type(row).__name__}, not an object")
     question, answer = _question_and_answer(row)
     question = source.question_template.replace("{question}", question)
     paths = [image_folder / name for name in _image_names(row)]
-    sizes = [check_image(p, image_check) for p in paths]
+    sizes = [load_image(p).size for p in paths]
     meta: dict[str, Any] = {"source": str(source.path), "line": line_no, "image_paths": [str(p) for p in paths]}
     if sizes:
         meta["image_size"] = sizes[0]
@@ -199,16 +164,11 @@ def parse_row(
     return Record(sample_id, build_prompt(question, len(paths)), paths, answer, str(method), meta)
 
 
-# ---------------------------------------------------------------------------------------------
-# Dataset
-# ---------------------------------------------------------------------------------------------
-
-
 class PromptDataset:
     """Validated records of one or more JSONL files; ``ds[i]`` builds a Sample (images decoded).
 
     ``skipped``: reason -> number of rows dropped (at load time, plus images that failed to decode
-    later under ``image_check="header"``); ``rows_per_source``: usable rows per file.
+    when drawn); ``rows_per_source``: usable rows per file.
     """
 
     def __init__(self, records: list[Record], skipped: Counter, rows_per_source: dict[str, int]):
@@ -230,9 +190,6 @@ class PromptDataset:
         prompt = json.loads(json.dumps(rec.prompt))  # callers may mutate their copy
         return Sample(rec.sample_id, prompt, images, rec.solution, rec.accu_reward_method, dict(rec.meta))
 
-    def is_bad(self, i: int) -> bool:
-        return i in self._bad
-
     def get(self, i: int) -> Optional[Sample]:
         """``self[i]``, or None (counted in ``skipped``, remembered) if its images fail to load."""
         if i in self._bad:
@@ -246,10 +203,7 @@ class PromptDataset:
             return None
 
 
-Dataset = PromptDataset
-
-
-def _read_source(source: DataSource, image_check: ImageCheck) -> tuple[list[Record], Counter]:
+def _read_source(source: DataSource) -> tuple[list[Record], Counter]:
     path = Path(source.path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
@@ -265,7 +219,7 @@ def _read_source(source: DataSource, image_check: ImageCheck) -> tuple[list[Reco
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise BadRow("invalid_json", str(e)) from e
-                records.append(parse_row(row, source, folder, line_no, image_check))
+                records.append(parse_row(row, source, folder, line_no))
             except BadRow as e:
                 skipped[e.reason] += 1
                 if sum(skipped.values()) <= _MAX_WARNINGS_PER_FILE:
@@ -278,8 +232,7 @@ def _read_source(source: DataSource, image_check: ImageCheck) -> tuple[list[Reco
 
 
 def load_datasets(
-    sources: Union[DataSource, Sequence[DataSource]], image_check: ImageCheck = "decode"
-) -> PromptDataset:
+    sources: Union[DataSource, Sequence[DataSource]]) -> PromptDataset:
     """Load and validate JSONL files into one dataset (rows in file order, files in given order).
 
     Raises FileNotFoundError for a missing file and ValueError for a file without any usable row;
@@ -289,22 +242,15 @@ def load_datasets(
         sources = [sources]
     if not sources:
         raise ValueError("load_datasets needs at least one DataSource")
-    if image_check not in ("decode", "header"):
-        raise ValueError(f"image_check must be 'decode' or 'header', got {image_check!r}")
     records: list[Record] = []
     skipped: Counter = Counter()
     per_source: dict[str, int] = {}
     for src in sources:
-        recs, skip = _read_source(src, image_check)
+        recs, skip = _read_source(src)
         records.extend(recs)
         skipped.update(skip)
         per_source[str(src.path)] = per_source.get(str(src.path), 0) + len(recs)
     return PromptDataset(records, skipped, per_source)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampler
-# ---------------------------------------------------------------------------------------------
 
 
 class PromptSampler:
@@ -354,10 +300,6 @@ class PromptSampler:
                 continue
             batch.append(sample)
         return batch
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.dataset) / self.batch_size)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_rows": len(self.dataset)}

@@ -26,11 +26,14 @@ class TransformersEngine(GenerationEngine):
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         processing_kwargs: Optional[dict] = None,
+        init_kwargs: Optional[dict] = None,
         max_batch_size: int = 64,
     ) -> None:
         self.module = module
         self.device = torch.device(device)
-        self.model, self.processor = load_model_and_processor(model_path, module, dtype, processing_kwargs)
+        # ``init_kwargs``: extra ``from_pretrained`` kwargs (``model.init_kwargs``), as the learner gets them
+        self.model, self.processor = load_model_and_processor(model_path, module, dtype, processing_kwargs,
+                                                              init_kwargs)
         self.model.to(self.device)
         # Weights arrive under checkpoint (HF state_dict on disk) names, which transformers may
         # rename in memory (e.g. Qwen2-VL's model.layers.* -> model.language_model.layers.*).

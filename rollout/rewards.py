@@ -1,22 +1,13 @@
 """Reward functions for GRPO and a registry of them by name, with per-function weights.
 
-A reward function scores a flat list of completions against the samples they answer::
-
-    fn(completions: list[str], samples: list[Sample], **kwargs) -> list[float]
-
-``completions[i]`` answers ``samples[i]`` (the caller repeats each sample G times). ``kwargs`` come
-from the reward spec (``{"name": "length", "kwargs": {"max_len": 512}}``). A function that declares a
-``completion_lengths`` parameter (or ``**kwargs``) also receives the completions' token counts when
-the caller passes them to :meth:`RewardSet.score`.
-
-Built-ins (see each function): ``format``, ``accuracy`` (per-sample ``accu_reward_method`` like
-VLM-R1: ``default``, ``mcq``, ``yes_no``, ``numeric``, ``math``, ``iou``), ``length`` (DAPO overlong
-penalty) and ``choice`` (dense shaping for the synthetic tasks). Any other name of the form
-``package.module:function`` is imported on demand.
-
-:class:`RewardSet` scores a batch with several functions and never lets one failing completion
-zero the batch: a function that raises on the batch is re-run sample by sample, and each sample
-that still raises (or returns a non-finite value) scores 0 and is counted in ``errors``.
+``fn(completions: list[str], samples: list[Sample], **kwargs) -> list[float]``: ``completions[i]``
+answers ``samples[i]``; ``kwargs`` come from the spec (``{"name": "length", "kwargs": {"max_len":
+512}}``); a function declaring ``completion_lengths`` (or ``**kwargs``) also gets token counts.
+Built-ins: ``format``, ``accuracy`` (per-sample ``accu_reward_method`` like VLM-R1: ``default``,
+``mcq``, ``yes_no``, ``numeric``, ``math``, ``iou``), ``length`` (DAPO overlong penalty) and
+``choice`` (shaping for the synthetic tasks); ``package.module:function`` imports a user function.
+:class:`RewardSet` never lets one failing completion zero the batch: a function that raises on the
+batch is re-run per sample, and a sample that still raises (or is non-finite) scores 0, counted.
 """
 from __future__ import annotations
 
@@ -77,10 +68,6 @@ def _import_function(path: str) -> RewardFn:
         raise ValueError(f"reward function {path!r} is not callable (got {type(obj).__name__})")
     return obj
 
-
-# ---------------------------------------------------------------------------------------------
-# Answer extraction helpers
-# ---------------------------------------------------------------------------------------------
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
@@ -172,34 +159,27 @@ def rescale_box(
     return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
 
-# ---------------------------------------------------------------------------------------------
-# Accuracy: one scorer per accu_reward_method
-# ---------------------------------------------------------------------------------------------
-
-
 def _acc_default(answer: str, sample: Sample) -> float:
     return float(normalize_text(answer) == normalize_text(extract_answer(sample.solution)))
 
 
-def _acc_mcq(answer: str, sample: Sample) -> float:
-    gold = extract_choice(extract_answer(sample.solution))
+def _gold(extract: Callable[[str], Any], sample: Sample, what: str) -> Any:
+    gold = extract(extract_answer(sample.solution))
     if gold is None:
-        raise ValueError(f"no option letter in solution {sample.solution!r}")
-    return float(extract_choice(answer) == gold)
+        raise ValueError(f"no {what} in solution {sample.solution!r}")
+    return gold
+
+
+def _acc_mcq(answer: str, sample: Sample) -> float:
+    return float(extract_choice(answer) == _gold(extract_choice, sample, "option letter"))
 
 
 def _acc_yes_no(answer: str, sample: Sample) -> float:
-    gold = extract_yes_no(extract_answer(sample.solution))
-    if gold is None:
-        raise ValueError(f"no yes/no in solution {sample.solution!r}")
-    return float(extract_yes_no(answer) == gold)
+    return float(extract_yes_no(answer) == _gold(extract_yes_no, sample, "yes/no"))
 
 
 def _acc_numeric(answer: str, sample: Sample) -> float:
-    gold = extract_number(extract_answer(sample.solution))
-    if gold is None:
-        raise ValueError(f"no number in solution {sample.solution!r}")
-    pred = extract_number(answer)
+    gold, pred = _gold(extract_number, sample, "number"), extract_number(answer)
     return float(pred is not None and math.isclose(pred, gold, rel_tol=1e-6, abs_tol=1e-9))
 
 
@@ -234,10 +214,7 @@ def _acc_math(answer: str, sample: Sample) -> float:
 
 
 def _acc_iou(answer: str, sample: Sample) -> float:
-    gold = extract_box(extract_answer(sample.solution))
-    if gold is None:
-        raise ValueError(f"no [x1, y1, x2, y2] box in solution {sample.solution!r}")
-    pred = extract_box(answer)
+    gold, pred = _gold(extract_box, sample, "[x1, y1, x2, y2] box"), extract_box(answer)
     if pred is None:
         return 0.0
     image_size, input_size = sample.meta.get("image_size"), sample.meta.get("input_size")
@@ -268,11 +245,6 @@ def accuracy_one(completion: str, sample: Sample) -> float:
     except KeyError:
         raise ValueError(f"unknown accu_reward_method {method!r}; known: {sorted(ACCURACY_METHODS)}") from None
     return scorer(extract_answer(completion), sample)
-
-
-# ---------------------------------------------------------------------------------------------
-# Built-in reward functions
-# ---------------------------------------------------------------------------------------------
 
 
 @register_reward("format")
@@ -331,11 +303,6 @@ def choice_reward(completions: list[str], samples: list[Sample]) -> list[float]:
         words = re.findall(r"\w+", _TAG_RE.sub(" ", c.lower()))
         out.append(sum(w in allowed for w in words) / len(words) if words else 0.0)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# RewardSet
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -480,7 +447,3 @@ class RewardSet:
         self._logged.add(key)
         where = "on the batch (retrying per sample)" if batch else "on a sample (scored 0)"
         logger.warning("reward %r raised %s: %s: %s", entry.name, where, type(err).__name__, err)
-
-    def __repr__(self) -> str:
-        parts = ", ".join(f"{e.name}×{e.weight:g}" for e in self.entries)
-        return f"RewardSet({parts})"

@@ -1,18 +1,9 @@
-"""Synthetic visual tasks for tiny randomly initialised VLMs, written as VLM-R1 JSONL + PNG images.
-
-Tasks (``TASKS``):
-
-- ``color`` (default): one filled shape (circle, square or triangle) of one of four colours on a
-  white background; answer the colour word. ``accu_reward_method`` ``default``.
-- ``count``: 1-4 shapes, one per quadrant at most; answer the digit. ``numeric``.
-- ``position``: one shape entirely in the left or the right half; answer ``left`` / ``right``.
-  ``default``.
-
-Every row carries its answer options in a top-level ``options`` field (``data.py`` copies it to
-``Sample.meta["options"]``), which the dense ``choice`` reward uses: a model from scratch first
-learns to say option words at all (``choice``), then the right one (``accuracy``). Questions and
-options are short and fixed so a tiny tokenizer can hold each option word as one token
-(:func:`corpus` gives the texts to train it on).
+"""Synthetic visual tasks for tiny randomly initialised VLMs, written as VLM-R1 JSONL + PNG images:
+``color`` (one shape of one of four colours; answer the colour word), ``count`` (1-4 shapes; the
+digit, ``numeric``), ``position`` (one shape in the left or right half; ``left`` / ``right``).
+Each row carries its answer ``options`` (``Sample.meta["options"]``, read by the ``choice``
+shaping reward); questions and options are short and fixed so a tiny tokenizer holds each option
+word as one token (:func:`corpus` gives the texts to train it on).
 """
 from __future__ import annotations
 

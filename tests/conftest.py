@@ -82,14 +82,14 @@ def policy_weights(trainer) -> dict:
 
 
 def start_learners(cfg, model_cfg, world_size: int, num_cpus: float = 0.5) -> list:
-    """A data-parallel group of ``cluster.actors.LearnerActor`` on local Ray (rank order)."""
+    """A data-parallel group of ``cluster.actors.SyncedLearner`` actors on local Ray (rank order)."""
     import ray
 
-    from vlgrpo.cluster.actors import LearnerActor
+    from vlgrpo.cluster.actors import SyncedLearner
     from vlgrpo.cluster.placement import get_free_port
 
     port = get_free_port()
-    actors = [LearnerActor.options(num_cpus=num_cpus).remote(cfg, model_cfg, r, world_size, "127.0.0.1", port)
+    actors = [ray.remote(SyncedLearner).options(num_cpus=num_cpus).remote(cfg, model_cfg, r, world_size, "127.0.0.1", port)
               for r in range(world_size)]
     ray.get([a.ping.remote() for a in actors])
     return actors

@@ -152,11 +152,15 @@ def group_train_step(actors: Sequence[Any], batch) -> dict[str, float]:
 
 
 def group_weights(actors: Sequence[Any]) -> dict[str, torch.Tensor]:
-    """Rank 0's full weights: ``named_weights`` (a collective generator) run on every rank, each
-    rank's stream consumed to the end."""
+    """Rank 0's full weights: ``named_weights`` (collective) iterated to the end on every rank at
+    once, inside each actor (Ray's ``__ray_call__``; a nested function travels by value)."""
     import ray
 
-    streams = [a.named_weights.remote() for a in actors]
-    per_rank = [ray.get(list(s)) for s in streams]
+    def pull(learner):
+        return [(n, t.detach().to("cpu", copy=True)) for n, t in learner.named_weights()]
+
+    per_rank = ray.get([a.__ray_call__.remote(pull) for a in actors])
     assert all(not p for p in per_rank[1:]), "only rank 0 yields weights"
-    return {n: t.detach().clone() for n, t in per_rank[0]}
+    out = dict(per_rank[0])
+    assert len(out) == len(per_rank[0]), "duplicate names"
+    return out

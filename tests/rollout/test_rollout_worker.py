@@ -1,7 +1,9 @@
-"""The rollout worker on a synthetic task: in-process (the typed batch, rewards, concatenation) and
-as a Ray actor on a local cluster (batch with rewards, health/version, bad dataset rows)."""
+"""The rollout worker on a synthetic task: in-process (the typed batch, rewards, concatenation, the
+prompt-length limit, the config reaching the engine) and as a Ray actor on a local cluster (batch
+with rewards, health/version, bad dataset rows)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -10,12 +12,12 @@ import shutil
 import pytest
 import torch
 
-from vlgrpo.modules.loading import checkpoint_name_map
+from vlgrpo.modules.loading import ModelConfig, checkpoint_name_map, read_model_config
 from vlgrpo.rollout.data import DataSource, load_datasets
 from vlgrpo.rollout.rewards import RewardSet
 from vlgrpo.rollout.synthetic import make_dataset
 from vlgrpo.rollout.types import RolloutBatch, SamplingConfig, concat_rollouts
-from vlgrpo.rollout.worker import EngineConfig, RolloutWorker
+from vlgrpo.rollout.worker import RolloutConfig, RolloutWorker, make_engine, resolve_engine_name
 
 REWARDS = [
     {"name": "accuracy"},
@@ -46,8 +48,14 @@ def model_dir(tiny_model_factory):
     return str(tiny_model_factory("qwen2-vl"))
 
 
-def _engine_cfg(model_dir, **kw) -> EngineConfig:
-    return EngineConfig(model_path=model_dir, module="auto", engine="transformers", **kw)
+def _cfg(**kw) -> RolloutConfig:
+    """The ``rollout`` section for the transformers engine with ``REWARDS``. ``num_threads=0``
+    leaves torch's threads alone: an in-process worker must not pin this test session to 1."""
+    return RolloutConfig(**{"engine": "transformers", "rewards": REWARDS, "num_threads": 0, **kw})
+
+
+def _worker(model_dir, worker_id: int = 0, **kw) -> RolloutWorker:
+    return RolloutWorker(_cfg(**kw), ModelConfig(path=model_dir), worker_id=worker_id)
 
 
 def eos_boost_weights(worker: RolloutWorker, sample, alpha: float = 4.0) -> list[tuple[str, torch.Tensor]]:
@@ -69,11 +77,11 @@ def eos_boost_weights(worker: RolloutWorker, sample, alpha: float = 4.0) -> list
 
 @pytest.fixture(scope="module")
 def worker_and_weights(model_dir, dataset):
-    w = RolloutWorker(_engine_cfg(model_dir), REWARDS, worker_id=0)
-    assert w.version() == 0
+    w = _worker(model_dir)
+    assert w.engine.weights_version == 0 and w.health()["version"] == 0
     weights = eos_boost_weights(w, dataset[0])
     assert w.load_weights(weights, version=1) == 1
-    assert w.version() == 1
+    assert w.engine.weights_version == 1 and w.health()["version"] == 1
     return w, weights
 
 
@@ -222,41 +230,92 @@ def test_concat_rollouts_repads(worker, dataset):
     assert concat_rollouts([a]) is a
 
 
-def test_prompt_too_long_is_skipped_not_generated(worker, dataset, monkeypatch):
-    monkeypatch.setattr(worker, "max_prompt_tokens", 5)
-    samples = [dataset[i] for i in range(2)]
-    batch = worker.generate(samples, SamplingConfig(n=2, max_tokens=4, seed=0))
-    assert batch.skipped_prompts == {"prompt_too_long": [s.sample_id for s in samples]}
-    assert batch.completion_ids.shape[0] == 0 and batch.rewards.shape == (0, len(REWARDS))
+def _prompt_tokens(worker: RolloutWorker, sample) -> int:
+    """Prompt length (text + image tokens) as the learner's processor builds it."""
+    text = worker.module.prepare_prompt(worker.processor, [{"prompt": sample.prompt}])
+    return int(worker.module.prepare_model_inputs(worker.processor, text, [sample.images])["input_ids"].shape[1])
+
+
+def _longer(sample, words: int = 12):
+    """``sample`` with its question padded by ``words`` words (a longer prompt, same image)."""
+    s = copy.deepcopy(sample)
+    s.sample_id = sample.sample_id + "-long"
+    text = next(c for c in s.prompt[-1]["content"] if c.get("type") == "text")
+    text["text"] += " please" * words
+    return s
+
+
+def test_prompt_length_limit_is_context_minus_max_tokens(model_dir, worker, dataset):
+    """The limit is ``min(max_position_embeddings, rollout.max_model_len) - max_tokens``: a prompt
+    of exactly that length is generated, a longer one is skipped and counted, never generated."""
+    positions = read_model_config(model_dir)["text_config"]["max_position_embeddings"]
+    assert worker.context_len == min(positions, RolloutConfig.max_model_len)
+    assert _worker(model_dir, max_model_len=10 * positions).context_len == positions
+
+    short = dataset[0]
+    long = _longer(short)
+    n_short, n_long = _prompt_tokens(worker, short), _prompt_tokens(worker, long)
+    assert n_long > n_short
+    max_tokens = 4
+    small = _worker(model_dir, max_model_len=n_short + max_tokens)
+    assert small.context_len == n_short + max_tokens < positions
+
+    batch = small.generate([long, short], SamplingConfig(n=2, max_tokens=max_tokens, seed=0))
+    assert batch.skipped_prompts == {"prompt_too_long": [long.sample_id]}
+    assert batch.sample_ids == [short.sample_id] and batch.completion_ids.shape[0] == 2
+    assert int(batch.completion_mask.sum(1).max()) <= max_tokens
+    check_batch(batch, [short], small, 2, max_tokens)
+
+    # One more completion token and the short prompt no longer fits either: nothing is generated.
+    none = small.generate([long, short], SamplingConfig(n=2, max_tokens=max_tokens + 1, seed=0))
+    assert none.skipped_prompts == {"prompt_too_long": [long.sample_id, short.sample_id]}
+    assert none.sample_ids == [] and none.completion_ids.shape[0] == 0
+    assert none.rewards.shape == (0, len(REWARDS)) and none.reward_names == batch.reward_names
+
+
+def test_engine_choice_and_model_config_reach_the_engine(model_dir, worker, dataset):
+    """``rollout.engine`` is validated; ``auto`` is transformers without vLLM on a GPU. The model
+    section's ``processing_kwargs`` and ``init_kwargs`` reach the transformers engine as they reach
+    the learner (``load_model_and_processor``)."""
+    with pytest.raises(ValueError, match="rollout.engine"):
+        resolve_engine_name("sglang")
+    assert resolve_engine_name("transformers") == "transformers"
+    if not torch.cuda.is_available():
+        assert resolve_engine_name("auto") == "transformers"
+
+    sample = copy.deepcopy(dataset[0])
+    sample.images = [sample.images[0].resize((224, 112))]  # larger than the max_pixels below
+    n_default = _prompt_tokens(worker, sample)
+    eng = make_engine(_cfg(), ModelConfig(path=model_dir, processing_kwargs={"max_pixels": 28 * 28 * 4},
+                                          init_kwargs={"attn_implementation": "eager"}))
+    text = eng.module.prepare_prompt(eng.processor, [{"prompt": sample.prompt}])
+    n_small = eng.module.prepare_model_inputs(eng.processor, text, [sample.images])["input_ids"].shape[1]
+    assert n_small < n_default, "max_pixels should cut the image into fewer tokens"
+    assert eng.model.config._attn_implementation == "eager"
+    assert worker.engine.model.config._attn_implementation != "eager"
 
 
 # -- on Ray ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    assert os.environ.get("RAY_AUTH_MODE") == "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def actor(ray_session, model_dir):
-    a = ray_session.remote(RolloutWorker).options(num_cpus=1).remote(
-        _engine_cfg(model_dir, num_threads=1), REWARDS, worker_id=3)
+    """The worker as the cluster runs it: a Ray actor with one torch thread."""
+    import ray
+
+    a = ray.remote(RolloutWorker).options(num_cpus=1).remote(_cfg(num_threads=1), ModelConfig(path=model_dir),
+                                                              worker_id=3)
     yield a
-    ray_session.kill(a)
+    ray.kill(a)
 
 
 @pytest.mark.slow
 def test_ray_actor_returns_batch_with_rewards(ray_session, actor, worker, eos_weights, dataset):
-    ray = ray_session
+    import ray
+
     health = ray.get(actor.health.remote(), timeout=300)
     assert health["worker"] == 3 and health["engine"] == "TransformersEngine"
     assert health["pid"] != os.getpid() and health["version"] == 0
-    assert ray.get(actor.version.remote(), timeout=60) == 0
+    assert ray.get(actor.weights_checksum.remote(), timeout=60) != worker.weights_checksum()  # not loaded yet
     assert ray.get(actor.load_weights.remote(eos_weights, 5), timeout=60) == 1
-    assert ray.get(actor.version.remote(), timeout=60) == 5
     assert ray.get(actor.health.remote(), timeout=60)["version"] == 5
     # Same weights as the in-process worker: checksums agree.
     assert ray.get(actor.weights_checksum.remote(), timeout=60) == worker.weights_checksum()
@@ -308,7 +367,9 @@ def test_ray_actor_never_sees_bad_rows(ray_session, actor, data_dir, tmp_path):
     samples = [ds.get(i) for i in range(len(ds))]
     assert all(s is not None for s in samples)
 
-    batch = ray_session.get(actor.generate.remote(samples, SamplingConfig(n=2, max_tokens=4, seed=0)), timeout=300)
+    import ray
+
+    batch = ray.get(actor.generate.remote(samples, SamplingConfig(n=2, max_tokens=4, seed=0)), timeout=300)
     assert batch.sample_ids == good_ids
     assert batch.completion_ids.shape[0] == 8 and batch.rewards.shape == (8, len(REWARDS))
     assert bool(torch.isfinite(batch.rewards).all())
