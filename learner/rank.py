@@ -267,6 +267,7 @@ class Learner(LearnerWeights):
         extremes = [math.inf, -math.inf]  # ratio min / max
         grad_norms, lrs, nonfinite = [], [], 0
         for it in range(cfg.num_iterations):
+            before = nonfinite
             lrs.append(float(self.optimizer.param_groups[0]["lr"]))  # the lr this optimiser step uses
             for j, mb, real in self._schedule(micros, n_micro):
                 if self.engine is not None:
@@ -310,7 +311,7 @@ class Learner(LearnerWeights):
                     acc["tokens"] += ntok
                     if ntok > 0:
                         extremes = [min(extremes[0], float(m["ratio_min"])), max(extremes[1], float(m["ratio_max"]))]
-            grad_norms.append(self._optimizer_step(skip=nonfinite == n_micro * (it + 1)))
+            grad_norms.append(self._optimizer_step(skip=nonfinite - before == n_micro))
             self.global_step += 1
         acc["nonfinite"] += nonfinite
         return acc, extremes, grad_norms, lrs

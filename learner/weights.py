@@ -71,7 +71,8 @@ class LearnerWeights:
                 params = [p for _, p in bucket if hasattr(p, "ds_id")]
                 with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                     got = [(self._ck(b), finish(p, copy=True)) for b, p in bucket] if emit else []
-                yield from got
+                for item in got:  # (not ``yield from``: a generator driven with send() must work)
+                    yield item
                 bucket, size = [], 0
 
     def _named_weights_converted(self, emit: bool, device: Optional[str]):

@@ -72,7 +72,7 @@ def make_engine(cfg: RolloutConfig, model: ModelConfig, seed: int = 0,
                           extra_engine_kwargs=extra_engine_kwargs)
     return TransformersEngine(model.path, module, dtype=resolve_dtype(cfg.dtype),
                               device="cuda" if torch.cuda.is_available() else "cpu",
-                              processing_kwargs=model.processing_kwargs)
+                              processing_kwargs=model.processing_kwargs, init_kwargs=model.init_kwargs)
 
 
 class RolloutWorker:

