@@ -26,14 +26,14 @@ from ..modules.tiny import FAMILIES, SIZES
 from ..rollout.data import DataConfig
 from ..rollout.rewards import RewardSet
 from ..rollout.synthetic import TASKS
-from ..rollout.worker import RolloutConfig
+from ..rollout.worker import RolloutConfig, resolve_engine_name
 from .checkpoint import atomic_write_text
 from .metrics import MetricsConfig
 from .weight_sync import SyncConfig
 
 
 class ConfigError(ValueError):
-    pass
+    """A bad config value; the message names the field and the fix."""
 
 
 @dataclass
@@ -217,6 +217,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     need(r.engine in ("auto", "vllm", "transformers"), f"rollout.engine={r.engine!r}: use auto, vllm or transformers")
+    try:
+        resolve_engine_name(r.engine)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     need(r.num_workers >= 1, f"rollout.num_workers={r.num_workers}: need at least 1 rollout worker")
     need(r.group_size >= 2, f"rollout.group_size={r.group_size}: GRPO needs >= 2 completions per prompt")
     need(r.max_tokens >= 1, "rollout.max_tokens must be >= 1")

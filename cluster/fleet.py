@@ -7,6 +7,7 @@ added and removed between steps (``scale``), also at a user's request (``vlgrpo 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -107,9 +108,9 @@ class Fleet:
     def _start_worker(self) -> WorkerSlot:
         res = placement.worker_resources(self.cfg, self.has_gpus)
         pg = placement.placement_group([placement.bundle(res)], "PACK", self.cfg.trainer.timeout_s)
-        actor = ray.remote(self.worker_class).options(num_cpus=res.cpus, num_gpus=res.gpus,
-                                     scheduling_strategy=placement.bundle_strategy(pg, 0)).remote(
-            self.cfg.rollout, self.cfg.model, self._next_id, self.cfg.trainer.seed + self._next_id)
+        actor = ray.remote(self.worker_class).options(
+            num_cpus=res.cpus, num_gpus=res.gpus, scheduling_strategy=placement.bundle_strategy(pg, 0),
+        ).remote(self.cfg.rollout, self.cfg.model, self._next_id, self.cfg.trainer.seed + self._next_id)
         slot = WorkerSlot(self._next_id, actor, pg)
         self._next_id += 1
         self.slots.append(slot)
@@ -117,10 +118,8 @@ class Fleet:
 
     def _remove(self, slot: WorkerSlot) -> None:
         self.slots.remove(slot)
-        try:
+        with contextlib.suppress(Exception):  # already dead
             ray.kill(slot.actor)
-        except Exception:  # already dead
-            pass
         ray.util.remove_placement_group(slot.pg)
 
     def replace(self, dead: list[WorkerSlot], version: int, sync: bool = True) -> None:
@@ -283,10 +282,8 @@ class Fleet:
 
     def shutdown(self) -> None:
         for a in self.workers + self.learners:
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 ray.kill(a)
-            except Exception:  # already gone
-                pass
         for pg in [s.pg for s in self.slots] + [self.learner_pg]:
             if pg is not None:
                 ray.util.remove_placement_group(pg)

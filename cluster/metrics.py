@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 _DEFAULT_PLOT_KEYS = ("reward/accuracy", "reward/mean", "reward/*", "loss/total", "policy/kl", "policy/clip_frac",
                       "policy/entropy", "response_length/mean", "time/step_s", "sync/mb_per_s", "staleness/mean")
-_REWARD_STATS = {"reward/accuracy", "reward/mean", "reward/std", "reward/min", "reward/max", "reward/median", "reward/errors", "reward/zero_std_groups"}
+_REWARD_STATS = {"reward/accuracy", "reward/mean", "reward/std", "reward/min", "reward/max", "reward/median",
+                 "reward/errors", "reward/zero_std_groups"}
 _SUMMARY = (("reward/accuracy", "acc {:.3f}"), ("reward/mean", "reward {:.3f}"), ("loss/total", "loss {:.4g}"),
             ("time/step_s", "{:.2f} s/step"))  # progress postfix / line, in this order, when present
 

@@ -76,10 +76,6 @@ class RolloutBatch:
     pad_token_id: int = 0
     skipped_prompts: dict[str, list[str]] = field(default_factory=dict)  # reason -> sample ids not generated
 
-    @property
-    def num_prompts(self) -> int:
-        return len(self.sample_ids)
-
     def total_rewards(self) -> torch.Tensor:
         """Weighted sum over reward functions, shape [N]."""
         w = torch.tensor(self.reward_weights, dtype=torch.float32)

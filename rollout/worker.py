@@ -3,6 +3,7 @@ actor). It turns prompts (``Sample``s with PIL images) into a scored, tensorised
 and loads new weights into its engine in place (``load_weights``)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
@@ -43,15 +44,12 @@ class RolloutConfig:
 
 
 def resolve_engine_name(name: str) -> str:
-    if name not in ("auto", "vllm", "transformers"):
-        raise ValueError(f"rollout.engine {name!r}: use 'auto', 'vllm' or 'transformers'")
-    if name != "auto":
-        return name
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return "transformers"
-    return "vllm" if torch.cuda.is_available() else "transformers"
+    """``auto``: vLLM where it is installed and there is a GPU, else transformers."""
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if name == "vllm" and not has_vllm:
+        raise ValueError("rollout.engine=vllm but vllm is not installed here: pip install 'vlgrpo[vllm]' "
+                         "(GPU; on CPU see .ci/setup_vllm_cpu.sh), or set rollout.engine=auto")
+    return name if name != "auto" else ("vllm" if has_vllm and torch.cuda.is_available() else "transformers")
 
 
 def resolve_dtype(name: str) -> torch.dtype:

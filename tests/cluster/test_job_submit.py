@@ -46,17 +46,20 @@ def test_cpu_tiny_example_is_the_embedded_default():
     assert load_config(EXAMPLES / "cpu_tiny.yaml").to_dict() == load_config(None).to_dict()
 
 
-def test_gpu_example_loads(tmp_path):
-    """The Qwen2.5-VL-3B example is a valid config once its data files exist (they live on the
-    cluster's shared filesystem, so point the sources at stand-ins here)."""
+def test_gpu_example_loads(tmp_path, monkeypatch):
+    """The Qwen2.5-VL-3B example is a valid config once its data files and image folders exist (they
+    live on the cluster's shared filesystem, so point the sources at stand-ins here) and vLLM is
+    installed (as on the GPU cluster's driver)."""
+    from vlgrpo.cluster import config
     from vlgrpo.cluster.config import load_config
 
+    monkeypatch.setattr(config, "resolve_engine_name", lambda name: name)
     raw = yaml.safe_load((EXAMPLES / "qwen2_5_vl_3b_gpu.yaml").read_text())
     sources = []
     for i, src in enumerate(raw["data"]["sources"]):
         stand_in = tmp_path / f"source{i}.jsonl"
         stand_in.write_text("")
-        sources.append({**src, "path": str(stand_in)})
+        sources.append({**src, "path": str(stand_in), "image_folder": str(tmp_path)})
     cfg_file = tmp_path / "gpu.yaml"
     cfg_file.write_text(yaml.safe_dump({**raw, "data": {**raw["data"], "sources": sources}}))
     cfg = load_config(cfg_file)

@@ -330,6 +330,7 @@ def test_processing_kwargs_reach_vllm(family, model_dir):
         eng.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("other_family", ["qwen2.5-vl", "qwen3-vl"])
 def test_other_qwen_families(other_family, tmp_path_factory):
     """Qwen2.5-VL and Qwen3-VL: same prompt tokens and log-probs as transformers, and weights
