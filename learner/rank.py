@@ -116,7 +116,10 @@ class Learner(LearnerWeights):
             os.environ.setdefault("LOCAL_WORLD_SIZE", str(self.world_size))
         if self.cfg.zero_stage > 0:
             import deepspeed
+            from deepspeed.accelerator import get_accelerator
 
+            if not self.on_gpu:  # its CPU shared-memory all-reduce: a ~50 s JIT compile that buys nothing here
+                deepspeed.ops.__compatible_ops__[get_accelerator().create_op_builder("ShareMemCommBuilder").NAME] = False
             deepspeed.init_distributed(dist_backend=backend)
         elif self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",

@@ -123,6 +123,7 @@ def test_make_data_writes_jsonl_and_images(cli_data):
     assert len(ds) == 12 and ds.num_skipped == 0
 
 
+@pytest.mark.slow
 def test_eval_prints_consistent_summary(cli_model, cli_data, tmp_path):
     """One JSON line whose numbers match an in-process rollout with the same settings."""
     import torch

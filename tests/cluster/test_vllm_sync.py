@@ -263,7 +263,7 @@ def test_synced_worker_on_ray_drives_vllm(ray_session, model_dir, hf, moved, lay
         batch = ray.get(actor.generate.remote(SAMPLES, SamplingConfig(n=G, temperature=1.0, max_tokens=8, seed=11)),
                         timeout=300)
         N = len(SAMPLES) * G
-        assert batch.num_prompts == len(SAMPLES) and batch.group_size == G
+        assert batch.sample_ids == [s.sample_id for s in SAMPLES] and batch.group_size == G
         assert batch.completion_ids.shape[0] == N and batch.completion_mask.shape == batch.completion_ids.shape
         assert batch.sampling_logprobs.shape == batch.completion_ids.shape
         assert batch.rewards.shape == (N, 2) and batch.reward_names == ["format", "length"]

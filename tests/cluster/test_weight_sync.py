@@ -67,7 +67,8 @@ def _receiver(info: SyncGroupInfo, rank: int, plans, queue, go=None) -> None:
     group.close()
 
 
-@pytest.mark.parametrize("mode", ["broadcast", "shm", "mixed", "shm-placed"])
+@pytest.mark.parametrize("mode", [pytest.param("broadcast", marks=pytest.mark.slow),
+                                  pytest.param("shm", marks=pytest.mark.slow), "mixed", "shm-placed"])
 def test_sync_between_processes_delivers_exact_tensors(mode):
     """Two syncs in a row (all tensors, then a subset with new values) from this process to two
     receiver processes: over the broadcast, shared memory (the source copying into its region, or

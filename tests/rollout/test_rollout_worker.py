@@ -142,7 +142,7 @@ def check_batch(batch: RolloutBatch, samples, worker: RolloutWorker, group_size:
     tok = worker.engine.tokenizer()
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     assert batch.sample_ids == [s.sample_id for s in samples]
-    assert batch.num_prompts == len(samples) and batch.group_size == group_size
+    assert len(batch.prompts_text) == len(samples) and batch.group_size == group_size
     assert batch.prompts_text == worker.module.prepare_prompt(worker.processor, [{"prompt": s.prompt} for s in samples])
     assert [[im.size for im in ims] for ims in batch.images] == [[im.size for im in s.images] for s in samples]
     ids, mask, lps = batch.completion_ids, batch.completion_mask, batch.sampling_logprobs
@@ -274,14 +274,18 @@ def test_prompt_length_limit_is_context_minus_max_tokens(model_dir, worker, data
 
 
 def test_engine_choice_and_model_config_reach_the_engine(model_dir, worker, dataset):
-    """``rollout.engine`` is validated; ``auto`` is transformers without vLLM on a GPU. The model
-    section's ``processing_kwargs`` and ``init_kwargs`` reach the transformers engine as they reach
-    the learner (``load_model_and_processor``)."""
-    with pytest.raises(ValueError, match="rollout.engine"):
-        resolve_engine_name("sglang")
+    """``rollout.engine``: ``auto`` is transformers unless vLLM and a GPU are both there; ``vllm``
+    where vLLM is not installed fails with the install hint. The model section's
+    ``processing_kwargs`` and ``init_kwargs`` reach the transformers engine as they reach the
+    learner (``load_model_and_processor``)."""
+    import importlib.util
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
     assert resolve_engine_name("transformers") == "transformers"
-    if not torch.cuda.is_available():
-        assert resolve_engine_name("auto") == "transformers"
+    assert resolve_engine_name("auto") == ("vllm" if has_vllm and torch.cuda.is_available() else "transformers")
+    if not has_vllm:
+        with pytest.raises(ValueError, match="vllm is not installed"):
+            resolve_engine_name("vllm")
 
     sample = copy.deepcopy(dataset[0])
     sample.images = [sample.images[0].resize((224, 112))]  # larger than the max_pixels below
