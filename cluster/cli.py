@@ -38,7 +38,7 @@ def _cmd_make_data(args) -> int:
 def _cmd_eval(args) -> int:
     from ..modules.loading import ModelConfig
     from ..rollout.data import DataSource, load_datasets
-    from ..rollout.types import SamplingConfig
+    from ..rollout.types import SamplingConfig, concat_rollouts
     from ..rollout.worker import RolloutConfig, RolloutWorker
 
     ds = load_datasets([DataSource(args.data, args.image_folder)])
@@ -49,23 +49,12 @@ def _cmd_eval(args) -> int:
                               seed=args.seed)
     from tqdm import tqdm
 
-    totals, per_fn, n, errors = 0.0, None, 0, 0
-    rows = [ds.get(i) for i in range(len(ds))]
-    bad = sum(r is None for r in rows)
-    rows = [r for r in rows if r is not None]
-    names: list[str] = []
-    for start in tqdm(range(0, len(rows), args.batch_size), desc="eval", disable=not sys.stderr.isatty()):
-        batch = worker.generate(rows[start:start + args.batch_size], sampling)
-        names = batch.reward_names
-        totals += float(batch.total_rewards().sum())
-        s = batch.rewards.sum(0)
-        per_fn = s if per_fn is None else per_fn + s
-        n += batch.rewards.shape[0]
-        errors += sum(batch.reward_errors.values())
-    summary = {"rows": len(rows), "skipped": ds.num_skipped + bad, "completions": n,
-               "reward/mean": totals / max(n, 1), "reward_errors": errors}
-    for j, name in enumerate(names):
-        summary[f"reward/{name}"] = float(per_fn[j]) / max(n, 1)
+    rows = [r for r in (ds.get(i) for i in range(len(ds))) if r is not None]  # images that fail are counted
+    starts = tqdm(range(0, len(rows), args.batch_size), desc="eval", disable=not sys.stderr.isatty())
+    batch = concat_rollouts([worker.generate(rows[s:s + args.batch_size], sampling) for s in starts])
+    summary = {"rows": len(rows), "skipped": ds.num_skipped, "completions": batch.rewards.shape[0],
+               "reward/mean": float(batch.total_rewards().mean()), "reward_errors": sum(batch.reward_errors.values()),
+               **{f"reward/{n}": float(batch.rewards[:, j].mean()) for j, n in enumerate(batch.reward_names)}}
     print(json.dumps(summary))
     return 0
 

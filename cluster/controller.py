@@ -194,6 +194,10 @@ class Trainer:
     def run(self) -> list[dict[str, float]]:
         t, history = self.cfg.trainer, []
         try:
+            if self.step >= t.total_steps:
+                log.warning("the run in %s already finished step %d (trainer.total_steps=%d); to go on, resume "
+                            "with trainer.total_steps=N", self.out, self.step, t.total_steps)
+                return history
             while self.step < t.total_steps:
                 n = take_scale_request(self.out)  # `vlgrpo scale` between steps
                 if n is not None and n != len(self.fleet.slots):

@@ -449,9 +449,8 @@ class WeightSyncExtension:
         return my_rank
 
     def vlgrpo_leave_sync_group(self) -> None:
-        group = getattr(self, "_vlgrpo_sync_group", None)
-        if group is not None:
-            group.close()
+        if getattr(self, "_vlgrpo_sync_group", None) is not None:
+            self._vlgrpo_sync_group.close()
         self._vlgrpo_sync_group = None
 
     def vlgrpo_receive_weights(self, plan: bytes) -> SyncReport:

@@ -197,3 +197,15 @@ def test_train_config_error_exits_2_before_ray(case, tmp_path):
     assert "Started a local Ray instance" not in output and "ray.init" not in output
     assert not (tmp_path / "runs").exists(), "nothing may be written for a rejected config"
     assert elapsed < 20, f"the config error took {elapsed:.1f}s: it must come before any heavy start-up"
+
+
+def test_resume_of_a_folder_that_is_no_run_fails_at_once(tmp_path):
+    """``--resume DIR`` continues the run in DIR with its own config.yaml; a DIR without one (empty,
+    missing, a typo) is one clear line, before Ray starts, and nothing is written anywhere."""
+    (tmp_path / "empty").mkdir()
+    for target in ("empty", "missing"):
+        proc = run_cli("train", "--resume", target, cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"--resume {target}: no config.yaml there" in proc.stderr
+        assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any((tmp_path / "empty").iterdir())

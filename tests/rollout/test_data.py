@@ -124,19 +124,24 @@ def test_bad_rows_are_skipped_and_counted_by_reason(tmp_path, caplog):
     assert any("skipped 11" in r.message and "d.jsonl" in r.message for r in caplog.records)
 
 
-def test_header_check_counts_undecodable_images_lazily(tmp_path):
+def test_image_that_fails_when_drawn_is_counted_and_skipped(tmp_path):
+    """Images are decoded at load time (a truncated file is caught there) and again each time a
+    sample is built: one that fails then (broken on disk since loading) is counted once,
+    remembered, and never reaches a batch."""
     imgs = tmp_path / "imgs"
     write_png(imgs / "ok.png")
-    good = write_png(imgs / "trunc.png", size=(64, 64), noise=True).read_bytes()
+    good = write_png(imgs / "later.png", size=(64, 64), noise=True).read_bytes()
     (imgs / "trunc.png").write_bytes(good[: len(good) // 2])
-    (imgs / "garbage.png").write_bytes(b"nope")
-    path = write_jsonl(tmp_path / "d.jsonl", [row("ok.png", id="ok"), row("trunc.png", id="t"), row("garbage.png")])
-    ds = load_datasets(DataSource(path, imgs), image_check="header")
-    assert len(ds) == 2 and ds.skipped == {"unreadable_image": 1}  # garbage caught by the header check
+    path = write_jsonl(tmp_path / "d.jsonl", [row("ok.png", id="ok"), row("later.png", id="t"), row("trunc.png")])
+    ds = load_datasets(DataSource(path, imgs))
+    assert len(ds) == 2 and ds.skipped == {"unreadable_image": 1}  # truncated: caught by the load-time decode
+    assert ds.get(1).images[0].size == (64, 64)
+    (imgs / "later.png").write_bytes(good[: len(good) // 2])  # broken after loading
     sampler = PromptSampler(ds, batch_size=3, seed=0)
     batch = next(sampler)
-    assert [s.sample_id for s in batch] == ["ok"] * 3  # the truncated row is dropped when drawn
-    assert ds.skipped == {"unreadable_image": 2} and ds.is_bad(1)
+    assert [s.sample_id for s in batch] == ["ok"] * 3  # the broken row is dropped when drawn
+    assert ds.skipped == {"unreadable_image": 2}
+    assert ds.get(1) is None and ds.skipped == {"unreadable_image": 2}  # remembered: counted once
 
 
 def test_file_without_usable_rows_is_an_error_naming_it(tmp_path):
