@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Sequence
 
 import pytest
 
@@ -81,25 +82,73 @@ def policy_weights(trainer) -> dict:
     return saved_weights(trainer.fleet.learners)
 
 
-def start_learners(cfg, model_cfg, world_size: int, num_cpus: float = 0.5) -> list:
-    """A data-parallel group of ``cluster.actors.SyncedLearner`` actors on local Ray (rank order)."""
+# -- a Ray learner group --------------------------------------------------------------------------
+def start_learner_group(cfg, model_cfg, world_size: int, num_cpus: float = 0.5, actor_class=None) -> list:
+    """``world_size`` ``ray.remote(actor_class)`` actors (default: the plain ``Learner``; the cluster
+    runs ``cluster.actors.SyncedLearner``) forming one data-parallel group (rendezvous on 127.0.0.1
+    at a free port), returned once every rank is initialised. Needs a running Ray (the
+    ``ray_session`` fixture); kill them with ``kill_group``."""
     import ray
 
-    from vlgrpo.cluster.actors import SyncedLearner
     from vlgrpo.cluster.placement import get_free_port
+    from vlgrpo.learner.rank import Learner
 
+    cls = ray.remote(actor_class or Learner)
     port = get_free_port()
-    actors = [ray.remote(SyncedLearner).options(num_cpus=num_cpus).remote(cfg, model_cfg, r, world_size, "127.0.0.1", port)
+    actors = [cls.options(num_cpus=num_cpus, num_gpus=0).remote(cfg, model_cfg, r, world_size, "127.0.0.1", port)
               for r in range(world_size)]
-    ray.get([a.ping.remote() for a in actors])
+    try:
+        pings = ray.get([a.ping.remote() for a in actors])
+    except Exception:
+        kill_group(actors)
+        raise
+    assert [p["rank"] for p in pings] == list(range(world_size))
     return actors
 
 
-def group_train_step(actors, batch) -> dict:
-    """One collective ``train_step`` with ``batch`` split over the ranks; rank 0's metrics."""
+def kill_group(actors: Sequence[Any]) -> None:
     import ray
 
-    return ray.get([a.train_step.remote(s) for a, s in zip(actors, batch.split(len(actors)))])[0]
+    for a in actors:
+        ray.kill(a)
+
+
+def group_call(actors: Sequence[Any], method: str, *args, **kwargs) -> list:
+    """Call ``method`` on every rank at once (collective methods) and wait for all results."""
+    import ray
+
+    return ray.get([getattr(a, method).remote(*args, **kwargs) for a in actors])
+
+
+def group_train_step(actors: Sequence[Any], batch) -> dict[str, float]:
+    """``batch`` split over the group (``TrainBatch.split``), one ``train_step`` on every rank;
+    returns rank 0's metrics after checking every rank reported the same (timings aside)."""
+    import ray
+
+    shards = batch.split(len(actors))
+    results = ray.get([a.train_step.remote(s) for a, s in zip(actors, shards)])
+    stable = [{k: v for k, v in m.items() if not (k.startswith("time/") or k == "learner/tokens_per_s")}
+              for m in results]
+    for r, m in enumerate(stable[1:], 1):
+        assert m.keys() == stable[0].keys(), r
+        for k in m:
+            assert m[k] == pytest.approx(stable[0][k], rel=1e-6, abs=1e-9, nan_ok=True), (r, k)
+    return results[0]
+
+
+def group_weights(actors: Sequence[Any]) -> dict:
+    """Rank 0's full weights: ``named_weights`` (collective) iterated to the end on every rank at
+    once, inside each actor (Ray's ``__ray_call__``; a nested function travels by value)."""
+    import ray
+
+    def pull(learner):
+        return [(n, t.detach().to("cpu", copy=True)) for n, t in learner.named_weights()]
+
+    per_rank = ray.get([a.__ray_call__.remote(pull) for a in actors])
+    assert all(not p for p in per_rank[1:]), "only rank 0 yields weights"
+    out = dict(per_rank[0])
+    assert len(out) == len(per_rank[0]), "duplicate names"
+    return out
 
 
 def shared_copy(named):

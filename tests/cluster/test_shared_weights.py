@@ -12,7 +12,9 @@ from vlgrpo.learner.rank import Learner
 from vlgrpo.learner.types import LearnerConfig
 from vlgrpo.modules.loading import ModelConfig
 
-from ..conftest import group_train_step, saved_weights, start_learners
+from vlgrpo.cluster.actors import SyncedLearner
+
+from ..conftest import group_train_step, kill_group, saved_weights, start_learner_group
 from ..learner.conftest import make_batch
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
@@ -36,7 +38,7 @@ def test_zero2_weights_live_in_shared_memory(tiny_model_factory, tmp_path):
                         num_threads=1, freeze_vision=True)
     local = Learner(LearnerConfig(zero_stage=0), model)
     batches = [make_batch(local.module, local.processor, num_prompts=3, group_size=3, seed=s) for s in (0, 1, 2)]
-    shared = start_learners(cfg, model, 2)
+    shared = start_learner_group(cfg, model, 2, actor_class=SyncedLearner)
     try:
         handle = ray.get(shared[0].share_weights.remote())
         assert ray.get(shared[0].share_weights.remote()) == handle  # once
@@ -63,10 +65,9 @@ def test_zero2_weights_live_in_shared_memory(tiny_model_factory, tmp_path):
         back = _region_weights(handle, [s for s in specs if s.name in trainable])
         assert all(torch.equal(back[n], w2[n]) for n in trainable)
     finally:
-        for a in shared:
-            ray.kill(a)
+        kill_group(shared)
 
-    plain = start_learners(cfg, model, 2)
+    plain = start_learner_group(cfg, model, 2, actor_class=SyncedLearner)
     try:  # the same two steps without shared memory: bit-identical weights
         for b in batches[:2]:
             group_train_step(plain, b)
@@ -75,5 +76,4 @@ def test_zero2_weights_live_in_shared_memory(tiny_model_factory, tmp_path):
         for n in w2:
             assert torch.equal(w2_plain[n], w2[n]), n
     finally:
-        for a in plain:
-            ray.kill(a)
+        kill_group(plain)

@@ -3,7 +3,7 @@ full weights and batch log-probs of a ``Learner``, and a Ray learner group (for 
 tests)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -95,72 +95,4 @@ def batch_logprobs(learner, batch, reference: bool = False) -> torch.Tensor:
             out[row:row + lp.shape[0], :lp.shape[1]] = lp
             row += lp.shape[0]
     assert row == n
-    return out
-
-
-# -- a Ray learner group --------------------------------------------------------------------------
-def start_learner_group(cfg, model_cfg, world_size: int, num_cpus: float = 0.5) -> list:
-    """``world_size`` ``ray.remote(Learner)`` actors forming one data-parallel group (rendezvous on
-    127.0.0.1 at a free port), returned once every rank is initialised. Needs a running Ray (the
-    ``ray_session`` fixture); kill them with ``kill_group``."""
-    import ray
-
-    from vlgrpo.cluster.placement import get_free_port
-    from vlgrpo.learner.rank import Learner
-
-    cls = ray.remote(Learner)
-    port = get_free_port()
-    actors = [cls.options(num_cpus=num_cpus, num_gpus=0).remote(cfg, model_cfg, r, world_size, "127.0.0.1", port)
-              for r in range(world_size)]
-    try:
-        pings = ray.get([a.ping.remote() for a in actors])
-    except Exception:
-        kill_group(actors)
-        raise
-    assert [p["rank"] for p in pings] == list(range(world_size))
-    return actors
-
-
-def kill_group(actors: Sequence[Any]) -> None:
-    import ray
-
-    for a in actors:
-        ray.kill(a)
-
-
-def group_call(actors: Sequence[Any], method: str, *args, **kwargs) -> list:
-    """Call ``method`` on every rank at once (collective methods) and wait for all results."""
-    import ray
-
-    return ray.get([getattr(a, method).remote(*args, **kwargs) for a in actors])
-
-
-def group_train_step(actors: Sequence[Any], batch) -> dict[str, float]:
-    """``batch`` split over the group (``TrainBatch.split``), one ``train_step`` on every rank;
-    returns rank 0's metrics after checking every rank reported the same (timings aside)."""
-    import ray
-
-    shards = batch.split(len(actors))
-    results = ray.get([a.train_step.remote(s) for a, s in zip(actors, shards)])
-    stable = [{k: v for k, v in m.items() if not (k.startswith("time/") or k == "learner/tokens_per_s")}
-              for m in results]
-    for r, m in enumerate(stable[1:], 1):
-        assert m.keys() == stable[0].keys(), r
-        for k in m:
-            assert m[k] == pytest.approx(stable[0][k], rel=1e-6, abs=1e-9, nan_ok=True), (r, k)
-    return results[0]
-
-
-def group_weights(actors: Sequence[Any]) -> dict[str, torch.Tensor]:
-    """Rank 0's full weights: ``named_weights`` (collective) iterated to the end on every rank at
-    once, inside each actor (Ray's ``__ray_call__``; a nested function travels by value)."""
-    import ray
-
-    def pull(learner):
-        return [(n, t.detach().to("cpu", copy=True)) for n, t in learner.named_weights()]
-
-    per_rank = ray.get([a.__ray_call__.remote(pull) for a in actors])
-    assert all(not p for p in per_rank[1:]), "only rank 0 yields weights"
-    out = dict(per_rank[0])
-    assert len(out) == len(per_rank[0]), "duplicate names"
     return out

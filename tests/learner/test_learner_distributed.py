@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 from vlgrpo.learner.rank import Learner
 
-from .conftest import (group_call, group_train_step, group_weights, kill_group, learner_configs, make_batch,
-                       start_learner_group, weights)
+from ..conftest import group_call, group_train_step, group_weights, kill_group, start_learner_group
+from .conftest import learner_configs, make_batch, weights
 
 pytestmark = pytest.mark.slow
 
