@@ -137,7 +137,8 @@ class SyncedWorker(RolloutWorker):
         """Take part in one sync of ``plan``, loading each bucket into the engine as it arrives."""
         t0 = time.perf_counter()
         if self.engine_members:
-            report = self.engine.llm.collective_rpc("vlgrpo_receive_weights", kwargs={"plan": pickle.dumps(plan)})[0]
+            report = pickle.loads(self.engine.llm.collective_rpc("vlgrpo_receive_weights",
+                                                                 kwargs={"plan": pickle.dumps(plan)})[0])
             self.engine.loaded(plan.version)
         else:
             if self.sync_group is None:

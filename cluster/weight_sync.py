@@ -453,7 +453,7 @@ class WeightSyncExtension:
             self._vlgrpo_sync_group.close()
         self._vlgrpo_sync_group = None
 
-    def vlgrpo_receive_weights(self, plan: bytes) -> SyncReport:
+    def vlgrpo_receive_weights(self, plan: bytes) -> bytes:
         """Take part in one sync of ``plan`` and reload the tensors in place as buckets arrive."""
         group = getattr(self, "_vlgrpo_sync_group", None)
         if group is None:
@@ -466,4 +466,4 @@ class WeightSyncExtension:
                 yield name, t
 
         self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
-        return SyncReport(plan.version, len(names), checksums, time.perf_counter() - t0)
+        return pickle.dumps(SyncReport(plan.version, len(names), checksums, time.perf_counter() - t0))

@@ -290,12 +290,10 @@ class PromptSampler:
 
     def __next__(self) -> list[Sample]:
         batch: list[Sample] = []
-        misses = 0
         while len(batch) < self.batch_size:
             sample = self.dataset.get(self._next_index())
-            if sample is None:
-                misses += 1
-                if misses > len(self.dataset):
+            if sample is None:  # counted and never drawn again; every epoch still has the good rows
+                if len(self.dataset._bad) == len(self.dataset):
                     raise RuntimeError("no row of the dataset can be loaded any more (all images failed)")
                 continue
             batch.append(sample)

@@ -183,7 +183,8 @@ def test_extension_receives_in_vllm_worker(synced, hf, moved):
     new = moved[1].state_dict()
     src = Source([(5, new)])
     assert llm.collective_rpc("vlgrpo_join_sync_group", kwargs={"info": pickle.dumps(src.info), "rank": 1}) == [1]
-    reports = llm.collective_rpc("vlgrpo_receive_weights", kwargs={"plan": pickle.dumps(src.plans[0])})
+    reports = [pickle.loads(r) for r in
+               llm.collective_rpc("vlgrpo_receive_weights", kwargs={"plan": pickle.dumps(src.plans[0])})]
     llm.collective_rpc("vlgrpo_leave_sync_group")
     synced.engine.loaded(5)
     sent = src.finish()

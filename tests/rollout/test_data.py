@@ -142,6 +142,11 @@ def test_image_that_fails_when_drawn_is_counted_and_skipped(tmp_path):
     assert [s.sample_id for s in batch] == ["ok"] * 3  # the broken row is dropped when drawn
     assert ds.skipped == {"unreadable_image": 2}
     assert ds.get(1) is None and ds.skipped == {"unreadable_image": 2}  # remembered: counted once
+    # many batches bigger than the dataset: the good row keeps coming, never "nothing loads any more"
+    assert all([s.sample_id for s in next(sampler)] == ["ok"] * 3 for _ in range(20))
+    (imgs / "ok.png").write_bytes(b"broken too")
+    with pytest.raises(RuntimeError, match="no row of the dataset can be loaded"):
+        next(sampler)
 
 
 def test_file_without_usable_rows_is_an_error_naming_it(tmp_path):
