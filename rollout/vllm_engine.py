@@ -124,11 +124,9 @@ class VLLMEngine(GenerationEngine):
         # vLLM reads these when the engine is built; they must be set before LLM(...).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         if not in_process:
-            # ``weights_checksum`` sends a function to the workers (``collective_rpc`` with a
-            # callable). To an engine core in another process vLLM's msgpack carries a function
-            # (and returns our dataclasses, e.g. the extension's ``SyncReport``, as themselves rather
-            # than as dicts) only with pickle allowed; its engine-core sockets are local to this node.
-            # The engine-core process inherits the variable when it is started below.
+            # ``weights_checksum`` sends a function to the workers (``collective_rpc`` with a callable),
+            # which vLLM's msgpack carries to an engine core in another process only with pickle
+            # allowed (its sockets are local to this node; the engine core inherits the variable).
             os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
