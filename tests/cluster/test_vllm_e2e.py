@@ -28,7 +28,7 @@ def test_reward_rises_with_vllm_rollouts(tmp_path):
     trainer = Trainer(cfg)
     try:
         trainer.setup()
-        engines = ray.get([w.health.remote() for w in trainer.workers])
+        engines = ray.get([w.health.remote() for w in trainer.fleet.workers])
         history = trainer.run()
     finally:
         trainer.shutdown()
@@ -36,7 +36,7 @@ def test_reward_rises_with_vllm_rollouts(tmp_path):
     assert all(e["engine"] == "VLLMEngine" for e in engines), engines
     assert all(h["rollout/weights_version"] == h["step"] - 1 for h in history)
     # vLLM's sampling log-probs agree with the learner's on the same tokens: vLLM holds the synced weights
-    assert max(h["sampler_logprob_abs_diff"] for h in history) < 1e-3
+    assert max(h["policy/sampler_logprob_abs_diff"] for h in history) < 1e-3
     # one node, CPU: both workers read rank 0's ZeRO-2 buffers in shared memory, nothing staged
     assert all(h["sync/shm_workers"] == 2 and h["sync/staged_mb"] == 0 for h in history)
     assert _rise(history) > RISE, [round(h["reward/mean"], 3) for h in history]
