@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
-
-import torch
 
 from ..learner.grpo import group_advantages
 from ..learner.types import TrainBatch
@@ -52,11 +51,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.trainer.seed)
-        random.seed(cfg.trainer.seed)
-        self._resolve_model()
-        synthetic = None if cfg.data.sources else self._synthetic_data()
-        self.dataset = load_datasets(cfg.data.data_sources(synthetic))
+        self.dataset = load_datasets(cfg.data.data_sources(self._demo_inputs()))
         self.sampler = PromptSampler(self.dataset, cfg.trainer.prompts_per_step, seed=cfg.trainer.seed)
         cfg.save(self.out / "config.yaml")  # exactly what runs (resolved model path and derived values)
 
@@ -82,22 +77,19 @@ class Trainer:
         fleet.form_sync_group()
         fleet.sync(self.version, full=True)  # every worker starts from the learners' weights
 
-    def _resolve_model(self) -> None:
-        """An empty ``model.path`` means the demo's tiny model, built once in the output dir."""
-        m = self.cfg.model
+    def _demo_inputs(self) -> Path:
+        """The demo's parts, built once in the output dir: an empty ``model.path`` is a tiny model
+        (resolved here, so config.yaml names it); the synthetic task's data (used without sources)."""
+        m, d, seed = self.cfg.model, self.cfg.data, self.cfg.trainer.seed
         if not m.path:
-            path = self.out / "base_model"
-            if not (path / "config.json").exists():
-                log.info("building a tiny %s model in %s (model.path is empty)", m.tiny_family, path)
-                build_tiny_model(m.tiny_family, path, seed=self.cfg.trainer.seed, size=m.tiny_size)
-            m.path = str(path)
-
-    def _synthetic_data(self) -> Path:
-        d = self.cfg.data
-        path = self.out / "data" / d.synthetic_task
-        if not (path / "data.jsonl").exists():
-            make_dataset(d.synthetic_task, d.synthetic_size, path, seed=self.cfg.trainer.seed)
-        return path / "data.jsonl"
+            m.path = str(self.out / "base_model")
+            if not (self.out / "base_model" / "config.json").exists():
+                log.info("building a tiny %s model in %s (model.path is empty)", m.tiny_family, m.path)
+                build_tiny_model(m.tiny_family, m.path, seed=seed, size=m.tiny_size)
+        data = self.out / "data" / d.synthetic_task
+        if not d.sources and not (data / "data.jsonl").exists():
+            make_dataset(d.synthetic_task, d.synthetic_size, data, seed=seed)
+        return data / "data.jsonl"
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
@@ -192,13 +184,22 @@ class Trainer:
         return self.checkpoints.commit(self.step, tmp)
 
     def run(self) -> list[dict[str, float]]:
-        t, history = self.cfg.trainer, []
+        t, history, stop = self.cfg.trainer, [], []
+
+        def on_signal(signum, _frame):  # Ctrl-C / SIGTERM: finish the step, checkpoint; a second one abandons
+            if stop:
+                raise KeyboardInterrupt
+            stop.append(signal.Signals(signum).name)
+            log.warning("%s: finishing step %d, then a checkpoint (again to abandon it)", stop[0], self.step + 1)
+
+        main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
         try:
             if self.step >= t.total_steps:
                 log.warning("the run in %s already finished step %d (trainer.total_steps=%d); to go on, resume "
                             "with trainer.total_steps=N", self.out, self.step, t.total_steps)
                 return history
-            while self.step < t.total_steps:
+            while self.step < t.total_steps and not stop:
                 n = take_scale_request(self.out)  # `vlgrpo scale` between steps
                 if n is not None and n != len(self.fleet.slots):
                     if self.pending:  # collect in-flight generation before workers change
@@ -207,12 +208,18 @@ class Trainer:
                 metrics = self.train_step()
                 self.metrics.log(self.step, metrics)
                 history.append(metrics)
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.total_steps:
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.total_steps \
+                        and not stop:
                     self.save_checkpoint()
             if self.pending:
                 self.fleet.collect(self.pending, "finish in-flight generation", self.version)
             self.save_checkpoint()
+            if stop:
+                log.warning("stopped by %s after step %d, checkpoint saved; continue with: vlgrpo train --resume %s",
+                            stop[0], self.step, self.out)
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.metrics.close()
         return history
 

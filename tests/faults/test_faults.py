@@ -190,3 +190,34 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path, fault_log):
 
     AutoConfig.from_pretrained(out / "checkpoints" / "step_000004" / "policy")
     fault_log("whole run SIGKILLed, then --resume", survived=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_checkpoints_and_says_how_to_resume(tmp_path, fault_log):
+    """SIGINT to the whole process group (what Ctrl-C in a terminal sends: the driver and its local
+    Ray alike) mid-run: the step in flight finishes, a checkpoint of it is written, the last line
+    names the resume command, exit 0; resuming then runs exactly the remaining steps."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "vlgrpo.cluster.cli", "train", f"trainer.output_dir={out}", "trainer.total_steps=40",
+            "trainer.checkpoint_every=0", "trainer.prompts_per_step=4", "rollout.group_size=4", "rollout.max_tokens=6",
+            "rollout.num_workers=1", "learner.zero_stage=0", "metrics.tensorboard=false"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(_metrics(out)) < 2:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0 and "Traceback" not in output, output[-3000:]
+    done = len(_metrics(out))
+    assert 2 <= done < 40 and f"continue with: vlgrpo train --resume {out}" in output
+    assert (out / "checkpoints" / f"step_{done:06d}" / "trainer_state.json").exists()
+    resumed = subprocess.run(args[:4] + ["--resume", str(out), "trainer.total_steps=" + str(done + 2)],
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [m["step"] for m in _metrics(out)] == list(range(1, done + 3))
+    fault_log("Ctrl-C (SIGINT to the process group) mid-run", survived=True)
