@@ -222,6 +222,8 @@ def validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     need(r.num_workers >= 1, f"rollout.num_workers={r.num_workers}: need at least 1 rollout worker")
+    need(r.gpus_per_worker == -1 or float(r.gpus_per_worker).is_integer(), f"rollout.gpus_per_worker="
+         f"{r.gpus_per_worker}: a rollout worker needs whole GPUs (-1: tensor_parallel_size where there are GPUs)")
     need(r.group_size >= 2, f"rollout.group_size={r.group_size}: GRPO needs >= 2 completions per prompt")
     need(r.max_tokens >= 1, "rollout.max_tokens must be >= 1")
     need(r.temperature > 0, f"rollout.temperature={r.temperature}: must be > 0 for GRPO sampling")

@@ -10,6 +10,10 @@ from PIL import Image
 from .grpo import normalize_loss_agg
 
 
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
 @dataclass
 class LearnerConfig:
     """The ``learner`` section of the run config: everything one learner rank needs besides the
@@ -63,25 +67,25 @@ class LearnerConfig:
     seed: int = field(default=0, metadata={"derived": "trainer.seed"})
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.micro_batch_size < 1:
-            raise ValueError("micro_batch_size must be >= 1")
-        if self.num_iterations < 1:
-            raise ValueError("num_iterations must be >= 1")
-        if self.lr_schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        for ok, msg in [(self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}"),
+                        (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+                        (self.num_iterations >= 1, "num_iterations must be >= 1"),
+                        (self.lr_schedule in ("constant", "linear", "cosine"),
+                         f"lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}"),
+                        (self.dtype in _DTYPES or self.dtype == "auto",
+                         f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}"),
+                        (self.gpus_per_rank == -1 or float(self.gpus_per_rank).is_integer(),
+                         f"gpus_per_rank={self.gpus_per_rank}: a learner rank needs whole GPUs (-1: 1 where there "
+                         "are GPUs); NCCL cannot sync two ranks on one GPU")]:
+            if not ok:
+                raise ValueError(msg)
         self.loss_agg = normalize_loss_agg(self.loss_agg)
         self.betas = tuple(self.betas)  # type: ignore[assignment]
 
     def torch_dtype(self, on_gpu: bool) -> torch.dtype:
-        name = self.dtype
-        if name == "auto":
+        if self.dtype == "auto":
             return torch.bfloat16 if on_gpu else torch.float32
-        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[name]
+        return _DTYPES[self.dtype]
 
 
 @dataclass

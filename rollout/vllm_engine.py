@@ -27,10 +27,12 @@ and ``enforce_eager``. ``dtype="auto"`` is float32 on CPU and bfloat16 on GPU, a
 from __future__ import annotations
 
 import gc
+import inspect
+import itertools
 import logging
 import os
 import time
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
@@ -68,19 +70,11 @@ def _worker_checksums(worker: Any, names: Optional[Sequence[str]]) -> dict[str, 
     return out
 
 
-class _Counted:
-    """Iterator wrapper that counts the tensors vLLM consumed."""
-
-    def __init__(self, it: Iterator[tuple[str, torch.Tensor]]) -> None:
-        self.it, self.n = it, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = next(self.it)
-        self.n += 1
-        return item
+def _takes_weights_iterator(worker: Any) -> bool:
+    """Run inside a vLLM worker: does its ``reload_weights`` (or its model runner's, which the worker
+    forwards ``**kwargs`` to) take tensors, the RL reload we use?"""
+    fns = [worker.reload_weights, getattr(getattr(worker, "model_runner", None), "reload_weights", None)]
+    return any(f is not None and "weights_iterator" in inspect.signature(f).parameters for f in fns)
 
 
 def _vllm_mm_processor_kwargs(module: VLMModule, processing_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -174,6 +168,9 @@ class VLLMEngine(GenerationEngine):
         self.startup_s = time.perf_counter() - t0
         self.engine_kwargs = kwargs
         self.in_process = self._check_in_process()
+        if not self.llm.collective_rpc(_takes_weights_iterator)[0]:  # else the first sync fails, minutes in
+            raise RuntimeError(f"vLLM {vllm.__version__}: Worker.reload_weights takes no tensors (weights_iterator), "
+                               "which vlgrpo's in-place weight sync needs: pip install -U vllm")
         logger.info("vLLM %s engine for %s ready in %.1fs (in_process=%s)", vllm.__version__,
                     self.model_path, self.startup_s, self.in_process)
 
@@ -249,12 +246,14 @@ class VLLMEngine(GenerationEngine):
             raise RuntimeError("this vLLM engine runs in worker processes: tensors cannot be passed to it; its "
                                "workers must receive weights through the weight-sync worker extension")
         t0 = time.perf_counter()
-        counted = _Counted(iter(weights))
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted, "is_checkpoint_format": True})
+        count = itertools.count()  # advanced once per tensor vLLM consumed
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": (w for w, _ in zip(weights, count)),
+                                                          "is_checkpoint_format": True})
+        n = next(count)
         self.loaded(version)
-        logger.info("vLLM engine: loaded %d tensors (version %d) in %.2fs", counted.n, version,
+        logger.info("vLLM engine: loaded %d tensors (version %d) in %.2fs", n, version,
                     time.perf_counter() - t0)
-        return counted.n
+        return n
 
     def loaded(self, version: int) -> None:
         """After new weights arrived (here or in the workers): forget everything computed with the

@@ -17,6 +17,7 @@ from .engine import GenerationEngine
 from .hf_engine import TransformersEngine
 from .rewards import RewardSet
 from .types import RolloutBatch, Sample, SamplingConfig
+from .vllm_engine import VLLMEngine  # imports vllm only when an engine is built
 
 
 @dataclass
@@ -52,24 +53,17 @@ def resolve_engine_name(name: str) -> str:
     return name if name != "auto" else ("vllm" if has_vllm and torch.cuda.is_available() else "transformers")
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, name)
-
-
 def make_engine(cfg: RolloutConfig, model: ModelConfig, seed: int = 0,
                 extra_engine_kwargs: Optional[dict[str, Any]] = None) -> GenerationEngine:
     module = resolve_module(model.path, model.module)
     if resolve_engine_name(cfg.engine) == "vllm":
-        from .vllm_engine import VLLMEngine  # imports vllm, absent from CPU-only environments
-
         return VLLMEngine(model.path, module, dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
                           gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
                           enforce_eager=cfg.enforce_eager, seed=seed, processing_kwargs=model.processing_kwargs,
                           extra_engine_kwargs=extra_engine_kwargs)
-    return TransformersEngine(model.path, module, dtype=resolve_dtype(cfg.dtype),
-                              device="cuda" if torch.cuda.is_available() else "cpu",
+    gpu = torch.cuda.is_available()
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else torch.bfloat16 if gpu else torch.float32
+    return TransformersEngine(model.path, module, dtype=dtype, device="cuda" if gpu else "cpu",
                               processing_kwargs=model.processing_kwargs, init_kwargs=model.init_kwargs)
 
 

@@ -64,3 +64,12 @@ def test_sections_are_the_component_configs():
     cfg = load_config(None, [])
     assert type(cfg.learner) is LearnerConfig and type(cfg.rollout) is RolloutConfig
     assert type(cfg.model) is ModelConfig
+
+
+@pytest.mark.parametrize("override, field", [("learner.gpus_per_rank=0.5", "gpus_per_rank"),
+                                             ("rollout.gpus_per_worker=0.25", "rollout.gpus_per_worker")])
+def test_fractional_gpus_are_rejected_before_actors_start(override, field):
+    """A learner rank and a vLLM engine sharing a GPU cannot be in one NCCL sync group."""
+    with pytest.raises(ConfigError, match=f"{field}.*whole GPUs"):
+        load_config(None, [override])
+    assert load_config(None, [override.split("=")[0] + "=1"])  # whole GPUs are fine

@@ -379,3 +379,28 @@ def test_ray_actor_never_sees_bad_rows(ray_session, actor, data_dir, tmp_path):
     assert bool(torch.isfinite(batch.rewards).all())
     assert not any(i.startswith("bad-") for i in batch.sample_ids)
     assert sum(batch.reward_errors.values()) == 0
+
+
+def test_a_vllm_without_the_rl_weight_reload_is_refused_at_start():
+    """``VLLMEngine`` checks inside its workers that ``reload_weights`` takes tensors (vLLM 0.32:
+    the worker forwards ``**kwargs`` to its model runner, which has ``weights_iterator``); versions
+    whose reload takes no arguments are refused when the engine starts, not at the first sync."""
+    from vlgrpo.rollout.vllm_engine import _takes_weights_iterator
+
+    class Runner:
+        def reload_weights(self, weights_iterator=None, weights_path=None, is_checkpoint_format=True): ...
+
+    class Worker:
+        model_runner = Runner()
+
+        def reload_weights(self, *args, **kwargs): ...
+
+    class OldRunner:
+        def reload_weights(self): ...
+
+    class OldWorker:
+        model_runner = OldRunner()
+
+        def reload_weights(self): ...
+
+    assert _takes_weights_iterator(Worker()) and not _takes_weights_iterator(OldWorker())
