@@ -1,11 +1,7 @@
-"""The actor shells: a learner rank and a rollout worker, each with its side of the weight sync
-(the fleet runs them with ``ray.remote``).
-
-``rollout.RolloutWorker`` and ``learner.Learner`` know nothing of Ray or of the sync; here the
-learner rank 0 becomes the sync's source (its live weights in shared memory where receivers are on
-its node) and a rollout worker becomes a receiver (or, for a multi-process vLLM engine, its
-worker processes do, through ``weight_sync.WeightSyncExtension``).
-"""
+"""The actor shells (the fleet runs them with ``ray.remote``): ``learner.Learner`` and
+``rollout.RolloutWorker`` know nothing of the sync; here learner rank 0 becomes its source (live
+weights in shared memory for receivers on its node) and a rollout worker a receiver (a multi-process
+vLLM engine's workers join themselves, through ``weight_sync.WeightSyncExtension``)."""
 from __future__ import annotations
 
 import logging

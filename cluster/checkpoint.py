@@ -228,9 +228,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     hint = f"pass a run's output directory (with checkpoints/step_N/) or a checkpoint dir (with {TRAINER_STATE_NAME})"
     if not path.exists():
-        raise FileNotFoundError(f"--resume {path}: no such file or directory; {hint}")
+        raise FileNotFoundError(f"{path}: no such file or directory; {hint}")
     if _TMP_RE.match(path.name):
-        raise ValueError(f"--resume {path}: this checkpoint is incomplete (its write did not finish); "
+        raise ValueError(f"{path}: this checkpoint is incomplete (its write did not finish); "
                          "pass the output directory to resume from the newest complete one")
     if (path / TRAINER_STATE_NAME).is_file():
         load_trainer_state(path)  # validates
@@ -238,7 +238,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     for root in (path, path.parent) if path.name == CHECKPOINTS_DIRNAME else (path,):
         if (found := CheckpointManager(root).latest()) is not None:
             return found
-    raise FileNotFoundError(f"--resume {path}: no complete checkpoint found (looked for "
+    raise FileNotFoundError(f"{path}: no complete checkpoint found (looked for "
                             f"{path / CHECKPOINTS_DIRNAME / 'step_N' / TRAINER_STATE_NAME}); {hint}")
 
 

@@ -30,31 +30,52 @@ def _cmd_tiny_model(args) -> int:
 def _cmd_make_data(args) -> int:
     from ..rollout.synthetic import make_dataset
 
-    path = make_dataset(args.task, args.n, args.out_dir, seed=args.seed, image_size=args.image_size)
-    print(json.dumps({"data": str(path), "image_folder": str(path.parent), "rows": args.n, "task": args.task}))
+    seed = args.seed + (1_000_003 if args.split == "test" else 0)  # training builds its data with trainer.seed
+    path = make_dataset(args.task, args.n, args.out_dir, seed=seed, image_size=args.image_size)
+    print(json.dumps({"data": str(path), "image_folder": str(path.parent), "rows": args.n, "task": args.task,
+                      "split": args.split}))
     return 0
 
 
 def _cmd_eval(args) -> int:
+    import yaml
+    from tqdm import tqdm
+
     from ..modules.loading import ModelConfig
     from ..rollout.data import DataSource, load_datasets
     from ..rollout.types import SamplingConfig, concat_rollouts
     from ..rollout.worker import RolloutConfig, RolloutWorker
+    from .checkpoint import resolve_checkpoint
 
+    model, rewards = Path(args.model), [{"name": r} for r in args.rewards.split(",")] if args.rewards else None
+    if not (model / "config.json").exists():  # a run or checkpoint dir: its newest policy, the run's rewards
+        try:
+            ckpt = resolve_checkpoint(model)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"vlgrpo eval: --model {args.model}: {e}", file=sys.stderr)
+            return 2
+        run = ckpt.parent.parent / "config.yaml"
+        rewards = rewards or (yaml.safe_load(run.read_text())["rollout"]["rewards"] if run.exists() else None)
+        model = ckpt / "policy"
     ds = load_datasets([DataSource(args.data, args.image_folder)])
-    rewards = [{"name": r} for r in args.rewards.split(",")]
-    worker = RolloutWorker(RolloutConfig(engine=args.engine, rewards=rewards, num_threads=0),
-                           ModelConfig(path=args.model, module=args.module))
+    worker = RolloutWorker(RolloutConfig(engine=args.engine, rewards=rewards or [{"name": "accuracy"}], num_threads=0),
+                           ModelConfig(path=str(model), module=args.module))
     sampling = SamplingConfig(n=args.num_generations, temperature=args.temperature, max_tokens=args.max_tokens,
                               seed=args.seed)
-    from tqdm import tqdm
-
     rows = [r for r in (ds.get(i) for i in range(len(ds))) if r is not None]  # images that fail are counted
     starts = tqdm(range(0, len(rows), args.batch_size), desc="eval", disable=not sys.stderr.isatty())
     batch = concat_rollouts([worker.generate(rows[s:s + args.batch_size], sampling) for s in starts])
-    summary = {"rows": len(rows), "skipped": ds.num_skipped, "completions": batch.rewards.shape[0],
+    summary = {"model": str(model), "rows": len(rows), "skipped": ds.num_skipped, "completions": batch.rewards.shape[0],
                "reward/mean": float(batch.total_rewards().mean()), "reward_errors": sum(batch.reward_errors.values()),
                **{f"reward/{n}": float(batch.rewards[:, j].mean()) for j, n in enumerate(batch.reward_names)}}
+    if args.completions:  # one line per completion: what the model said, and what it scored
+        by_id = {r.sample_id: r for r in rows}
+        with open(args.completions, "w") as f:
+            for i, text in enumerate(batch.completions_text):
+                sample = by_id[batch.sample_ids[i // batch.group_size]]
+                f.write(json.dumps({"id": sample.sample_id, "prompt": batch.prompts_text[i // batch.group_size],
+                                    "images": sample.meta.get("image_paths", []), "completion": text,
+                                    "rewards": dict(zip(batch.reward_names, batch.rewards[i].tolist()))}) + "\n")
     print(json.dumps(summary))
     return 0
 
@@ -101,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_cmd_train)
 
     e = sub.add_parser("eval", help="roll out over a dataset with the configured rewards; prints one JSON line")
-    e.add_argument("--model", required=True)
+    e.add_argument("--model", required=True, help="a model dir, or a run / checkpoint dir (its newest policy)")
     e.add_argument("--data", required=True, help="VLM-R1 JSONL file")
     e.add_argument("--image-folder", default=None, help="folder the image paths are relative to (default: the file's)")
     e.add_argument("--engine", default="auto", choices=["auto", "transformers", "vllm"])
@@ -110,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--temperature", type=float, default=1.0)
     e.add_argument("--max-tokens", type=int, default=64)
     e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--rewards", default="accuracy,format", help="comma-separated reward names")
+    e.add_argument("--rewards", help="comma-separated reward names (default: the run's rewards, else accuracy)")
+    e.add_argument("--completions", help="write every completion with its prompt, images and rewards (JSONL)")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(fn=_cmd_eval)
 
@@ -118,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--task", default="color")
     d.add_argument("--n", type=int, default=256)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--split", default="train", choices=["train", "test"], help="test: held out from a run's data")
     d.add_argument("--image-size", type=int, default=56)
     d.add_argument("out_dir")
     d.set_defaults(fn=_cmd_make_data)

@@ -1,26 +1,11 @@
-"""The VLM Module interface: everything model-family specific lives behind these 11 functions.
-
-Adopted from VLM-R1 (``assets/add_new_model.md``), with two changes callers may rely on:
-
-* No hidden global state. A module instance holds what ``post_model_init`` learned about one
-  (model, processor) pair; create one instance per model (``vlgrpo.modules.get_module`` does).
-* ``prepare_model_inputs`` takes the images *per prompt* (``images[i]`` is the list of images of
-  ``prompts_text[i]``) and returns a dict whose keys are exactly ``input_ids``, ``attention_mask``
-  and ``get_custom_multimodal_keywords()`` (those that apply to the batch: a text-only batch has no
-  ``pixel_values``). Nothing else, so the learner can pass the dict straight to ``forward``.
-
-Call order used everywhere (rollout engines, learner, reference model):
-
-    module = get_module("qwen")
-    model_cls = module.get_model_class(path, init_kwargs)
-    model = model_cls.from_pretrained(path, **init_kwargs)
-    processor = module.get_processing_class().from_pretrained(path, **processing_kwargs)
-    module.post_model_init(model, processor)
-    texts = module.prepare_prompt(processor, examples)
-    inputs = module.prepare_model_inputs(processor, texts, images)
-    model(**inputs)                                     # learner: all custom keywords
-    gen = {k: v for k, v in inputs.items() if k not in module.get_non_generate_params()}
-    model.generate(**gen)                               # rollout
+"""The VLM Module interface: everything model-family specific lives behind these 11 functions,
+adopted from VLM-R1 (``assets/add_new_model.md``) with two changes callers may rely on: a module
+instance holds what ``post_model_init`` learned about one (model, processor) pair (no global state;
+``get_module`` makes one per model), and ``prepare_model_inputs`` takes the images *per prompt* and
+returns exactly ``input_ids``, ``attention_mask`` and the ``get_custom_multimodal_keywords()`` that
+apply, so the learner passes it straight to ``forward``; rollout drops ``get_non_generate_params()``.
+Call order everywhere: ``get_model_class`` -> ``from_pretrained`` -> ``get_processing_class()
+.from_pretrained`` -> ``post_model_init`` -> ``prepare_prompt`` -> ``prepare_model_inputs``.
 """
 from __future__ import annotations
 

@@ -209,3 +209,42 @@ def test_resume_of_a_folder_that_is_no_run_fails_at_once(tmp_path):
         assert f"--resume {target}: no config.yaml there" in proc.stderr
         assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any((tmp_path / "empty").iterdir())
+
+
+def test_eval_takes_a_run_dir_its_rewards_and_writes_completions(cli_model, cli_data, tmp_path):
+    """``eval --model RUN_DIR`` scores the run's newest checkpoint with the run's own rewards and
+    writes every completion; a folder that is no model and no run is one line, exit 2."""
+    import shutil
+
+    import yaml
+
+    model, _ = cli_model
+    data, _ = cli_data
+    run = tmp_path / "run"
+    for step in (1, 2):  # the newest complete checkpoint must be the one evaluated
+        ckpt = run / "checkpoints" / f"step_{step:06d}"
+        shutil.copytree(model, ckpt / "policy")
+        (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "weights_version": step}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"rollout": {"rewards": [{"name": "choice", "weight": 0.5}]}}))
+    out = tmp_path / "completions.jsonl"
+    summary = last_json(_ok(run_cli("eval", "--model", run, "--data", data / "data.jsonl", "--engine", "transformers",
+                                    "--num-generations", "2", "--max-tokens", "3", "--completions", out,
+                                    cwd=tmp_path)).stdout)
+    assert summary["model"] == str(run / "checkpoints" / "step_000002" / "policy")
+    assert {k for k in summary if k.startswith("reward/")} == {"reward/mean", "reward/choice"}
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(lines) == summary["completions"] == 24
+    assert summary["reward/choice"] == pytest.approx(sum(l["rewards"]["choice"] for l in lines) / 24)
+    assert summary["reward/mean"] == pytest.approx(0.5 * summary["reward/choice"])  # the run's weight
+    assert all(l["images"] and Path(l["images"][0]).exists() and "<|im_start|>" in l["prompt"] for l in lines)
+    bad = run_cli("eval", "--model", tmp_path / "nope", "--data", data / "data.jsonl", cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nope: no such file" in bad.stderr
+
+
+def test_make_data_test_split_is_held_out(tmp_path):
+    train = last_json(_ok(run_cli("make-data", "--n", "16", tmp_path / "train", cwd=tmp_path)).stdout)
+    test = last_json(_ok(run_cli("make-data", "--n", "16", "--split", "test", tmp_path / "test", cwd=tmp_path)).stdout)
+    images = {split: [p.read_bytes() for p in sorted((tmp_path / split / "images").glob("*.png"))]
+              for split in ("train", "test")}
+    assert train["split"] == "train" and test["split"] == "test" and len(images["test"]) == 16
+    assert not set(images["train"]) & set(images["test"]), "the held-out split repeats training images"
