@@ -112,7 +112,8 @@ def test_make_data_writes_jsonl_and_images(cli_data):
     from vlgrpo.rollout.synthetic import TASKS
 
     out, info = cli_data
-    assert info == {"data": str(out / "data.jsonl"), "image_folder": str(out), "rows": 12, "task": "color"}
+    assert info == {"data": str(out / "data.jsonl"), "image_folder": str(out), "rows": 12, "task": "color",
+                    "split": "train"}
     rows = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
     assert len(rows) == 12
     for r in rows:
