@@ -162,19 +162,17 @@ class Fleet:
             self.call(self.learners[:1] + self.workers, "leave_sync_group", stage="leave sync group")
         addr, port = placement.rendezvous(self.learner_pg)
         shm = self._shm_slots(addr)
-        rank, shm_ranks = 1, []
-        for slot in self.slots:  # a TP=k engine takes k consecutive ranks
+        first, rank = [], 1
+        for slot in self.slots:  # a TP=k engine takes k consecutive ranks, from first[i]
             slot.transport = "shm" if slot in shm else "broadcast"
-            shm_ranks += list(range(rank, rank + slot.sync_ranks)) if slot in shm else []
+            first.append(rank)
             rank += slot.sync_ranks
+        shm_ranks = tuple(r for s, f in zip(self.slots, first) if s in shm for r in range(f, f + s.sync_ranks))
         handle = self.get([self.learners[0].share_weights.remote()], "share the learner's weights")[0] if shm else None
         self.sync_info = SyncGroupInfo(addr, port, rank, self.backend, name=f"wsync-{port}",
-                                       timeout_s=self.cfg.sync.timeout_s, shm_ranks=tuple(shm_ranks),
-                                       shm_handle=handle)
-        refs, rank = [self.learners[0].join_sync_group.remote(self.sync_info)], 1
-        for slot in self.slots:
-            refs.append(slot.actor.join_sync_group.remote(self.sync_info, rank))
-            rank += slot.sync_ranks
+                                       timeout_s=self.cfg.sync.timeout_s, shm_ranks=shm_ranks, shm_handle=handle)
+        refs = [self.learners[0].join_sync_group.remote(self.sync_info)]
+        refs += [slot.actor.join_sync_group.remote(self.sync_info, f) for slot, f in zip(self.slots, first)]
         self.get(refs, "form the weight-sync group")
 
     def _shm_slots(self, learner_ip: str) -> list[WorkerSlot]:

@@ -70,11 +70,11 @@ def saved_weights(learners) -> dict:
     import ray
     from safetensors.torch import load_file
 
-    out = tempfile.mkdtemp(prefix="policy-")
-    ray.get([a.save_pretrained.remote(out) for a in learners])
     weights = {}
-    for f in sorted(Path(out).glob("*.safetensors")):
-        weights.update(load_file(f))
+    with tempfile.TemporaryDirectory(prefix="policy-") as out:
+        ray.get([a.save_pretrained.remote(out) for a in learners])
+        for f in sorted(Path(out).glob("*.safetensors")):
+            weights.update(load_file(f))
     return weights
 
 
