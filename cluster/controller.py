@@ -22,7 +22,8 @@ from typing import Any, Optional
 
 from ..learner.grpo import group_advantages
 from ..learner.types import TrainBatch
-from ..modules.tiny import build_tiny_model
+from ..modules.registry import resolve_module
+from ..modules.tiny import build_tiny_model, warm_up_format
 from ..rollout.data import PromptSampler, load_datasets
 from ..rollout.synthetic import make_dataset
 from ..rollout.types import RolloutBatch, SamplingConfig, concat_rollouts
@@ -51,7 +52,8 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        self.dataset = load_datasets(cfg.data.data_sources(self._demo_inputs()))
+        self.dataset = load_datasets(cfg.data.data_sources(self._demo_data()))
+        self._demo_model()
         self.sampler = PromptSampler(self.dataset, cfg.trainer.prompts_per_step, seed=cfg.trainer.seed)
         cfg.save(self.out / "config.yaml")  # exactly what runs (resolved model path and derived values)
 
@@ -77,19 +79,34 @@ class Trainer:
         fleet.form_sync_group()
         fleet.sync(self.version, full=True)  # every worker starts from the learners' weights
 
-    def _demo_inputs(self) -> Path:
-        """The demo's parts, built once in the output dir: an empty ``model.path`` is a tiny model
-        (resolved here, so config.yaml names it); the synthetic task's data (used without sources)."""
-        m, d, seed = self.cfg.model, self.cfg.data, self.cfg.trainer.seed
-        if not m.path:
-            m.path = str(self.out / "base_model")
-            if not (self.out / "base_model" / "config.json").exists():
-                log.info("building a tiny %s model in %s (model.path is empty)", m.tiny_family, m.path)
-                build_tiny_model(m.tiny_family, m.path, seed=seed, size=m.tiny_size)
+    def _demo_data(self) -> Path:
+        """The synthetic task's data (used when ``data.sources`` is empty), built once in the run."""
+        d = self.cfg.data
         data = self.out / "data" / d.synthetic_task
         if not d.sources and not (data / "data.jsonl").exists():
-            make_dataset(d.synthetic_task, d.synthetic_size, data, seed=seed)
+            make_dataset(d.synthetic_task, d.synthetic_size, data, seed=self.cfg.trainer.seed)
         return data / "data.jsonl"
+
+    def _demo_model(self) -> None:
+        """An empty ``model.path`` is a tiny model built once in the run (resolved here, so
+        config.yaml names it), warmed up to the data's answer format but not to its task."""
+        m, seed = self.cfg.model, self.cfg.trainer.seed
+        if m.path:
+            return
+        m.path = str(self.out / "base_model")
+        if (self.out / "base_model" / "config.json").exists():
+            return
+        tmp = self.out / "base_model.building"
+        log.info("building a tiny %s model in %s (model.path is empty)", m.tiny_family, m.path)
+        build_tiny_model(m.tiny_family, tmp, seed=seed, size=m.tiny_size)
+        if m.tiny_warmup_steps:
+            t0 = time.perf_counter()
+            rows = [s for s in map(self.dataset.get, range(min(len(self.dataset), 512))) if s is not None]
+            loss = warm_up_format(tmp, resolve_module(str(tmp), m.module), [s.prompt for s in rows],
+                                  [s.images for s in rows], [s.solution for s in rows], m.tiny_warmup_steps, seed=seed)
+            log.info("warmed the tiny model up to the answer format (%d steps, answers shuffled across rows, "
+                     "loss %.3f, %.0f s)", m.tiny_warmup_steps, loss, time.perf_counter() - t0)
+        tmp.rename(m.path)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:

@@ -41,7 +41,7 @@ class LearnerConfig:
     num_threads: Optional[int] = None  # torch CPU threads per rank (Ray sets 1); None: cores / world
 
     # optimiser and schedule
-    lr: float = 5e-3  # the demo's tiny random model; a 3B-7B VLM wants ~1e-6
+    lr: float = 5e-4  # the demo's tiny model; a 3B-7B VLM wants ~1e-6
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8

@@ -15,9 +15,10 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+from PIL import Image
 
 FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl")
 
@@ -47,8 +48,8 @@ INTERNVL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</i
                     "<video>"]
 
 # Words that must be single tokens: answers of the synthetic tasks and the reasoning format tags.
-TASK_WORDS = ["red", "green", "blue", "yellow", "left", "right", "yes", "no", "one", "two", "three",
-              "four", "circle", "square", "triangle", "shape", "colour", "color",
+TASK_WORDS = ["red", "green", "blue", "yellow", "left", "right", "first", "second", "yes", "no", "one", "two",
+              "three", "four", "circle", "square", "triangle", "shape", "colour", "color",
               "<think>", "</think>", "<answer>", "</answer>"] + [str(i) for i in range(10)]
 
 QWEN_CHAT_TEMPLATE = (
@@ -268,3 +269,37 @@ def _with_extra_special(tok, extra: dict[str, str]):
         model_max_length=tok.model_max_length,
         extra_special_tokens=extra,
     )
+
+
+def warm_up_format(model_dir: str | Path, module, conversations: Sequence[list[dict[str, Any]]],
+                   images: Sequence[Sequence[Image.Image]], answers: Sequence[str], steps: int = 100,
+                   batch_size: int = 16, lr: float = 1e-3, seed: int = 0) -> float:
+    """Teach a freshly built tiny model the answer *format*, not the task: reply with one answer of
+    the data and stop. Each prompt (a chat conversation and its images) is trained on the answer of
+    a random row, so it learns the answers' marginal, independent of the image: accuracy stays at
+    chance, and GRPO has to teach it to look (a real run starts from an instruction-tuned model that
+    already answers in format). Saves the model in place; returns the last loss."""
+    processor = module.get_processing_class().from_pretrained(model_dir)
+    prompts = module.prepare_prompt(processor, [{"prompt": c} for c in conversations])
+    model = module.get_model_class(str(model_dir), {}).from_pretrained(model_dir, dtype=torch.float32)
+    eos = module.tokenizer(processor).eos_token
+    rng, opt = random.Random(seed), torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        rows = [rng.randrange(len(prompts)) for _ in range(batch_size)]
+        targets = [rng.choice(answers) + eos for _ in rows]
+        x = module.prepare_model_inputs(processor, [prompts[i] + t for i, t in zip(rows, targets)],
+                                        [images[i] for i in rows], padding_side="right")
+        ids, mask = x["input_ids"], x["attention_mask"]
+        labels = torch.full_like(ids, -100)
+        for r, t in enumerate(targets):  # only the answer tokens (and EOS) are trained
+            end, n = int(mask[r].sum()), len(module.tokenizer(processor)(t, add_special_tokens=False)["input_ids"])
+            labels[r, end - n:end] = ids[r, end - n:end]
+        logits = model(**x).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(model_dir)
+    return float(loss)

@@ -1,6 +1,7 @@
 """Synthetic visual tasks for tiny randomly initialised VLMs, written as VLM-R1 JSONL + PNG images:
 ``color`` (one shape of one of four colours; answer the colour word), ``count`` (1-4 shapes; the
-digit, ``numeric``), ``position`` (one shape in the left or right half; ``left`` / ``right``).
+digit, ``numeric``), ``position`` (one shape in the left or right half; ``left`` / ``right``) and
+``which`` (two images, one red shape among them: ``first`` / ``second``; several images per prompt).
 Each row carries its answer ``options`` (``Sample.meta["options"]``, read by the ``choice``
 shaping reward); questions and options are short and fixed so a tiny tokenizer holds each option
 word as one token (:func:`corpus` gives the texts to train it on).
@@ -25,13 +26,13 @@ SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (255, 255, 255)
 
 Box = tuple[int, int, int, int]
-Generator = Callable[[random.Random, int], tuple[Image.Image, str]]
+Generator = Callable[[random.Random, int], tuple[list[Image.Image], str]]
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A synthetic task: its fixed question, answer options, accuracy method and image generator
-    (``generate(rng, image_size) -> (image, answer)``)."""
+    """A synthetic task: its fixed question (one ``<image>`` per image), answer options, accuracy
+    method and image generator (``generate(rng, image_size) -> (images, answer)``)."""
 
     name: str
     question: str
@@ -69,36 +70,46 @@ def _canvas(size: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
     return image, ImageDraw.Draw(image)
 
 
-def _gen_color(rng: random.Random, size: int) -> tuple[Image.Image, str]:
+def _one_shape(rng: random.Random, size: int, color: str) -> Image.Image:
     image, draw = _canvas(size)
-    color = rng.choice(list(COLORS))
     draw_shape(draw, rng.choice(SHAPES), _random_box(rng, (0, 0, size, size), 0.5, 0.85), COLORS[color])
-    return image, color
+    return image
 
 
-def _gen_count(rng: random.Random, size: int) -> tuple[Image.Image, str]:
+def _gen_color(rng: random.Random, size: int) -> tuple[list[Image.Image], str]:
+    color = rng.choice(list(COLORS))
+    return [_one_shape(rng, size, color)], color
+
+
+def _gen_which(rng: random.Random, size: int) -> tuple[list[Image.Image], str]:
+    answer, other = rng.choice(["first", "second"]), rng.choice([c for c in COLORS if c != "red"])
+    colors = ("red", other) if answer == "first" else (other, "red")
+    return [_one_shape(rng, size, c) for c in colors], answer
+
+
+def _gen_count(rng: random.Random, size: int) -> tuple[list[Image.Image], str]:
     image, draw = _canvas(size)
     half = size // 2
     quadrants = [(0, 0, half, half), (half, 0, size, half), (0, half, half, size), (half, half, size, size)]
     k = rng.randint(1, 4)
     for region in rng.sample(quadrants, k):
         draw_shape(draw, rng.choice(SHAPES), _random_box(rng, region, 0.5, 0.85), COLORS[rng.choice(list(COLORS))])
-    return image, str(k)
+    return [image], str(k)
 
 
-def _gen_position(rng: random.Random, size: int) -> tuple[Image.Image, str]:
+def _gen_position(rng: random.Random, size: int) -> tuple[list[Image.Image], str]:
     image, draw = _canvas(size)
     side = rng.choice(["left", "right"])
     half = size // 2
     region = (0, 0, half, size) if side == "left" else (half, 0, size, size)
     draw_shape(draw, rng.choice(SHAPES), _random_box(rng, region, 0.5, 0.9), COLORS[rng.choice(list(COLORS))])
-    return image, side
+    return [image], side
 
 
 TASKS: dict[str, TaskSpec] = {
     "color": TaskSpec(
         "color",
-        "What colour is the shape? Answer with one word: red, green, blue or yellow.",
+        "<image>What colour is the shape? Answer with one word: red, green, blue or yellow.",
         tuple(COLORS),
         "default",
         _gen_color,
@@ -106,7 +117,7 @@ TASKS: dict[str, TaskSpec] = {
     ),
     "count": TaskSpec(
         "count",
-        "How many shapes are there? Answer with one number: 1, 2, 3 or 4.",
+        "<image>How many shapes are there? Answer with one number: 1, 2, 3 or 4.",
         ("1", "2", "3", "4"),
         "numeric",
         _gen_count,
@@ -114,11 +125,19 @@ TASKS: dict[str, TaskSpec] = {
     ),
     "position": TaskSpec(
         "position",
-        "Is the shape on the left or on the right? Answer with one word: left or right.",
+        "<image>Is the shape on the left or on the right? Answer with one word: left or right.",
         ("left", "right"),
         "default",
         _gen_position,
         "one shape in the left or the right half; answer left or right",
+    ),
+    "which": TaskSpec(
+        "which",
+        "<image><image>Which picture shows a red shape? Answer with one word: first or second.",
+        ("first", "second"),
+        "default",
+        _gen_which,
+        "two images, one with a red shape; answer which (several images per prompt)",
     ),
 }
 DEFAULT_TASK = "color"
@@ -131,13 +150,13 @@ def get_task(task: str) -> TaskSpec:
         raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(TASKS)}") from None
 
 
-def make_row(spec: TaskSpec, index: int, image_rel: str, answer: str) -> dict:
+def make_row(spec: TaskSpec, index: int, image_rel: list[str], answer: str) -> dict:
     """One VLM-R1 JSONL row."""
     return {
         "id": f"{spec.name}-{index:06d}",
-        "image": image_rel,
+        "image": image_rel[0] if len(image_rel) == 1 else image_rel,
         "conversations": [
-            {"from": "human", "value": f"<image>{spec.question}"},
+            {"from": "human", "value": spec.question},
             {"from": "gpt", "value": answer},
         ],
         "accu_reward_method": spec.accu_reward_method,
@@ -166,9 +185,10 @@ def make_dataset(
     jsonl = out / "data.jsonl"
     with jsonl.open("w", encoding="utf-8") as f:
         for i in range(n):
-            image, answer = spec.generate(rng, image_size)
-            rel = f"images/{task}_{i:06d}.png"
-            image.save(out / rel)
+            images, answer = spec.generate(rng, image_size)
+            rel = [f"images/{task}_{i:06d}" + (f"_{k}" if k else "") + ".png" for k in range(len(images))]
+            for image, name in zip(images, rel):
+                image.save(out / name)
             f.write(json.dumps(make_row(spec, i, rel, answer)) + "\n")
     return jsonl
 
@@ -179,6 +199,6 @@ def corpus(tasks: Optional[Sequence[str]] = None) -> list[str]:
     texts: list[str] = []
     for name in tasks or list(TASKS):
         spec = get_task(name)
-        texts.append(spec.question)
+        texts.append(spec.question.replace("<image>", ""))
         texts.extend(spec.options)
     return texts

@@ -39,9 +39,8 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
-    max_tokens: int = 12  # the embedded demo's answers are one word; set it for your task
-    rewards: list = field(default_factory=lambda: [{"name": "accuracy", "weight": 1.0},
-                                                   {"name": "choice", "weight": 0.5}])
+    max_tokens: int = 4  # the embedded demo's answers are one word; set it for your task
+    rewards: list = field(default_factory=lambda: [{"name": "accuracy", "weight": 1.0}])
 
 
 def resolve_engine_name(name: str) -> str:

@@ -226,11 +226,13 @@ def test_synthetic_loads_cleanly(tmp_path, task):
     spec = TASKS[task]
     rs = RewardSet(["accuracy", "choice"])
     samples = [ds[i] for i in range(len(ds))]
+    n_images = spec.question.count("<image>")
     for s in samples:
-        assert s.images[0].size == (56, 56) and s.meta["image_size"] == (56, 56)
+        assert len(s.images) == n_images and all(im.size == (56, 56) for im in s.images)
         assert s.accu_reward_method == spec.accu_reward_method
         assert s.meta["options"] == list(spec.options) and s.solution in spec.options
-        assert s.prompt[0]["content"] == [{"type": "image"}, {"type": "text", "text": spec.question}]
+        text = {"type": "text", "text": spec.question.replace("<image>", "")}
+        assert s.prompt[0]["content"] == [{"type": "image"}] * n_images + [text]
     rewards, _, _, errors = rs.score([s.solution for s in samples], samples)
     assert rewards.min().item() == 1.0 and errors == {"accuracy": 0, "choice": 0}
     assert len({s.solution for s in samples}) > 1  # not a constant answer
@@ -259,6 +261,11 @@ def test_synthetic_count_and_position_pixels(tmp_path):
         m = nonwhite(pos[i].images[0])
         left, right = m[:, :28].any(), m[:, 28:].any()
         assert (left, right) == ((True, False) if pos[i].solution == "left" else (False, True))
+    which = load_datasets(DataSource(make_dataset("which", 16, tmp_path / "w", seed=1)))
+    for i in range(len(which)):
+        reds = [np.linalg.norm(np.asarray(im).astype(float)[nonwhite(im)].mean(0) - COLORS["red"]) < 1
+                for im in which[i].images]
+        assert reds == ([True, False] if which[i].solution == "first" else [False, True])
 
 
 def test_synthetic_is_deterministic(tmp_path):
