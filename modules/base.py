@@ -51,9 +51,11 @@ class VLMModule(ABC):
         return False
 
     # 5
-    @abstractmethod
     def get_processing_class(self) -> type:
-        """Class with ``from_pretrained`` that builds the processor (usually ``AutoProcessor``)."""
+        """Class with ``from_pretrained`` that builds the processor (by default ``AutoProcessor``)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor
 
     # 6
     @abstractmethod
@@ -78,26 +80,25 @@ class VLMModule(ABC):
         return []
 
     # 10
-    @abstractmethod
     def prepare_prompt(self, processing_class: Any, inputs: Sequence[dict[str, Any]]) -> list[str]:
         """Render each example's ``"prompt"`` conversation with the chat template (generation
         prompt appended). Returns one string per example, with the family's image placeholders."""
+        return [processing_class.apply_chat_template(ex["prompt"], tokenize=False, add_generation_prompt=True)
+                for ex in inputs]
 
     # 11
-    @abstractmethod
-    def prepare_model_inputs(
-        self,
-        processing_class: Any,
-        prompts_text: Sequence[str],
-        images: Sequence[Sequence[Image.Image]],
-        return_tensors: str = "pt",
-        padding: bool = True,
-        padding_side: str = "left",
-        add_special_tokens: bool = False,
-    ) -> dict[str, torch.Tensor]:
+    def prepare_model_inputs(self, processing_class: Any, prompts_text: Sequence[str],
+                             images: Sequence[Sequence[Image.Image]], return_tensors: str = "pt", padding: bool = True,
+                             padding_side: str = "left", add_special_tokens: bool = False) -> dict[str, torch.Tensor]:
         """Tokenise prompts and process images. ``images[i]`` are the images of prompt ``i`` (may
         be empty). Returns exactly ``input_ids``, ``attention_mask`` and the custom multimodal
-        keywords that apply (all of them when any image is present)."""
+        keywords that apply (all of them when any image is present). The default calls a processor
+        with a ``text=``/``images=`` call (Qwen-VL, InternVL-hf, most current VLMs) on all prompts
+        at once, the images flattened in prompt order."""
+        flat = [im for per_prompt in images for im in per_prompt]
+        out = processing_class(text=list(prompts_text), images=flat or None, return_tensors=return_tensors,
+                               padding=padding, padding_side=padding_side, add_special_tokens=add_special_tokens)
+        return self.forward_inputs(dict(out))
 
     # -- helpers shared by all families (not part of the 11) -------------------------------------
     def apply_processing_kwargs(self, processing_class: Any, kwargs: dict[str, Any]) -> None:
@@ -122,29 +123,22 @@ class VLMModule(ABC):
         keep = ["input_ids", "attention_mask", *self.get_custom_multimodal_keywords()]
         return {k: inputs[k] for k in keep if k in inputs}
 
-    def append_completions(
-        self,
-        inputs: dict[str, torch.Tensor],
-        completion_ids: torch.Tensor,
-        completion_mask: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
+    def append_completions(self, inputs: dict[str, torch.Tensor], completion_ids: torch.Tensor,
+                           completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward inputs for prompt + completion: ``input_ids`` and ``attention_mask`` are extended
         with the (right-padded) completion tokens and mask; every other per-token input (an integer
         tensor of the same [B, L] shape as ``input_ids``, e.g. Qwen's ``mm_token_type_ids``) with
         zeros (text); per-image inputs are kept as they are. Row ``i`` of the completions belongs to
         prompt row ``i``. Override it if your family has per-token inputs of another kind."""
-        ids = inputs["input_ids"]
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
         if completion_ids.shape[0] != ids.shape[0]:
             raise ValueError(f"{ids.shape[0]} prompt rows but {completion_ids.shape[0]} completion rows")
-        comp = completion_ids.to(device=ids.device, dtype=ids.dtype)
-        out = dict(inputs)
-        out["input_ids"] = torch.cat([ids, comp], dim=1)
-        mask = inputs["attention_mask"]
-        out["attention_mask"] = torch.cat([mask, completion_mask.to(device=mask.device, dtype=mask.dtype)], dim=1)
+        comp = completion_ids.to(ids)
+        out = {**inputs, "input_ids": torch.cat([ids, comp], dim=1),
+               "attention_mask": torch.cat([mask, completion_mask.to(mask)], dim=1)}
         for key, value in inputs.items():
-            if key in ("input_ids", "attention_mask") or not torch.is_tensor(value):
-                continue
-            if value.shape == ids.shape and not value.is_floating_point():
+            if (key not in ("input_ids", "attention_mask") and torch.is_tensor(value) and value.shape == ids.shape
+                    and not value.is_floating_point()):
                 out[key] = torch.cat([value, value.new_zeros(comp.shape)], dim=1)
         return out
 
@@ -159,20 +153,6 @@ class VLMModule(ABC):
         names = {getattr(processing_class, a, None) or getattr(tok, a, None) for a in self._VISION_TOKEN_ATTRS}
         ids = {tok.convert_tokens_to_ids(n) for n in names if isinstance(n, str)}
         return sorted(i for i in ids if isinstance(i, int) and i != tok.unk_token_id)
-
-    # Shared implementations for processors with a chat template and a ``text=``/``images=`` call
-    # (the Hugging Face processors of Qwen-VL, InternVL-hf, and most current VLMs).
-    @staticmethod
-    def chat_template_prompts(processing_class: Any, inputs: Sequence[dict[str, Any]]) -> list[str]:
-        return [processing_class.apply_chat_template(ex["prompt"], tokenize=False, add_generation_prompt=True)
-                for ex in inputs]
-
-    @staticmethod
-    def process_text_and_images(processing_class: Any, prompts_text: Sequence[str],
-                                images: Sequence[Sequence[Image.Image]], **kwargs: Any) -> dict[str, torch.Tensor]:
-        """The processor on all prompts at once; images flattened in prompt order."""
-        flat = [im for per_prompt in images for im in per_prompt]
-        return dict(processing_class(text=list(prompts_text), images=flat or None, **kwargs))
 
     def tokenizer(self, processing_class: Any) -> Any:
         return getattr(processing_class, "tokenizer", processing_class)

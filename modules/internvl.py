@@ -56,11 +56,6 @@ class InternVLModule(VLMModule):
             model.register_forward_pre_hook(_image_flags_pre_hook, with_kwargs=True)
             model._vlgrpo_image_flags_hook = True
 
-    def get_processing_class(self) -> type:
-        from transformers import AutoProcessor
-
-        return AutoProcessor
-
     def get_vision_modules_keywords(self) -> list[str]:
         return ["vision_tower", "multi_modal_projector"]
 
@@ -81,22 +76,9 @@ class InternVLModule(VLMModule):
             ip.max_patches, ip.crop_to_patches = n, n > 1
         super().apply_processing_kwargs(processing_class, kwargs)
 
-    def prepare_prompt(self, processing_class: Any, inputs: Sequence[dict[str, Any]]) -> list[str]:
-        return self.chat_template_prompts(processing_class, inputs)
-
-    def prepare_model_inputs(
-        self,
-        processing_class: Any,
-        prompts_text: Sequence[str],
-        images: Sequence[Sequence[Image.Image]],
-        return_tensors: str = "pt",
-        padding: bool = True,
-        padding_side: str = "left",
-        add_special_tokens: bool = False,
-    ) -> dict[str, torch.Tensor]:
-        out = self.process_text_and_images(processing_class, prompts_text, images, return_tensors=return_tensors,
-                                           padding=padding, padding_side=padding_side,
-                                           add_special_tokens=add_special_tokens)
+    def prepare_model_inputs(self, processing_class: Any, prompts_text: Sequence[str],
+                             images: Sequence[Sequence[Image.Image]], **kwargs: Any) -> dict[str, torch.Tensor]:
+        out = super().prepare_model_inputs(processing_class, prompts_text, images, **kwargs)
         if "pixel_values" in out:
             out["image_flags"] = torch.ones(out["pixel_values"].shape[0], dtype=torch.long)
-        return self.forward_inputs(out)
+        return out

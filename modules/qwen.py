@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
-
-import torch
-from PIL import Image
+from typing import Any
 
 from .base import VLMModule
 from .loading import read_model_config
@@ -33,7 +30,8 @@ def _token_type_keyword() -> tuple[str, ...]:
 
 class QwenModule(VLMModule):
     """Qwen-VL family. The forward takes ``pixel_values`` and ``image_grid_thw`` (plus
-    ``mm_token_type_ids`` on transformers >= 5); all are also generate inputs. Images are resized by the processor between ``min_pixels`` and ``max_pixels``."""
+    ``mm_token_type_ids`` on transformers >= 5); all are also generate inputs. Images are resized by
+    the processor between ``min_pixels`` and ``max_pixels``."""
 
     model_types = tuple(_CLASSES)
 
@@ -53,11 +51,6 @@ class QwenModule(VLMModule):
         if not hasattr(transformers, name):
             raise ImportError(f"{name} needs a newer transformers (installed: {transformers.__version__})")
         return getattr(transformers, name)
-
-    def get_processing_class(self) -> type:
-        from transformers import AutoProcessor
-
-        return AutoProcessor
 
     def get_vision_modules_keywords(self) -> list[str]:
         return ["visual"]
@@ -81,26 +74,6 @@ class QwenModule(VLMModule):
             ip.size = size
 
     def vision_token_ids(self, processing_class: Any) -> list[int]:
-        tok = self.tokenizer(processing_class)
-        extra = [tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>")]
-        vocab = tok.get_vocab()
-        extra = [i for t, i in zip(("<|vision_start|>", "<|vision_end|>"), extra) if t in vocab]
-        return sorted(set(super().vision_token_ids(processing_class)) | set(extra))
-
-    def prepare_prompt(self, processing_class: Any, inputs: Sequence[dict[str, Any]]) -> list[str]:
-        return self.chat_template_prompts(processing_class, inputs)
-
-    def prepare_model_inputs(
-        self,
-        processing_class: Any,
-        prompts_text: Sequence[str],
-        images: Sequence[Sequence[Image.Image]],
-        return_tensors: str = "pt",
-        padding: bool = True,
-        padding_side: str = "left",
-        add_special_tokens: bool = False,
-    ) -> dict[str, torch.Tensor]:
-        out = self.process_text_and_images(processing_class, prompts_text, images, return_tensors=return_tensors,
-                                           padding=padding, padding_side=padding_side,
-                                           add_special_tokens=add_special_tokens)
-        return self.forward_inputs(out)
+        vocab = self.tokenizer(processing_class).get_vocab()
+        extra = {vocab[t] for t in ("<|vision_start|>", "<|vision_end|>") if t in vocab}
+        return sorted(set(super().vision_token_ids(processing_class)) | extra)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
-from typing import Callable
 
 from .base import VLMModule
 from .internvl import InternVLModule
@@ -14,8 +13,7 @@ from .qwen import QwenModule
 ENTRY_POINT_GROUP = "vlgrpo.modules"
 
 
-def _builtins() -> dict[str, Callable[[], type]]:
-    return {"qwen": lambda: QwenModule, "internvl": lambda: InternVLModule}
+_BUILTINS: dict[str, type] = {"qwen": QwenModule, "internvl": InternVLModule}
 
 
 def _entry_points() -> dict[str, object]:
@@ -24,20 +22,7 @@ def _entry_points() -> dict[str, object]:
 
 def available_modules() -> dict[str, type]:
     """Every registered key mapped to its class (built-ins first, then entry points)."""
-    out: dict[str, type] = {k: load() for k, load in _builtins().items()}
-    for name, ep in _entry_points().items():
-        if name not in out:
-            out[name] = ep.load()
-    return out
-
-
-def _load_dotted(spec: str) -> type:
-    mod_name, _, attr = spec.partition(":")
-    try:
-        obj = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot load VLM module {spec!r}: {e}") from e
-    return obj
+    return {**_BUILTINS, **{name: ep.load() for name, ep in _entry_points().items() if name not in _BUILTINS}}
 
 
 def _check(cls: object, origin: str) -> type:
@@ -48,16 +33,18 @@ def _check(cls: object, origin: str) -> type:
 
 def get_module_class(key: str) -> type:
     if ":" in key:
-        return _check(_load_dotted(key), key)
-    builtins = _builtins()
-    if key in builtins:
-        return builtins[key]()
+        mod_name, _, attr = key.partition(":")
+        try:
+            return _check(getattr(importlib.import_module(mod_name), attr), key)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot load VLM module {key!r}: {e}") from e
+    if key in _BUILTINS:
+        return _BUILTINS[key]
     eps = _entry_points()
     if key in eps:
         return _check(eps[key].load(), f"entry point {key!r}")
-    known = sorted(set(builtins) | set(eps))
     raise ValueError(
-        f"unknown VLM module key {key!r}; known keys: {', '.join(known)} "
+        f"unknown VLM module key {key!r}; known keys: {', '.join(sorted(set(_BUILTINS) | set(eps)))} "
         "(or name your own class as 'package.module:ClassName', or register it in the "
         f"'{ENTRY_POINT_GROUP}' entry-point group)"
     )
