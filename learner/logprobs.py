@@ -13,39 +13,30 @@ last ``T + 1`` positions are computed when the model accepts ``logits_to_keep``.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Optional, Sequence
 
 import torch
 
-_LOGITS_TO_KEEP_CACHE: dict[type, bool] = {}
+
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    inner = getattr(model, "module", model)  # DeepSpeed engine -> wrapped model
-    cls = type(inner)
-    if cls not in _LOGITS_TO_KEEP_CACHE:
-        try:
-            params = inspect.signature(inner.forward).parameters
-            _LOGITS_TO_KEEP_CACHE[cls] = "logits_to_keep" in params
-        except (TypeError, ValueError):
-            _LOGITS_TO_KEEP_CACHE[cls] = False
-    return _LOGITS_TO_KEEP_CACHE[cls]
-
-
-def build_rows_inputs(
-    module: Any,
-    processor: Any,
-    prompts_text: Sequence[str],
-    images: Sequence[Sequence[Any]],
-    row_prompt_index: Sequence[int],
-) -> dict[str, torch.Tensor]:
+def build_rows_inputs(module: Any, processor: Any, prompts_text: Sequence[str], images: Sequence[Sequence[Any]],
+                      row_prompt_index: Sequence[int]) -> dict[str, torch.Tensor]:
     """``module.prepare_model_inputs`` for one row per completion (prompt repeated per row):
     left-padded prompt inputs with exactly the module's forward keys."""
-    texts = [prompts_text[p] for p in row_prompt_index]
-    ims = [list(images[p]) for p in row_prompt_index]
-    inputs = module.prepare_model_inputs(processor, texts, ims)
+    inputs = module.prepare_model_inputs(processor, [prompts_text[p] for p in row_prompt_index],
+                                         [list(images[p]) for p in row_prompt_index])
     return module.forward_inputs(inputs)
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    lg = logits.float()
+    return lg / temperature if temperature != 1.0 else lg
 
 
 class _SelectiveLogProb(torch.autograd.Function):
@@ -60,12 +51,9 @@ class _SelectiveLogProb(torch.autograd.Function):
         out = torch.empty(m, dtype=torch.float32, device=logits.device)
         lse = torch.empty(m, dtype=torch.float32, device=logits.device)
         for s in range(0, m, chunk):
-            lg = logits[s:s + chunk].float()
-            if temperature != 1.0:
-                lg = lg / temperature
-            l = torch.logsumexp(lg, dim=-1)
-            lse[s:s + chunk] = l
-            out[s:s + chunk] = lg.gather(-1, targets[s:s + chunk].unsqueeze(-1)).squeeze(-1) - l
+            lg = _scaled(logits[s:s + chunk], temperature)
+            lse[s:s + chunk] = torch.logsumexp(lg, dim=-1)
+            out[s:s + chunk] = lg.gather(-1, targets[s:s + chunk].unsqueeze(-1)).squeeze(-1) - lse[s:s + chunk]
         ctx.save_for_backward(logits, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         return out
@@ -76,11 +64,8 @@ class _SelectiveLogProb(torch.autograd.Function):
         t, chunk = ctx.temperature, ctx.chunk
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], chunk):
-            lg = logits[s:s + chunk].float()
-            if t != 1.0:
-                lg = lg / t
             g = grad_out[s:s + chunk].float()
-            gl = torch.exp(lg - lse[s:s + chunk].unsqueeze(-1)).mul_(-g.unsqueeze(-1))
+            gl = torch.exp(_scaled(logits[s:s + chunk], t) - lse[s:s + chunk].unsqueeze(-1)).mul_(-g.unsqueeze(-1))
             gl.scatter_add_(-1, targets[s:s + chunk].unsqueeze(-1), g.unsqueeze(-1))
             if t != 1.0:
                 gl.div_(t)
@@ -88,43 +73,28 @@ class _SelectiveLogProb(torch.autograd.Function):
         return grad, None, None, None
 
 
-def selective_logprobs_and_entropy(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    with_entropy: bool = False,
-    temperature: float = 1.0,
-    chunk_tokens: int = 1024,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def selective_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
+                                   temperature: float = 1.0, chunk_tokens: int = 1024
+                                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``log_softmax(logits / temperature)`` at ``targets`` (``[..., V]`` -> ``[...]``, float32,
     differentiable) and, when asked, the entropy (no grad), ``chunk_tokens`` positions at a time."""
     shape = targets.shape
     flat = logits.reshape(-1, logits.shape[-1])
-    tg = targets.reshape(-1)
-    lp = _SelectiveLogProb.apply(flat, tg, float(temperature), int(chunk_tokens))
+    lp = _SelectiveLogProb.apply(flat, targets.reshape(-1), float(temperature), int(chunk_tokens))
     ent = None
     if with_entropy:
         with torch.no_grad():
             ents = []
             for s in range(0, flat.shape[0], chunk_tokens):
-                lg = flat[s:s + chunk_tokens].float()
-                if temperature != 1.0:
-                    lg = lg / temperature
-                logp = torch.log_softmax(lg, dim=-1)
+                logp = torch.log_softmax(_scaled(flat[s:s + chunk_tokens], temperature), dim=-1)
                 ents.append(-(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1))  # 0 * -inf -> 0
             ent = torch.cat(ents).reshape(shape) if ents else flat.new_zeros(shape, dtype=torch.float32)
     return lp.reshape(shape), ent
 
 
-def per_token_logprobs(
-    model: torch.nn.Module,
-    module: Any,
-    inputs: dict[str, torch.Tensor],
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
-    suppress_ids: Optional[Sequence[int]] = None,
-):
+def per_token_logprobs(model: torch.nn.Module, module: Any, inputs: dict[str, torch.Tensor],
+                       completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float = 1.0,
+                       return_entropy: bool = False, suppress_ids: Optional[Sequence[int]] = None):
     """Log-probs ``[N, T]`` (float32) of ``completion_ids`` given the prompt ``inputs``.
 
     ``suppress_ids``: tokens the sampler never emits (the module's vision placeholders); they are
@@ -138,7 +108,7 @@ def per_token_logprobs(
     fwd = module.append_completions(module.forward_inputs(inputs), completion_ids, completion_mask)
     t = completion_ids.shape[1]
     kwargs: dict[str, Any] = {"use_cache": False}
-    if _accepts_logits_to_keep(model):
+    if _takes_logits_to_keep(type(getattr(model, "module", model))):  # a DeepSpeed engine wraps the model
         kwargs["logits_to_keep"] = t + 1
     out = model(**fwd, **kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
@@ -150,8 +120,5 @@ def per_token_logprobs(
     lp, ent = selective_logprobs_and_entropy(logits, targets, with_entropy=return_entropy,
                                              temperature=temperature)
     mask = completion_mask.to(lp.device).bool()
-    lp = torch.where(mask, lp, torch.zeros_like(lp))
-    if return_entropy:
-        ent = torch.where(mask, ent, torch.zeros_like(ent))
-        return lp, ent
-    return lp
+    lp = lp.masked_fill(~mask, 0.0)
+    return (lp, ent.masked_fill(~mask, 0.0)) if return_entropy else lp

@@ -15,30 +15,21 @@ def load_reference_model(model_cfg: ModelConfig, device: torch.device, dtype: to
     module = resolve_module(model_cfg.path, model_cfg.module)
     model, _ = load_model_and_processor(model_cfg.path, module, dtype, model_cfg.processing_kwargs,
                                         model_cfg.init_kwargs)
-    model.requires_grad_(False)
-    model.eval()
-    if getattr(model, "config", None) is not None:
-        model.config.use_cache = False
+    model.requires_grad_(False).eval()
+    model.config.use_cache = False
     return model.to(device), module
 
 
-def wrap_reference_zero3(model: torch.nn.Module, micro_batch_size: int, world_size: int,
-                         dtype: torch.dtype):
+def wrap_reference_zero3(model: torch.nn.Module, micro_batch_size: int, world_size: int, dtype: torch.dtype):
     """Partition the reference model's parameters with DeepSpeed ZeRO-3 (no optimizer), so that
     under ``zero_stage=3`` it costs 1/world of its size per rank like the policy. Forward passes
     are collective (every rank must run the same number)."""
     import deepspeed
 
-    config = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "train_batch_size": micro_batch_size * world_size,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10_000},
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "fp16": {"enabled": dtype == torch.float16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    config = {"train_micro_batch_size_per_gpu": micro_batch_size, "train_batch_size": micro_batch_size * world_size,
+              "gradient_accumulation_steps": 1, "steps_per_print": 10**9, "wall_clock_breakdown": False,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10_000},
+              "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine

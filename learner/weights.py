@@ -27,10 +27,6 @@ class LearnerWeights:
         """Checkpoint (HF state_dict) names of the parameters the optimizer updates."""
         return [self._ck(n) for n, p in self.model.named_parameters() if p.requires_grad]
 
-    def frozen_names(self) -> list[str]:
-        """Checkpoint names of frozen parameters (e.g. the vision tower with ``freeze_vision``)."""
-        return [self._ck(n) for n, p in self.model.named_parameters() if not p.requires_grad]
-
     def _export_items(self) -> list[tuple[str, torch.Tensor]]:
         params = dict(self.model.named_parameters(remove_duplicate=False))
         names = list(self._name_map) if self._name_map else list(params)

@@ -82,6 +82,11 @@ def weights(learner) -> dict[str, torch.Tensor]:
     return {n: t.detach().to("cpu", copy=True) for n, t in learner.named_weights()}
 
 
+def frozen_names(learner) -> list[str]:
+    """Checkpoint names of the learner's frozen parameters (e.g. the vision tower with ``freeze_vision``)."""
+    return [learner._ck(n) for n, p in learner.model.named_parameters() if not p.requires_grad]
+
+
 def batch_logprobs(learner, batch, reference: bool = False) -> torch.Tensor:
     """Log-probs ``[N, T]`` (float32, CPU) of ``batch``'s completions under the learner's current
     policy (or reference model): ``micro_batches`` + ``logprobs`` per micro-batch, concatenated and

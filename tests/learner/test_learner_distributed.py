@@ -39,7 +39,11 @@ def _run_group(cfgs, world, batches):
         w0 = group_weights(actors)
         metrics = [group_train_step(actors, b) for b in batches]
         w1 = group_weights(actors)
-        frozen = ray.get(actors[0].frozen_names.remote())
+
+        def frozen_names(lr):  # a nested function travels into the actor by value
+            return [lr._ck(n) for n, p in lr.model.named_parameters() if not p.requires_grad]
+
+        frozen = ray.get(actors[0].__ray_call__.remote(frozen_names))
         return actors, w0, w1, metrics, frozen
     except Exception:
         kill_group(actors)
