@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..rollout.synthetic import TASKS
+
 
 def _cmd_modules(args) -> int:
     from ..modules import available_modules
@@ -137,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=_cmd_eval)
 
     d = sub.add_parser("make-data", help="write a synthetic visual task as VLM-R1 JSONL + images")
-    d.add_argument("--task", default="color")
+    d.add_argument("--task", default="color", choices=sorted(TASKS), help="which synthetic task (see README)")
     d.add_argument("--n", type=int, default=256)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--split", default="train", choices=["train", "test"], help="test: held out from a run's data")

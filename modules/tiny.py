@@ -302,4 +302,4 @@ def warm_up_format(model_dir: str | Path, module, conversations: Sequence[list[d
         opt.step()
     model.eval()
     model.save_pretrained(model_dir)
-    return float(loss)
+    return loss.item()
