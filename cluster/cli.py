@@ -95,10 +95,10 @@ def _cmd_train(args) -> int:
             cfg = load_config(saved, [f"trainer.output_dir={args.resume}", *args.overrides], saved=True)
         else:
             cfg = load_config(args.config, args.overrides)
+        history = train(cfg, resume=args.resume)
     except ConfigError as e:
         print(f"vlgrpo: config error: {e}", file=sys.stderr)
         return 2
-    history = train(cfg, resume=args.resume)
     last = history[-1] if history else {}
     print(json.dumps({"output_dir": cfg.trainer.output_dir, "steps": last.get("step"),
                       "reward/accuracy": last.get("reward/accuracy"), "reward/mean": last.get("reward/mean")}))

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from ..learner.grpo import group_advantages
 from ..learner.types import TrainBatch
+from ..modules.loading import read_model_config
 from ..modules.registry import resolve_module
 from ..modules.tiny import build_tiny_model, warm_up_format
 from ..rollout.data import PromptSampler, load_datasets
@@ -29,7 +30,7 @@ from ..rollout.synthetic import make_dataset
 from ..rollout.types import RolloutBatch, SamplingConfig, concat_rollouts
 from . import placement
 from .checkpoint import CheckpointManager, atomic_write_json, load_trainer_state, resolve_checkpoint
-from .config import Config
+from .config import Config, ConfigError
 from .control import take_scale_request
 from .fleet import Chunk, Fleet, StageError
 from .metrics import MetricsLogger
@@ -52,8 +53,12 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        self.dataset = load_datasets(cfg.data.data_sources(self._demo_data()))
-        self._demo_model()
+        try:  # user errors found before any actor starts: one line each (cli prints ConfigError so)
+            self.dataset = load_datasets(cfg.data.data_sources(self._demo_data()))
+            self._demo_model()
+            read_model_config(cfg.model.path)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from e
         self.sampler = PromptSampler(self.dataset, cfg.trainer.prompts_per_step, seed=cfg.trainer.seed)
         cfg.save(self.out / "config.yaml")  # exactly what runs (resolved model path and derived values)
 

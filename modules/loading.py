@@ -34,7 +34,12 @@ def read_model_config(model_id: str) -> dict[str, Any]:
         return json.loads(cfg.read_text())
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model_id).to_dict()
+    try:
+        return AutoConfig.from_pretrained(model_id).to_dict()
+    except OSError as e:  # no such repo, or no network and not in the local cache
+        raise ValueError(f"model {model_id!r} is not a local directory and could not be read from the Hugging Face "
+                         f"Hub ({str(e).splitlines()[0][:160]}); download it where the hub is reachable "
+                         f"(huggingface-cli download {model_id} --local-dir DIR) and set model.path=DIR") from None
 
 
 def load_processor(model_id: str, module, processing_kwargs: Optional[dict[str, Any]] = None):

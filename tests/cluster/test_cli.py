@@ -200,6 +200,27 @@ def test_train_config_error_exits_2_before_ray(case, tmp_path):
     assert elapsed < 20, f"the config error took {elapsed:.1f}s: it must come before any heavy start-up"
 
 
+def test_errors_after_config_are_one_line_before_ray(tmp_path, monkeypatch):
+    """Errors only found once the run starts (a hub model id without network, a JSONL whose rows are
+    all bad) are one line naming the cause and the fix, before Ray or any actor starts."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"no_image": 1}\n["not a row"]\n')
+    cases = {
+        "hub_offline": (["model.path=SomeOrg/NoSuchVLM-7B"], ["SomeOrg/NoSuchVLM-7B", "huggingface-cli download",
+                                                          "model.path=DIR"]),
+        "all_rows_bad": ([f"data.sources=[{{path: {bad}, image_folder: {tmp_path}}}]"], [str(bad)]),
+    }
+    for name, (overrides, expected) in cases.items():
+        out = tmp_path / name
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network
+        proc = run_cli("train", f"trainer.output_dir={out}", *overrides, cwd=tmp_path, timeout=300)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and "Traceback" not in output, output[-3000:]
+        errors = [l for l in proc.stderr.splitlines() if l.startswith("vlgrpo: ")]
+        assert len(errors) == 1 and all(t in errors[0] for t in expected), (name, errors)
+        assert "Started a local Ray instance" not in output
+
+
 def test_resume_of_a_folder_that_is_no_run_fails_at_once(tmp_path):
     """``--resume DIR`` continues the run in DIR with its own config.yaml; a DIR without one (empty,
     missing, a typo) is one clear line, before Ray starts, and nothing is written anywhere."""
