@@ -37,7 +37,7 @@ class GenerationEngine(ABC):
 
     def tokenizer(self):
         """The tokenizer used to decode completions (pad/eos ids for batching)."""
-        raise NotImplementedError
+        return self.module.tokenizer(self.processor)
 
     def close(self) -> None:
         """Release the engine's memory (optional)."""

@@ -18,17 +18,9 @@ from .types import Completion, GenerationResult, Sample, SamplingConfig
 
 
 class TransformersEngine(GenerationEngine):
-    def __init__(
-        self,
-        model_path: str,
-        module: VLMModule,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: str = "cpu",
-        processing_kwargs: Optional[dict] = None,
-        init_kwargs: Optional[dict] = None,
-        max_batch_size: int = 64,
-    ) -> None:
+    def __init__(self, model_path: str, module: VLMModule, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 processing_kwargs: Optional[dict] = None, init_kwargs: Optional[dict] = None,
+                 max_batch_size: int = 64) -> None:
         self.module = module
         self.device = torch.device(device)
         # ``init_kwargs``: extra ``from_pretrained`` kwargs (``model.init_kwargs``), as the learner gets them
@@ -41,12 +33,10 @@ class TransformersEngine(GenerationEngine):
         self.max_batch_size = max_batch_size
         self.weights_version = 0
         tok = self.tokenizer()
-        self.eos_ids = _as_list(self.model.generation_config.eos_token_id) or [tok.eos_token_id]
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = ([eos] if isinstance(eos, int) else list(eos or [])) or [tok.eos_token_id]
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
         self.suppress_ids = module.vision_token_ids(self.processor)
-
-    def tokenizer(self):
-        return self.module.tokenizer(self.processor)
 
     @torch.no_grad()
     def generate(self, samples: Sequence[Sample], sampling: SamplingConfig) -> list[GenerationResult]:
@@ -66,19 +56,12 @@ class TransformersEngine(GenerationEngine):
         inputs = self.module.prepare_model_inputs(self.processor, [r[1] for r in rows], [r[2] for r in rows])
         inputs = {k: v.to(self.device) for k, v in self.module.generate_inputs(inputs).items()}
         greedy = sampling.temperature <= 0
-        out = self.model.generate(
-            **inputs,
-            max_new_tokens=sampling.max_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None if greedy or sampling.top_k <= 0 else sampling.top_k,
-            eos_token_id=self.eos_ids,
-            suppress_tokens=self.suppress_ids or None,
-            pad_token_id=self.pad_id,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
+        out = self.model.generate(**inputs, max_new_tokens=sampling.max_tokens, do_sample=not greedy,
+                                  temperature=None if greedy else sampling.temperature,
+                                  top_p=None if greedy else sampling.top_p,
+                                  top_k=None if greedy or sampling.top_k <= 0 else sampling.top_k,
+                                  eos_token_id=self.eos_ids, suppress_tokens=self.suppress_ids or None,
+                                  pad_token_id=self.pad_id, return_dict_in_generate=True, output_logits=True)
         prompt_len = inputs["input_ids"].shape[1]
         seqs = out.sequences[:, prompt_len:]
         logits = torch.stack(out.logits, dim=1).float()  # [B, T, V] raw logits
@@ -92,12 +75,8 @@ class TransformersEngine(GenerationEngine):
         for row_ids, row_lp in zip(seqs.tolist(), logprobs.tolist()):
             end = next((j + 1 for j, t in enumerate(row_ids) if t in self.eos_ids), None)
             ids = row_ids[:end] if end else row_ids
-            result.append(Completion(
-                token_ids=ids,
-                logprobs=row_lp[:len(ids)],
-                text=tok.decode(ids, skip_special_tokens=True),
-                finish_reason="stop" if end else "length",
-            ))
+            result.append(Completion(ids, row_lp[:len(ids)], tok.decode(ids, skip_special_tokens=True),
+                                     "stop" if end else "length"))
         return result
 
     @torch.no_grad()
@@ -121,9 +100,3 @@ class TransformersEngine(GenerationEngine):
         state = self.model.state_dict()
         names = list(names) if names is not None else list(self._mem_name) or list(state)
         return {n: tensor_checksum(state[self._mem_name.get(n, n)]) for n in names}
-
-
-def _as_list(x) -> list[int]:
-    if x is None:
-        return []
-    return list(x) if isinstance(x, (list, tuple)) else [int(x)]

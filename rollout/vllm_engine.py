@@ -95,22 +95,10 @@ def _vllm_mm_processor_kwargs(module: VLMModule, processing_kwargs: dict[str, An
 class VLLMEngine(GenerationEngine):
     """Generate with vLLM's offline ``LLM``; load weights in place (see the module docstring)."""
 
-    def __init__(
-        self,
-        model_path: str,
-        module: VLMModule,
-        *,
-        dtype: str = "auto",
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.5,
-        max_model_len: int = 1024,
-        enforce_eager: bool = False,
-        seed: int = 0,
-        limit_images_per_prompt: int = 4,
-        processing_kwargs: Optional[dict[str, Any]] = None,
-        extra_engine_kwargs: Optional[dict[str, Any]] = None,
-        in_process: Optional[bool] = None,
-    ) -> None:
+    def __init__(self, model_path: str, module: VLMModule, *, dtype: str = "auto", tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.5, max_model_len: int = 1024, enforce_eager: bool = False,
+                 seed: int = 0, limit_images_per_prompt: int = 4, processing_kwargs: Optional[dict[str, Any]] = None,
+                 extra_engine_kwargs: Optional[dict[str, Any]] = None, in_process: Optional[bool] = None) -> None:
         on_cpu = not torch.cuda.is_available()
         if in_process is None:
             env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
@@ -142,31 +130,21 @@ class VLLMEngine(GenerationEngine):
         self.processor = load_processor(self.model_path, module, self.processing_kwargs)
         # Image/video placeholders and vision delimiters are never sampled (as in the transformers
         # engine): a completion holding one cannot be scored by the learner.
-        ids_fn = getattr(module, "vision_token_ids", None)
-        self.suppress_ids: list[int] = list(ids_fn(self.processor)) if ids_fn is not None else []
+        self.suppress_ids: list[int] = list(module.vision_token_ids(self.processor))
 
         dtype = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
         if dtype == "auto":  # as the transformers engine and the learner: vLLM's own "auto" is bf16
             dtype = "float32" if on_cpu else "bfloat16"
-        kwargs: dict[str, Any] = dict(
-            model=self.model_path,
-            dtype=dtype,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-            seed=seed,
-            limit_mm_per_prompt={"image": limit_images_per_prompt},
-            logprobs_mode=LOGPROBS_MODE,
-        )
-        mm_kwargs = _vllm_mm_processor_kwargs(module, self.processing_kwargs)
-        if mm_kwargs:
+        kwargs: dict[str, Any] = dict(model=self.model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                                      gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                      enforce_eager=enforce_eager, seed=seed, logprobs_mode=LOGPROBS_MODE,
+                                      limit_mm_per_prompt={"image": limit_images_per_prompt})
+        if mm_kwargs := _vllm_mm_processor_kwargs(module, self.processing_kwargs):
             kwargs["mm_processor_kwargs"] = mm_kwargs
         kwargs.update(extra_engine_kwargs or {})
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - t0
-        self.engine_kwargs = kwargs
         self.in_process = self._check_in_process()
         if not self.llm.collective_rpc(_takes_weights_iterator)[0]:  # else the first sync fails, minutes in
             raise RuntimeError(f"vLLM {vllm.__version__}: Worker.reload_weights takes no tensors (weights_iterator), "
@@ -185,36 +163,24 @@ class VLLMEngine(GenerationEngine):
         parallel = engine.vllm_config.parallel_config
         return parallel.world_size == 1 and parallel.distributed_executor_backend in (None, "uni")
 
-    def tokenizer(self):
-        return self.module.tokenizer(self.processor)
-
     # -- generation -----------------------------------------------------------------------------
     def sampling_params(self, sampling: SamplingConfig, seed: Optional[int] = None):
         from vllm import SamplingParams
 
-        return SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else 0,
-            max_tokens=sampling.max_tokens,
-            logprobs=0,  # only the sampled token's log-prob
-            seed=seed,
-            # -inf: an exact ban. (vLLM's from_optional, used by its server, would clamp biases to
-            # [-100, 100], not enough against a model that strongly prefers these tokens.)
-            logit_bias={i: float("-inf") for i in self.suppress_ids} or None,
-        )
+        # logit_bias -inf: an exact ban. (vLLM's from_optional, used by its server, would clamp biases
+        # to [-100, 100], not enough against a model that strongly prefers these tokens.)
+        return SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                              top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else 0,
+                              max_tokens=sampling.max_tokens, seed=seed,
+                              logprobs=0,  # only the sampled token's log-prob
+                              logit_bias={i: float("-inf") for i in self.suppress_ids} or None)
 
     def generate(self, samples: Sequence[Sample], sampling: SamplingConfig) -> list[GenerationResult]:
         if not samples:
             return []
         texts = self.module.prepare_prompt(self.processor, [{"prompt": s.prompt} for s in samples])
-        requests = []
-        for text, s in zip(texts, samples):
-            req: dict[str, Any] = {"prompt": text}
-            if s.images:
-                req["multi_modal_data"] = {"image": list(s.images)}
-            requests.append(req)
+        requests = [{"prompt": text, "multi_modal_data": {"image": list(s.images)}} if s.images else {"prompt": text}
+                    for text, s in zip(texts, samples)]
         if sampling.seed is None:
             params: Any = self.sampling_params(sampling)
         else:
@@ -223,19 +189,8 @@ class VLLMEngine(GenerationEngine):
             params = [self.sampling_params(sampling, sampling.seed + i * sampling.n) for i in range(len(samples))]
         outputs = self.llm.generate(requests, params, use_tqdm=False,
                                     tokenization_kwargs={"add_special_tokens": False})
-        results = []
-        for text, out in zip(texts, outputs):
-            comps = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                ids = list(c.token_ids)
-                comps.append(Completion(
-                    token_ids=ids,
-                    logprobs=_sampled_logprobs(ids, c.logprobs),
-                    text=c.text,
-                    finish_reason="length" if c.finish_reason == "length" else "stop",
-                ))
-            results.append(GenerationResult(prompt_text=text, completions=comps))
-        return results
+        return [GenerationResult(text, [_completion(c) for c in sorted(out.outputs, key=lambda c: c.index)])
+                for text, out in zip(texts, outputs)]
 
     # -- weights --------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
@@ -293,12 +248,11 @@ class VLLMEngine(GenerationEngine):
             torch.cuda.empty_cache()
 
 
-def _sampled_logprobs(token_ids: list[int], logprobs: Any) -> list[float]:
-    """The log-prob of each sampled token from vLLM's per-position ``{token_id: Logprob}``."""
-    if logprobs is None:
+def _completion(out: Any) -> Completion:
+    """A vLLM ``CompletionOutput``, with the log-prob of each sampled token from its per-position
+    ``{token_id: Logprob}``."""
+    if out.logprobs is None:
         raise RuntimeError("vLLM returned no log-probs although SamplingParams(logprobs=0) was set")
-    out = []
-    for tok, entry in zip(token_ids, logprobs):
-        lp = entry[tok]
-        out.append(float(getattr(lp, "logprob", lp)))
-    return out
+    ids = list(out.token_ids)
+    logprobs = [float(getattr(entry[tok], "logprob", entry[tok])) for tok, entry in zip(ids, out.logprobs)]
+    return Completion(ids, logprobs, out.text, "length" if out.finish_reason == "length" else "stop")
