@@ -47,7 +47,7 @@ class SyncedLearner(Learner):
         buffers, repoint = self.movable_buffers()
         ranges = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in buffers]
         live = dict(self.named_weights()) if buffers and self._name_map is not None else {}
-        specs = self._specs(trainable_only=False)
+        specs = self.weight_specs(trainable_only=False)
         staged = {s.name for s in specs
                   if not (s.name in live and any(lo <= live[s.name].data_ptr() < hi for lo, hi in ranges))}
         staged_bytes = packed_bytes([s for s in specs if s.name in staged])
@@ -78,14 +78,11 @@ class SyncedLearner(Learner):
             self.sync_group.close()
             self.sync_group = None
 
-    def _specs(self, trainable_only: bool) -> list[TensorSpec]:
-        return [TensorSpec(n, shape, dtype) for n, shape, dtype in self.weights_meta(trainable_only)]
-
     def weight_specs(self, trainable_only: bool) -> list[TensorSpec]:
         """Specs of the tensors to sync, in ``named_weights`` order, with their shared-memory
         offsets once ``share_weights`` ran (not collective)."""
-        return [TensorSpec(s.name, s.shape, s.dtype, self.shm_offsets[s.name], s.name in self.shm_live)
-                if self.shm_offsets else s for s in self._specs(trainable_only)]
+        return [TensorSpec(n, shape, dtype, self.shm_offsets.get(n, -1), n in self.shm_live)
+                for n, shape, dtype in self.weights_meta(trainable_only)]
 
     def send_weights(self, plan: SyncPlan) -> Optional[SyncReport]:
         """Collective over the learner group (ZeRO-3 gathers); rank 0 sends ``plan``."""

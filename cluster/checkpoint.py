@@ -77,25 +77,19 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: Optional[int] = 2) -> Path:
-    """Atomic JSON write (keys sorted; dataclasses and paths are converted; fails before touching
-    the file when ``obj`` is not JSON-serialisable)."""
-    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=indent, sort_keys=True) + "\n")
+    """Atomic JSON write (keys sorted; dataclasses, paths, numpy / torch scalars and arrays are
+    converted; fails before touching the file when ``obj`` is not JSON-serialisable)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, default=_json_default) + "\n")
 
 
-def _jsonable(x: Any) -> Any:
+def _json_default(x: Any) -> Any:
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return _jsonable(dataclasses.asdict(x))
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return dataclasses.asdict(x)
     if isinstance(x, os.PathLike):
         return os.fspath(x)
-    if hasattr(x, "item") and callable(x.item) and getattr(x, "ndim", None) == 0:  # numpy / torch scalars
-        return x.item()
-    if hasattr(x, "tolist") and callable(x.tolist):  # numpy arrays, small tensors
+    if callable(getattr(x, "tolist", None)):  # numpy / torch: 0-d gives a number
         return x.tolist()
-    return x
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:

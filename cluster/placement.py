@@ -22,7 +22,6 @@ def init_ray(address: Optional[str], needed_cpus: float) -> None:
 
     A local one binds to 127.0.0.1 and gets at least ``needed_cpus`` logical CPUs (actors are
     mostly idle while others compute, so oversubscribing a laptop's cores is intended)."""
-
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -40,7 +39,6 @@ def init_ray(address: Optional[str], needed_cpus: float) -> None:
 
 
 def cluster_gpus() -> float:
-
     return float(ray.cluster_resources().get("GPU", 0))
 
 
@@ -64,7 +62,6 @@ def worker_resources(cfg, has_gpus: bool) -> Resources:
 
 def placement_group(bundles: list[dict[str, float]], strategy: str, timeout_s: float):
     """Create and wait for a placement group; a clear error when the cluster cannot host it."""
-
     bundles = [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
     pg = make_pg(bundles, strategy=strategy)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
@@ -78,7 +75,6 @@ def placement_group(bundles: list[dict[str, float]], strategy: str, timeout_s: f
 
 
 def bundle_strategy(pg, index: int) -> Any:
-
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
 
 
@@ -95,12 +91,10 @@ def get_free_port() -> int:
 def node_ip_and_port() -> tuple[str, int]:
     """This node's IP and a free port on it: run as a Ray task where a group's rank 0 will live,
     to get a rendezvous address (the learner group's, the weight-sync group's)."""
-
     return ray.util.get_node_ip_address(), get_free_port()
 
 
 def rendezvous(pg, index: int = 0) -> tuple[str, int]:
     """``node_ip_and_port`` on the node of bundle ``index`` of placement group ``pg``."""
-
     task = ray.remote(num_cpus=0)(node_ip_and_port).options(scheduling_strategy=bundle_strategy(pg, index))
     return ray.get(task.remote())

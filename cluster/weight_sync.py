@@ -23,6 +23,7 @@ Two transports, chosen per receiver when the group is formed (``SyncGroupInfo.sh
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import pickle
@@ -90,10 +91,7 @@ class SyncPlan:
 def make_plan(specs: Sequence[TensorSpec], version: int, bucket_mb: float, verify: bool = False) -> SyncPlan:
     """Group consecutive tensors of one dtype into buckets of at most ``bucket_mb`` (a tensor larger
     than a bucket gets a bucket of its own). Order is preserved: the sender must yield in it."""
-    limit = max(1, int(bucket_mb * 2**20))
-    buckets: list[list[TensorSpec]] = []
-    cur: list[TensorSpec] = []
-    cur_bytes = 0
+    limit, buckets, cur, cur_bytes = max(1, int(bucket_mb * 2**20)), [], [], 0
     for s in specs:
         if cur and (s.dtype != cur[0].dtype or cur_bytes + s.nbytes > limit):
             buckets.append(cur)
@@ -275,8 +273,7 @@ class SyncGroup:
     Holds up to two process groups built on one ``TCPStore``: ``net`` (the source and the
     broadcast receivers: bucket payloads) and ``shm`` (the source and the shared-memory receivers:
     "bucket k is staged" signals and the end-of-sync barrier), plus the mapped region for the
-    shared-memory members. The
-    source passes its :class:`SharedRegion` (whose ``handle`` is in ``info``)."""
+    shared-memory members. The source passes its :class:`SharedRegion` (whose ``handle`` is in ``info``)."""
 
     def __init__(self, info: SyncGroupInfo, rank: int, region: Optional[SharedRegion] = None) -> None:
         from torch.distributed import TCPStore
@@ -411,10 +408,7 @@ def receive_weights(group: SyncGroup, plan: SyncPlan, checksums: Optional[list[s
         else:
             buf = torch.empty(sum(s.numel for s in bucket), dtype=bucket[0].torch_dtype, device=group.device)
             group.broadcast(buf)
-            parts, offset = [], 0
-            for spec in bucket:
-                parts.append(buf[offset:offset + spec.numel].view(spec.shape))
-                offset += spec.numel
+            parts = [t.view(s.shape) for s, t in zip(bucket, buf.split([s.numel for s in bucket]))]
         if plan.verify and checksums is not None:
             checksums.append(buffer_checksum(*parts))
         for spec, t in zip(bucket, parts):
@@ -425,15 +419,12 @@ def receive_weights(group: SyncGroup, plan: SyncPlan, checksums: Optional[list[s
 
 def check_checksums(sent: SyncReport, received: Sequence[SyncReport]) -> None:
     """Controller side: every receiver must have seen exactly the sender's buckets."""
-    version, sent = sent.version, sent.checksums
     for r in received:
-        who, got = r.member, r.checksums
-        if got != sent:
-            bad = next((i for i, (a, b) in enumerate(zip(sent, got)) if a != b), min(len(sent), len(got)))
-            raise WeightSyncError(
-                f"weight sync v{version}: {who} received different bytes than sent (first bad bucket {bad} "
-                f"of {len(sent)}); its weights are not the learner's"
-            )
+        if r.checksums != sent.checksums:
+            bad = next((i for i, (a, b) in enumerate(zip(sent.checksums, r.checksums)) if a != b),
+                       min(len(sent.checksums), len(r.checksums)))
+            raise WeightSyncError(f"weight sync v{sent.version}: {r.member} received different bytes than sent (first "
+                                  f"bad bucket {bad} of {len(sent.checksums)}); its weights are not the learner's")
 
 
 class WeightSyncExtension:
@@ -458,12 +449,7 @@ class WeightSyncExtension:
         group = getattr(self, "_vlgrpo_sync_group", None)
         if group is None:
             raise WeightSyncError("this vLLM worker has not joined the weight-sync group")
-        t0, plan, checksums, names = time.perf_counter(), pickle.loads(plan), [], []
-
-        def counted():
-            for name, t in receive_weights(group, plan, checksums):
-                names.append(name)
-                yield name, t
-
-        self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
-        return pickle.dumps(SyncReport(plan.version, len(names), checksums, time.perf_counter() - t0))
+        t0, plan, checksums, count = time.perf_counter(), pickle.loads(plan), [], itertools.count()
+        weights = (w for w, _ in zip(receive_weights(group, plan, checksums), count))  # count advances per tensor
+        self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        return pickle.dumps(SyncReport(plan.version, next(count), checksums, time.perf_counter() - t0))

@@ -43,7 +43,11 @@ def test_zero2_weights_live_in_shared_memory(tiny_model_factory, tmp_path):
         handle = ray.get(shared[0].share_weights.remote())
         assert ray.get(shared[0].share_weights.remote()) == handle  # once
         specs = ray.get(shared[0].weight_specs.remote(trainable_only=False))
-        frozen = set(ray.get(shared[0].frozen_names.remote()))
+
+        def frozen_names(lr):  # a nested function travels into the actor by value
+            return [lr._ck(n) for n, p in lr.model.named_parameters() if not p.requires_grad]
+
+        frozen = set(ray.get(shared[0].__ray_call__.remote(frozen_names)))
         trainable = [s.name for s in specs if s.name not in frozen]
         # the trainable weights live in the region (nothing to stage for them), the frozen ones do not
         assert frozen and all(s.live == (s.name in trainable) for s in specs)
