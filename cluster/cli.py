@@ -31,8 +31,9 @@ def _cmd_tiny_model(args) -> int:
 
 def _cmd_make_data(args) -> int:
     from ..rollout.synthetic import make_dataset
+    from .config import TEST_SPLIT_SEED
 
-    seed = args.seed + (1_000_003 if args.split == "test" else 0)  # training builds its data with trainer.seed
+    seed = args.seed + TEST_SPLIT_SEED * (args.split == "test")  # training builds its data with trainer.seed
     path = make_dataset(args.task, args.n, args.out_dir, seed=seed, image_size=args.image_size)
     print(json.dumps({"data": str(path), "image_folder": str(path.parent), "rows": args.n, "task": args.task,
                       "split": args.split}))
@@ -82,23 +83,26 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_config(args) -> int:
+    from .config import describe, load_config
+
+    print(describe(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
 def _cmd_train(args) -> int:
     from .config import ConfigError, load_config
     from .controller import train
 
-    try:
-        if args.resume and not args.config:  # continue the run it names: its own config, overrides on top
-            saved = Path(args.resume) / "config.yaml"
-            if not saved.exists():
-                raise ConfigError(f"--resume {args.resume}: no config.yaml there; name the output_dir of a "
-                                  "vlgrpo run (or also pass --config)")
-            cfg = load_config(saved, [f"trainer.output_dir={args.resume}", *args.overrides], saved=True)
-        else:
-            cfg = load_config(args.config, args.overrides)
-        history = train(cfg, resume=args.resume)
-    except ConfigError as e:
-        print(f"vlgrpo: config error: {e}", file=sys.stderr)
-        return 2
+    if args.resume and not args.config:  # continue the run it names: its own config, overrides on top
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.exists():
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there; name the output_dir of a "
+                              "vlgrpo run (or also pass --config)")
+        cfg = load_config(saved, [f"trainer.output_dir={args.resume}", *args.overrides], saved=True)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    history = train(cfg, resume=args.resume)
     last = history[-1] if history else {}
     print(json.dumps({"output_dir": cfg.trainer.output_dir, "steps": last.get("step"),
                       "reward/accuracy": last.get("reward/accuracy"), "reward/mean": last.get("reward/mean")}))
@@ -118,45 +122,47 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a policy (no --config: tiny model on a synthetic task, on CPU)")
-    t.add_argument("--config", help="YAML config (see examples/); omitted: the embedded default")
     t.add_argument("--resume", help="output dir or checkpoint dir to continue from")
-    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.num_workers=4 trainer.total_steps=50")
-    t.set_defaults(fn=_cmd_train)
+    g = sub.add_parser("config", help="print every config option with its value and help (YAML for --config)")
+    for x, fn in ((t, _cmd_train), (g, _cmd_config)):
+        x.add_argument("--config", help="YAML config (see examples/); omitted: the embedded default")
+        x.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.num_workers=4 learner.lr=1e-6")
+        x.set_defaults(fn=fn)
 
     e = sub.add_parser("eval", help="roll out over a dataset with the configured rewards; prints one JSON line")
     e.add_argument("--model", required=True, help="a model dir, or a run / checkpoint dir (its newest policy)")
     e.add_argument("--data", required=True, help="VLM-R1 JSONL file")
     e.add_argument("--image-folder", default=None, help="folder the image paths are relative to (default: the file's)")
-    e.add_argument("--engine", default="auto", choices=["auto", "transformers", "vllm"])
-    e.add_argument("--module", default="auto")
-    e.add_argument("--num-generations", type=int, default=1)
-    e.add_argument("--temperature", type=float, default=1.0)
-    e.add_argument("--max-tokens", type=int, default=64)
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--engine", default="auto", choices=["auto", "transformers", "vllm"], help="auto: vllm if on GPU")
+    e.add_argument("--module", default="auto", help="VLM module key (vlgrpo modules), or auto from config.json")
+    e.add_argument("--num-generations", type=int, default=1, help="completions per prompt")
+    e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0: greedy")
+    e.add_argument("--max-tokens", type=int, default=64, help="most tokens per completion")
+    e.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     e.add_argument("--rewards", help="comma-separated reward names (default: the run's rewards, else accuracy)")
     e.add_argument("--completions", help="write every completion with its prompt, images and rewards (JSONL)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="sampling seed")
     e.set_defaults(fn=_cmd_eval)
 
     d = sub.add_parser("make-data", help="write a synthetic visual task as VLM-R1 JSONL + images")
     d.add_argument("--task", default="color", choices=sorted(TASKS), help="which synthetic task (see README)")
-    d.add_argument("--n", type=int, default=256)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n", type=int, default=256, help="number of rows")
+    d.add_argument("--seed", type=int, default=0, help="the run's trainer.seed (train: the same rows as the run)")
     d.add_argument("--split", default="train", choices=["train", "test"], help="test: held out from a run's data")
-    d.add_argument("--image-size", type=int, default=56)
-    d.add_argument("out_dir")
+    d.add_argument("--image-size", type=int, default=56, help="image side in pixels")
+    d.add_argument("out_dir", help="folder for data.jsonl and images/")
     d.set_defaults(fn=_cmd_make_data)
 
     m = sub.add_parser("tiny-model", help="build a tiny random VLM (+ processor) and save_pretrained it")
-    m.add_argument("--family", required=True, choices=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl"])
-    m.add_argument("--size", default="tiny", choices=["micro", "tiny", "small"])
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("out_dir")
+    m.add_argument("--family", required=True, choices=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl"], help="model")
+    m.add_argument("--size", default="tiny", choices=["micro", "tiny", "small"], help="width and depth preset")
+    m.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    m.add_argument("out_dir", help="folder to save the model and processor in")
     m.set_defaults(fn=_cmd_tiny_model)
 
     c = sub.add_parser("scale", help="ask a running job to change its number of rollout workers (between steps)")
     c.add_argument("--output-dir", required=True, help="trainer.output_dir of the running job")
-    c.add_argument("--rollout-workers", type=int, required=True)
+    c.add_argument("--rollout-workers", type=int, required=True, help="the number of rollout workers wanted")
     c.set_defaults(fn=_cmd_scale)
 
     s = sub.add_parser("modules", help="list registered VLM modules (key and class)")
@@ -169,7 +175,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for noisy in ("transformers", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    try:
+        return int(args.fn(args) or 0)
+    except Exception as e:
+        from .config import ConfigError  # loaded by then when it is one (commands import what they need)
+        if not isinstance(e, ConfigError):
+            raise
+        print(f"vlgrpo: config error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

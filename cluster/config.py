@@ -11,7 +11,13 @@ starts.
 """
 from __future__ import annotations
 
+import ast
+import contextlib
 import dataclasses
+import inspect
+import json
+import textwrap
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,18 +42,24 @@ class ConfigError(ValueError):
     """A bad config value; the message names the field and the fix."""
 
 
+TEST_SPLIT_SEED = 1_000_003  # a held-out split (make-data --split test, the demo's validation) is seeded seed + this
+
+
 @dataclass
 class TrainerConfig:
-    total_steps: int = 30
-    prompts_per_step: int = 8
+    total_steps: int = 30  # GRPO steps (one batch of prompts, one learner update, one weight sync each)
+    prompts_per_step: int = 8  # prompts per step; each gets rollout.group_size completions
     mode: str = "sync"  # sync (on-policy) | async (one-step off-policy: generation overlaps the update)
-    seed: int = 0
-    output_dir: str = "runs/vlgrpo"
+    seed: int = 0  # data order, sampling seeds, the demo's data and model
+    output_dir: str = "runs/vlgrpo"  # config.yaml, metrics, samples, checkpoints (absolute under `ray job submit`)
     checkpoint_every: int = 10  # steps; 0 = only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept
     ray_address: Optional[str] = None  # None: connect to a running cluster if any (ray job), else local
     timeout_s: float = 600.0  # bound on any single Ray call (generation, update, sync)
     max_retries: int = 3  # times one chunk of prompts is retried on a replacement rollout worker
+    # validation: greedy answers (one per prompt, as verl) to data.val_sources (the demo: a held-out synthetic split)
+    val_every: int = 10  # steps (and the last step); 0 = off; val/* metrics
+    val_size: int = 64  # validation prompts (the same seeded draw of the validation rows each time)
 
 
 @dataclass
@@ -63,7 +75,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # plain YAML types (tuples as lists)
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -76,50 +88,53 @@ def derived(cfg: Config) -> dict[str, Any]:
             "learner.max_completion_length": cfg.rollout.max_tokens, "learner.seed": cfg.trainer.seed}
 
 
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
+def describe(cfg: Config) -> str:
+    """``cfg`` as YAML (``vlgrpo config``), each option with its help: the comments on its dataclass field (the lines
+    right above it and its own), read from the source; derived values as comments (not settable)."""
+    out, data = ["# every option, its value and help: save, edit, then vlgrpo train --config this.yaml"], cfg.to_dict()
+    for sec in dataclasses.fields(cfg):
+        src = textwrap.dedent(inspect.getsource(cls := type(getattr(cfg, sec.name))))
+        notes = {t.start[0]: t.string[1:].strip() for t in tokenize.generate_tokens(iter(src.splitlines(True)).__next__)
+                 if t.type == tokenize.COMMENT}
+        lines, fields = src.splitlines(), {f.name: f for f in dataclasses.fields(cls)}
+        out.append(f"\n{sec.name}:  # {cls.__module__}.{cls.__qualname__}")
+        for node in [n for n in ast.parse(src).body[0].body if isinstance(n, ast.AnnAssign)]:
+            f, first = fields[node.target.id], node.lineno
+            while lines[first - 2].lstrip().startswith("#"):  # comment lines right above the field
+                first -= 1
+            out += [f"  # {notes[n]}" for n in range(first, node.lineno)]
+            value = yaml.safe_dump([data[sec.name][f.name]], default_flow_style=True, width=float("inf"))[1:-2]
+            out.append(f"  # {f.name}: {value}  # derived: {f.metadata['derived']}" if "derived" in f.metadata
+                       else f"  {f.name}: {value}  # {notes.get(node.end_lineno) or f.type}")
+    return "\n".join(out) + "\n"
+
+
+_EXPECTED = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _coerce(path: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
         errors = []
-        for a in args:
+        for a in [a for a in typing.get_args(tp) if a is not type(None)]:
             try:
                 return _coerce(path, value, a)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of " + "; ".join(errors))
-    if tp is bool:
-        if isinstance(value, bool):
+    if tp in _EXPECTED:
+        if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if tp in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and (tp is float or float(value).is_integer()):
+            return tp(value)
+        if isinstance(value, tp) and (tp is not int or not isinstance(value, bool)):
             return value
-        raise ConfigError(f"{path}: expected true/false, got {value!r}; fix: write {path}=true or {path}=false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{path}: expected an integer, got {value!r} ({type(value).__name__})")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected a number, got {value!r} ({type(value).__name__})")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path}: expected a string, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{path}: expected {_EXPECTED[tp]}, got {value!r} ({type(value).__name__})"
+                          + (f"; fix: write {path}=true or {path}=false" if tp is bool else ""))
     if tp in (list, dict) or origin in (list, dict, tuple) or tp is tuple:
         want = origin or tp
         if want is tuple and isinstance(value, list):
@@ -143,10 +158,7 @@ def _build(cls, data: dict, prefix: str):
             raise ConfigError(f"unknown option {path!r}" + (f"; did you mean {close}?" if close else "")
                               + f" (options of {prefix or 'the config'}: {', '.join(sorted(known))})")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, path)
-        else:
-            kwargs[key] = _coerce(path, value, tp)
+        kwargs[key] = _build(tp, value, path) if dataclasses.is_dataclass(tp) else _coerce(path, value, tp)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
@@ -157,9 +169,7 @@ def apply_override(data: dict, expr: str) -> None:
     if "=" not in expr:
         raise ConfigError(f"override {expr!r}: write section.option=value, e.g. rollout.num_workers=4")
     key, raw = expr.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    node = data
-    parts = key.strip().split(".")
+    value, node, parts = yaml.safe_load(raw) if raw != "" else "", data, key.strip().split(".")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
@@ -260,15 +270,17 @@ def validate(cfg: Config) -> None:
             get_module_class(cfg.model.module)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model.module: {e}") from e
-    for i, src in enumerate(cfg.data.sources):
+    need(t.val_every >= 0 and t.val_size >= 1, f"trainer.val_every={t.val_every}, trainer.val_size={t.val_size}: "
+         "val_every is a number of steps (0 = no validation), val_size a number of prompts (>= 1)")
+    for i, src in [(f"{k}[{i}]", s) for k in ("sources", "val_sources") for i, s in enumerate(getattr(cfg.data, k))]:
         need(isinstance(src, dict) and "path" in src,
-             f"data.sources[{i}] must be a mapping with 'path' (and optional image_folder, accu_reward_method)")
-        need(Path(src["path"]).exists(), f"data.sources[{i}].path={src['path']!r} does not exist; fix the path")
+             f"data.{i} must be a mapping with 'path' (and optional image_folder, accu_reward_method)")
+        need(Path(src["path"]).exists(), f"data.{i}.path={src['path']!r} does not exist; fix the path")
         need(not src.get("image_folder") or Path(src["image_folder"]).is_dir(),
-             f"data.sources[{i}].image_folder={src.get('image_folder')!r} is not a folder; fix it or leave it "
+             f"data.{i}.image_folder={src.get('image_folder')!r} is not a folder; fix it or leave it "
              "out (images are then looked up next to the JSONL file)")
         unknown = set(src) - {"path", "image_folder", "accu_reward_method", "question_template"}
-        need(not unknown, f"data.sources[{i}] has unknown keys {sorted(unknown)}; allowed: path, image_folder, "
+        need(not unknown, f"data.{i} has unknown keys {sorted(unknown)}; allowed: path, image_folder, "
                           "accu_reward_method, question_template")
     need("{question}" in cfg.data.question_template,
          f"data.question_template={cfg.data.question_template!r} must contain '{{question}}'")

@@ -30,7 +30,7 @@ from ..rollout.synthetic import make_dataset
 from ..rollout.types import RolloutBatch, SamplingConfig, concat_rollouts
 from . import placement
 from .checkpoint import CheckpointManager, atomic_write_json, load_trainer_state, resolve_checkpoint
-from .config import Config, ConfigError
+from .config import TEST_SPLIT_SEED, Config, ConfigError
 from .control import take_scale_request
 from .fleet import Chunk, Fleet, StageError
 from .metrics import MetricsLogger
@@ -53,8 +53,12 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        d, t = cfg.data, cfg.trainer
         try:  # user errors found before any actor starts: one line each (cli prints ConfigError so)
             self.dataset = load_datasets(cfg.data.data_sources(self._demo_data()))
+            val = (d.val_sources or ([] if d.sources else [{"path": self._demo_data(True)}])) if t.val_every else []
+            val = type(d)(val, question_template=d.question_template).data_sources() if val else []  # with the template
+            self.val_set = load_datasets(val) if val else None
             self._demo_model()
             read_model_config(cfg.model.path)
         except (ValueError, FileNotFoundError) as e:
@@ -84,12 +88,12 @@ class Trainer:
         fleet.form_sync_group()
         fleet.sync(self.version, full=True)  # every worker starts from the learners' weights
 
-    def _demo_data(self) -> Path:
-        """The synthetic task's data (used when ``data.sources`` is empty), built once in the run."""
-        d = self.cfg.data
-        data = self.out / "data" / d.synthetic_task
+    def _demo_data(self, test: bool = False) -> Path:
+        """The synthetic task's data (``data.sources`` empty), built once in the run; ``test``: its held-out split."""
+        d, t = self.cfg.data, self.cfg.trainer
+        data = self.out / "data" / (d.synthetic_task + "-test" * test)
         if not d.sources and not (data / "data.jsonl").exists():
-            make_dataset(d.synthetic_task, d.synthetic_size, data, seed=self.cfg.trainer.seed)
+            make_dataset(d.synthetic_task, (d.synthetic_size, t.val_size)[test], data, t.seed + TEST_SPLIT_SEED * test)
         return data / "data.jsonl"
 
     def _demo_model(self) -> None:
@@ -126,6 +130,7 @@ class Trainer:
 
         with phase("generate"):
             rollout = self.generate()
+        self.metrics.log_samples(self.step + 1, rollout, self.dataset)
         with phase("advantages"):
             batch, extra = self.advantages(rollout)
         with phase("update"):
@@ -166,7 +171,7 @@ class Trainer:
         batch = TrainBatch.from_rollout(rollout, adv)
         if rollout.weights_version < self.version:  # off-policy: the behaviour policy is the sampler's
             batch.old_logprobs = rollout.sampling_logprobs
-        return batch, {"reward/zero_std_groups": float(zero_groups),
+        return batch, {"reward/zero_std_groups": zero_groups * rollout.group_size / len(adv),  # a fraction
                        "staleness/mean": float(self.version - rollout.weights_version)}
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
@@ -175,6 +180,17 @@ class Trainer:
         self.version += 1
         self.step += 1
         return metrics
+
+    def validate(self) -> dict[str, float]:
+        """The current weights' greedy answers (one per prompt, as verl) to the validation prompts, scored: val/*."""
+        t0, t, ds = time.perf_counter(), self.cfg.trainer, self.val_set
+        samples = next(PromptSampler(ds, min(len(ds), t.val_size), seed=t.seed))  # the same val_size rows each time
+        sampling = SamplingConfig(n=1, temperature=0.0, max_tokens=self.cfg.rollout.max_tokens, seed=t.seed)
+        chunks = self.fleet.launch(samples, [sampling] * len(self.fleet.slots))
+        val = concat_rollouts(self.fleet.collect(chunks, f"step {self.step}: validate", self.version))
+        self.metrics.log_samples(self.step, val, self.val_set, split="val")
+        return {"val/reward_mean": float(val.total_rewards().mean()), "time/validate_s": time.perf_counter() - t0,
+                **{f"val/{n}": float(val.rewards[:, j].mean()) for j, n in enumerate(val.reward_names)}}
 
     def sync(self) -> dict[str, float]:
         """The learners' new weights to every rollout worker."""
@@ -228,6 +244,8 @@ class Trainer:
                         self.fleet.collect(self.pending, "finish in-flight generation", self.version)
                     self.fleet.scale(n, self.version)
                 metrics = self.train_step()
+                if self.val_set and (self.step % t.val_every == 0 or self.step == t.total_steps):
+                    metrics.update(self.validate())
                 self.metrics.log(self.step, metrics)
                 history.append(metrics)
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.total_steps \

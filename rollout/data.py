@@ -67,6 +67,7 @@ class DataConfig:
 
     # VLM-R1 JSONL files: [{path, image_folder, accu_reward_method, question_template}]; empty = synthetic task
     sources: list = field(default_factory=list)
+    val_sources: list = field(default_factory=list)  # validation files, same format (trainer.val_every); empty: none
     question_template: str = "{question}"  # default for sources without their own, e.g. VLM-R1's think/answer prompt
     synthetic_task: str = "color"
     synthetic_size: int = 512

@@ -270,3 +270,70 @@ def test_make_data_test_split_is_held_out(tmp_path):
               for split in ("train", "test")}
     assert train["split"] == "train" and test["split"] == "test" and len(images["test"]) == 16
     assert not set(images["train"]) & set(images["test"]), "the held-out split repeats training images"
+
+
+# -- config and help -------------------------------------------------------------------------------
+def test_config_prints_every_option_with_help_and_loads_back(tmp_path):
+    """``vlgrpo config`` prints the whole tree as YAML, every option with a comment (its help from the
+    dataclass source), derived values commented out; saved to a file it is ``train --config`` input that
+    gives the defaults back (with overrides: the resolved config); a bad override is one line, exit 2."""
+    import dataclasses
+    import re
+
+    from vlgrpo.cluster.config import Config, load_config
+
+    text = _ok(run_cli("config", cwd=tmp_path)).stdout
+    lines = text.splitlines()
+    for section in dataclasses.fields(Config):
+        start = lines.index(next(line for line in lines if line.startswith(f"{section.name}:")))
+        rest = lines[start + 1:]
+        body = rest[:next((i for i, line in enumerate(rest) if line and not line.startswith("  ")), len(rest))]
+        for f in dataclasses.fields(getattr(Config(), section.name)):
+            prefix = "# " if "derived" in f.metadata else ""
+            hit = [line for line in body if line.startswith(f"  {prefix}{f.name}: ")]
+            assert len(hit) == 1, (section.name, f.name)
+            value, comment = hit[0].split("  # ", 1) if prefix == "" else hit[0][4:].split("  # ", 1)
+            assert comment.strip(), (section.name, f.name)
+            if prefix:
+                assert comment.startswith("derived: ")
+    assert "  lr: 0.0005  # the demo's tiny model; a 3B-7B VLM wants ~1e-6" in lines  # the help of the source
+    assert "  # total_steps: 30  # derived: trainer.total_steps x num_iterations" in lines
+    assert re.search(r"^  val_every: 10  # .*steps", text, re.M) and "  # placement (read by the cluster)" in lines
+    (tmp_path / "all.yaml").write_text(text)
+    assert load_config(tmp_path / "all.yaml").to_dict() == load_config(None).to_dict()
+
+    overrides = ["rollout.num_workers=3", "learner.lr=1e-6", "trainer.total_steps=7", "learner.num_iterations=2"]
+    text = _ok(run_cli("config", *overrides, cwd=tmp_path)).stdout
+    assert "  num_workers: 3  #" in text and "  # total_steps: 14  # derived" in text
+    (tmp_path / "mine.yaml").write_text(text)
+    assert load_config(tmp_path / "mine.yaml").to_dict() == load_config(None, overrides).to_dict()
+    (tmp_path / "base.yaml").write_text("rollout:\n  group_size: 4\n")
+    assert "  group_size: 4  #" in _ok(run_cli("config", "--config", "base.yaml", cwd=tmp_path)).stdout
+
+    bad = run_cli("config", "rollout.num_wokers=2", cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "num_workers" in bad.stderr
+
+
+def test_every_option_of_every_command_has_help_and_choices():
+    """Each option of every command says what it does; the ones with a fixed set of values list them."""
+    import argparse
+
+    from vlgrpo.cluster.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"train", "config", "eval", "make-data", "tiny-model", "scale", "modules"} <= set(sub.choices)
+    missing = [f"{name} {a.dest}" for name, p in sub.choices.items() for a in p._actions
+               if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert not missing, missing
+    choices = {(name, a.dest): a.choices for name, p in sub.choices.items() for a in p._actions if a.choices}
+    assert choices[("eval", "engine")] == ["auto", "transformers", "vllm"]
+    assert choices[("make-data", "split")] == ["train", "test"] and "color" in choices[("make-data", "task")]
+    assert choices[("tiny-model", "family")] and choices[("tiny-model", "size")] == ["micro", "tiny", "small"]
+
+
+def test_help_of_each_command_as_a_user_sees_it(tmp_path):
+    for cmd, must in {"config": ["--config", "overrides"], "make-data": ["--split {train,test}", "held out"],
+                      "scale": ["--rollout-workers", "number of rollout workers"],
+                      "tiny-model": ["{micro,tiny,small}"], "eval": ["{auto,transformers,vllm}", "greedy"]}.items():
+        out = _ok(run_cli(cmd, "--help", cwd=tmp_path)).stdout
+        assert all(m in out for m in must), (cmd, out)

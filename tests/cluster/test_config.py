@@ -73,3 +73,27 @@ def test_fractional_gpus_are_rejected_before_actors_start(override, field):
     with pytest.raises(ConfigError, match=f"{field}.*whole GPUs"):
         load_config(None, [override])
     assert load_config(None, [override.split("=")[0] + "=1"])  # whole GPUs are fine
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.val_every=-1", "trainer.val_every=-1"),
+    ("trainer.val_size=0", "trainer.val_size=0"),
+    ("data.val_sources=[{path: /no/such.jsonl}]", "data.val_sources[0].path"),
+    ("data.val_sources=[{image_folder: x}]", "data.val_sources[0] must be a mapping with 'path'"),
+    ("metrics.samples_every=-2", "metrics.samples_every=-2"),
+    ("metrics.samples_per_step=0", "samples_per_step=0"),
+])
+def test_validation_and_samples_options_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_describe_reads_each_fields_comments_from_the_source():
+    from vlgrpo.cluster.config import describe
+
+    lines = describe(load_config(None, ["sync.bucket_mb=8"])).splitlines()
+    i = lines.index("  transport: auto  # str")  # no comment of its own: its type; the two lines above are its help
+    assert lines[i - 2].startswith("  # auto: workers on the learner's node") and lines[i - 1].startswith("  # others")
+    assert "  bucket_mb: 8.0  # benchmarks/weight_sync: 16 MB beat 1, 64 and 256 MB over gloo on CPU" in lines
+    assert "  # seed: 0  # derived: trainer.seed" in lines  # learner.seed: shown, not settable
+    assert any(line.startswith("  seed: 0  # data order") for line in lines)  # trainer.seed

@@ -13,7 +13,7 @@ import types
 import pytest
 
 from vlgrpo.cluster import metrics as M
-from vlgrpo.cluster.metrics import MetricsConfig, MetricsLogger, plot_keys, plot_metrics, read_metrics
+from vlgrpo.cluster.metrics import MetricsConfig, MetricsLogger, panels, plot_metrics, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NO_TB = MetricsConfig(tensorboard=False, plot_keys=["reward/mean"])  # one subplot: quick to draw
@@ -163,17 +163,27 @@ def test_tensorboard_off_or_missing(tmp_path, monkeypatch):
         MetricsConfig(tensorboard=True)
 
 
-def test_plot_keys_defaults_in_order():
-    recs = [{"step": 1, "time/step_s": 1.0, "staleness/mean": 0.0, "reward/std": 0.1, "reward/max": 1.0,
-             "reward/median": 0.5, "reward/min": 0.0, "reward/format": 1.0, "reward/mean": 0.5,
-             "reward/accuracy": 0.25, "reward/length": float("nan"), "policy/entropy": 2.0, "policy/kl": 0.1,
-             "loss/total": 0.3, "sync/mb_per_s": 10.0, "custom/thing": 1.0, "response_length/mean": 7.0},
-            {"step": 2, "reward/answer": 0.5, "policy/clip_frac": 0.1}]
-    assert plot_keys(recs) == ["reward/accuracy", "reward/mean", "reward/answer", "reward/format", "loss/total",
-                               "policy/kl", "policy/clip_frac", "policy/entropy", "response_length/mean",
-                               "time/step_s", "sync/mb_per_s", "staleness/mean"]
-    assert plot_keys([{"step": 1, "reward/mean": 1.0, "time/step_s": 2.0}]) == ["reward/mean", "time/step_s"]
-    assert plot_keys([]) == []
+def test_panels_judge_a_run_at_a_glance():
+    """Accuracy first (with val/accuracy), then rewards, zero-spread groups, entropy, grad norm, length, time;
+    a curve equal to one already drawn, loss and flat late panels are left out."""
+    recs = [{"step": s, "reward/accuracy": 0.1 * s, "reward/mean": 0.1 * s, "reward/format": 1.0, "reward/std": 0.1,
+             "reward/zero_std_groups": 0.5, "policy/entropy": 2.0 - 0.1 * s, "optim/grad_norm": 1.0 + s,
+             "response_length/mean": 3.0, "time/step_s": 2.0, "time/generate_s": 1.0, "time/update_s": 0.8,
+             "loss/total": 1e-9 * s, "policy/clip_frac": 0.0, "policy/kl": 0.01 * s, "staleness/mean": 0.0,
+             "faults/worker_replaced": float(s > 2), "sync/mb_per_s": 100.0 + s} for s in range(1, 5)]
+    recs += [{"step": s, "val/accuracy": 0.2, "val/reward_mean": 0.2, "time/validate_s": 0.5} for s in (0, 4)]
+    assert panels(recs) == [
+        ("accuracy", ["reward/accuracy", "val/accuracy"]),
+        ("reward by function", ["reward/format"]),  # reward/mean = reward/accuracy, val/reward_mean = val/accuracy
+        ("groups with no reward spread (fraction)", ["reward/zero_std_groups"]),  # flat, but always shown
+        ("policy/entropy", ["policy/entropy"]), ("optim/grad_norm", ["optim/grad_norm"]),
+        ("response length (tokens)", ["response_length/mean"]),
+        ("seconds per step, by phase", ["time/step_s", "time/generate_s", "time/update_s", "time/validate_s"]),
+        ("policy/kl", ["policy/kl"]), ("faults", ["faults/worker_replaced"])]  # clip_frac, staleness: flat
+    no_accuracy = [{"step": 1, "reward/mean": 1.0, "reward/format": 0.5, "time/step_s": 2.0}]
+    assert panels(no_accuracy) == [("reward by function", ["reward/mean", "reward/format"]),
+                                   ("seconds per step, by phase", ["time/step_s"])]
+    assert panels([]) == []
 
 
 @pytest.fixture
@@ -197,8 +207,7 @@ def test_close_writes_png_plot(tmp_path, titles):
         log.log(step, {**_metrics(step), "reward/std": 0.1, "sync/mb_per_s": 100.0, "custom/x": 1.0})
     png = log.close()
     assert png == tmp_path / "metrics.png" and png.read_bytes()[:8] == PNG_MAGIC
-    assert titles == [["reward/accuracy", "reward/mean", "reward/format", "loss/total", "policy/kl",
-                       "time/step_s", "sync/mb_per_s"]]
+    assert titles == [["accuracy", "reward by function", "seconds per step, by phase", "policy/kl"]]
     assert log.close() is None and len(titles) == 1  # idempotent
 
     cfg = MetricsConfig(tensorboard=False, plot_keys=["custom/x", "loss/total"])
@@ -214,11 +223,11 @@ def test_progress_lines_without_tty(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(M, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
     with MetricsLogger(tmp_path, NO_TB, total_steps=20) as log:  # default: every 20 // 10 = 2 steps
         for step in range(1, 21):
-            log.log(step, {"reward/accuracy": 0.75, "reward/mean": 0.8125, "loss/total": 0.0123,
-                           "time/step_s": 1.234, "policy/kl": 0.5})
+            log.log(step, {"reward/accuracy": 0.75, "reward/mean": 0.8125, "loss/total": 0.0123, "time/step_s": 1.234,
+                           "policy/kl": 0.5, "policy/entropy": 0.4567, "reward/zero_std_groups": 0.25})
         log.write("a message")
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0] == "step 2/20 | acc 0.750 | reward 0.812 | loss 0.0123 | 1.23 s/step | eta 0:00:18"
+    assert lines[0] == "step 2/20 | acc 0.750 | entropy 0.457 | flat groups 25% | 1.23 s/step | eta 0:00:18"
     assert [line.split(" | ")[0] for line in lines[:-1]] == [f"step {s}/20" for s in range(2, 21, 2)]
     assert lines[-2].endswith("eta 0:00:00") and lines[-1] == "a message"
 
@@ -227,12 +236,12 @@ def test_progress_every_resume_and_missing_keys(tmp_path, capsys):
     cfg = MetricsConfig(tensorboard=False, progress_every=7)
     with MetricsLogger(tmp_path, cfg, total_steps=20, resume_from_step=5) as log:
         for step in range(6, 21):
-            log.log(step, {"reward/mean": 0.5} if step < 20 else {"loss/total": 2.0})
+            log.log(step, {"policy/entropy": 0.5} if step < 20 else {"val/accuracy": 0.25, "loss/total": 2.0})
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3 and not any("\r" in line for line in lines)
-    assert re.fullmatch(r"step 7/20 \| reward 0\.500 \| eta \d+:\d\d:\d\d", lines[0])
-    assert lines[1].startswith("step 14/20 | reward 0.500 | eta ")
-    assert lines[2] == "step 20/20 | loss 2 | eta 0:00:00"
+    assert re.fullmatch(r"step 7/20 \| entropy 0\.500 \| eta \d+:\d\d:\d\d", lines[0])
+    assert lines[1].startswith("step 14/20 | entropy 0.500 | eta ")
+    assert lines[2] == "step 20/20 | val acc 0.250 | eta 0:00:00"
 
 
 def test_progress_bar_on_tty(tmp_path, monkeypatch):
@@ -248,7 +257,7 @@ def test_progress_bar_on_tty(tmp_path, monkeypatch):
         log.write("between")
     text = sys.stderr.getvalue()
     assert "train" in text and "4/4" in text and "between\n" in text
-    assert "acc 0.200, reward 0.250, loss -0.04, 1.50 s/step" in text
+    assert "acc 0.200, 1.50 s/step" in text and "loss" not in text
 
 
 class FakeRun:
@@ -297,6 +306,8 @@ def test_wandb_fake_module(tmp_path, fake_wandb):
     ({"tensorboard": "yes"}, r"metrics\.tensorboard='yes': use auto, true or false"),
     ({"wandb_mode": "cloud"}, r"metrics\.wandb_mode='cloud': use offline or online"),
     ({"progress_every": -1}, r"metrics\.progress_every=-1"),
+    ({"samples_every": -1}, r"metrics\.samples_every=-1"),
+    ({"samples_per_step": 0}, r"samples_per_step=0"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -308,3 +319,53 @@ def test_config_wandb_not_installed(monkeypatch):
     with pytest.raises(ValueError, match=r"pip install wandb or set metrics\.wandb=false"):
         MetricsConfig(wandb=True)
     assert MetricsConfig().wandb is False and MetricsConfig(wandb_mode="online").tensorboard == "auto"
+
+
+def _rollout(texts, ids, rewards, group_size):
+    import torch
+
+    return types.SimpleNamespace(completions_text=texts, sample_ids=ids, group_size=group_size,
+                                 prompts_text=[f"<|im_start|>user {i}?" for i in ids], reward_names=["accuracy", "format"],
+                                 rewards=torch.tensor(rewards, dtype=torch.float32))
+
+
+def test_samples_every_n_steps_to_jsonl_and_tensorboard(tmp_path):
+    """``samples_per_step`` completions spread over the batch's prompts, every ``samples_every`` steps, with the
+    prompt, image paths, answer and rewards per function; a markdown table in TensorBoard; resume drops later rows."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = [types.SimpleNamespace(sample_id=f"p{i}", solution=f"ans{i}", image_paths=[tmp_path / f"{i}.png"])
+               for i in range(4)]
+    data = types.SimpleNamespace(records=records)
+    batch = _rollout([f"say {i}" for i in range(8)], ["p0", "p1", "p2", "p3"],
+                     [[i % 2, 1.0] for i in range(8)], group_size=2)
+    cfg = MetricsConfig(tensorboard=True, plot_keys=["reward/mean"], samples_every=2, samples_per_step=2)
+    with MetricsLogger(tmp_path, cfg, total_steps=4) as log:
+        for step in range(1, 5):
+            log.log_samples(step, batch, data)
+            log.log(step, {"reward/mean": 0.5})
+        log.log_samples(4, _rollout(["a|b\nc"], ["p3"], [[1.0, 0.0]], group_size=1), data, split="val")
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"], r["completion"]) for r in rows] == [
+        (2, "train", "say 0"), (2, "train", "say 4"), (4, "train", "say 0"), (4, "train", "say 4"), (4, "val", "a|b\nc")]
+    assert rows[1] == {"step": 2, "split": "train", "prompt": "<|im_start|>user p2?", "completion": "say 4",
+                       "answer": "ans2", "images": [str(tmp_path / "2.png")],
+                       "rewards": {"accuracy": 0.0, "format": 1.0}}
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    text = {t: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(t)]
+            for t in acc.Tags()["tensors"] if t.startswith("samples/")}
+    assert [s for s, _ in text["samples/train/text_summary"]] == [2, 4]
+    table = text["samples/val/text_summary"][0][1].splitlines()
+    assert table[:2] == ["| prompt | completion | answer | rewards |", "| --- | --- | --- | --- |"]
+    assert table[2] == "| <|im_start|>user p3? | a\\|b c | ans3 | {'accuracy': 1.0, 'format': 0.0} |".replace(
+        "<|im_start|>user p3?", "<\\|im_start\\|>user p3?")
+
+    MetricsLogger(tmp_path, MetricsConfig(tensorboard=False), total_steps=4, resume_from_step=3).close()
+    assert [r["step"] for r in read_metrics(tmp_path / "samples.jsonl")] == [2, 2]
+    MetricsLogger(tmp_path, MetricsConfig(tensorboard=False), total_steps=4).close()  # a fresh run: moved aside
+    assert not (tmp_path / "samples.jsonl").exists() and (tmp_path / "samples.jsonl.prev-1").exists()
+    with MetricsLogger(tmp_path, MetricsConfig(tensorboard=False, samples_every=0), total_steps=4) as log:
+        log.log_samples(10, batch, data)
+    assert not (tmp_path / "samples.jsonl").exists()
