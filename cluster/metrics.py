@@ -15,7 +15,7 @@ import time
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from importlib.util import find_spec
-from itertools import chain
+from itertools import chain, count
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -33,6 +33,7 @@ _PANELS = (("accuracy", "reward/accuracy val/accuracy"), ("reward by function", 
            ("policy/kl", "policy/kl"), ("policy/clip_frac", "policy/clip_frac"), ("staleness/mean", "staleness/mean"),
            ("faults", "faults/* reward/errors data/skipped"))
 _ALWAYS = 7  # and no loss panel: GRPO's loss is ~0 by construction
+_FRACTIONS = ("accuracy", "groups with no reward spread (fraction)")  # drawn on 0..1
 _REWARD_STATS = {f"reward/{s}" for s in "accuracy mean std min max median errors zero_std_groups".split()}
 _SUMMARY = (("reward/accuracy", "acc {:.3f}"), ("val/accuracy", "val acc {:.3f}"), ("policy/entropy", "entropy {:.3f}"),
             ("reward/zero_std_groups", "flat groups {:.0%}"), ("time/step_s", "{:.2f} s/step"))  # progress, if present
@@ -67,9 +68,7 @@ class MetricsConfig:
 
 def _move_aside(path: Path) -> None:
     """Rename ``path`` (file or folder) to the first free ``path.prev-N``: nothing is deleted."""
-    n = 1
-    while (dest := path.with_name(f"{path.name}.prev-{n}")).exists():
-        n += 1
+    dest = next(d for n in count(1) if not (d := path.with_name(f"{path.name}.prev-{n}")).exists())
     path.rename(dest)
     logger.warning("%s existed from an earlier run: moved to %s", path, dest.name)
 
@@ -126,6 +125,7 @@ def plot_metrics(jsonl: Union[str, os.PathLike], png: Union[str, os.PathLike],
     fig.suptitle(f"{Path(jsonl).resolve().parent.name}: step {records[-1]['step'] if records else 0}")
     for i, (title, curves) in enumerate(chosen):
         ax = fig.add_subplot(nrows, ncols, i + 1, title=title, xlabel="step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         for key in curves:
             xs, ys = np.array([(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))],
                               dtype=float).reshape(-1, 2).T
@@ -135,6 +135,7 @@ def plot_metrics(jsonl: Union[str, os.PathLike], png: Union[str, os.PathLike],
                 ax.plot(xs[w - 1:], np.convolve(ys, np.ones(w) / w, "valid"), color=line.get_color())
         if len(curves) > 1:
             ax.legend(fontsize="small")
+        ax.set_ylim(*(-0.03, 1.03) if title in _FRACTIONS else ax.get_ylim())
         ax.grid(True, alpha=0.3)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
