@@ -115,7 +115,7 @@ fi
 CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
 "${PIP[@]}" list --format=freeze --exclude-editable 2>/dev/null | grep -v -i '^vlgrpo==' > "$CONSTRAINTS"
-DEPS=(pyyaml tqdm safetensors pillow numpy tokenizers accelerate "ray[default]" ninja matplotlib
+DEPS=(pyyaml tqdm safetensors pillow numpy tokenizers accelerate "ray[default]" ninja matplotlib levenshtein
       pytest pytest-timeout)
 if [[ "${SKIP_DEEPSPEED:-0}" != 1 ]]; then
     DEPS+=(deepspeed)

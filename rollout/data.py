@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from .rewards import ACCURACY_METHODS
 from .types import Sample
 
 logger = logging.getLogger(__name__)
@@ -160,9 +161,12 @@ def parse_row(row: Any, source: DataSource, image_folder: Path, line_no: int) ->
         if not isinstance(options, list):
             raise BadRow("bad_row", f"'options' must be a list, got {options!r}")
         meta["options"] = [str(o) for o in options]
-    method = row.get("accu_reward_method") or source.accu_reward_method or "default"
+    method = str(row.get("accu_reward_method") or source.accu_reward_method or "default")
+    if method not in ACCURACY_METHODS:  # a data error for the whole run: stop here, not score 0 in training
+        raise ValueError(f"{source.path}:{line_no}: unknown accu_reward_method {method!r}; known: "
+                         f"{', '.join(sorted(ACCURACY_METHODS))}")
     sample_id = str(row["id"]) if row.get("id") is not None else f"{Path(source.path).stem}:{line_no}"
-    return Record(sample_id, build_prompt(question, len(paths)), paths, answer, str(method), meta)
+    return Record(sample_id, build_prompt(question, len(paths)), paths, answer, method, meta)
 
 
 class PromptDataset:

@@ -3,24 +3,30 @@
 ``fn(completions: list[str], samples: list[Sample], **kwargs) -> list[float]``: ``completions[i]``
 answers ``samples[i]``; ``kwargs`` come from the spec (``{"name": "length", "kwargs": {"max_len":
 512}}``); a function declaring ``completion_lengths`` (or ``**kwargs``) also gets token counts.
-Built-ins: ``format``, ``accuracy`` (per-sample ``accu_reward_method`` like VLM-R1: ``default``,
-``mcq``, ``yes_no``, ``numeric``, ``math``, ``iou``), ``length`` (DAPO overlong penalty) and
-``choice`` (shaping for the synthetic tasks); ``package.module:function`` imports a user function.
+Built-ins: ``format``, ``format_rec``, ``accuracy`` (per-sample ``accu_reward_method``, scored as
+VLM-R1 scores it; docs/rewards.md lists where we differ), ``repetition`` and ``length`` (DAPO
+overlong penalty); ``package.module:function`` or ``path/to/file.py:function`` loads a user function.
 :class:`RewardSet` never lets one failing completion zero the batch: a function that raises on the
 batch is re-run per sample, and a sample that still raises (or is non-finite) scores 0, counted.
 """
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import inspect
+import json
 import logging
 import math
 import re
 import threading
+import warnings
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
+from Levenshtein import ratio
 
 from .types import Sample
 
@@ -34,35 +40,37 @@ REWARDS: dict[str, RewardFn] = {}
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     """Decorator: make ``fn`` available to :class:`RewardSet` under ``name``."""
-
     def deco(fn: RewardFn) -> RewardFn:
         REWARDS[name] = fn
         return fn
-
     return deco
 
 
 def get_reward(name: str) -> RewardFn:
-    """A registered reward by name, or a user function given as ``package.module:function``."""
+    """A registered reward by name, or a user function: ``package.module:function`` or
+    ``path/to/file.py:function`` (a relative path starts at the current directory)."""
     if name in REWARDS:
         return REWARDS[name]
     if ":" in name:
         return _import_function(name)
-    raise ValueError(
-        f"unknown reward function {name!r}; known: {sorted(REWARDS)} "
-        "(or give a user function as 'package.module:function')"
-    )
+    raise ValueError(f"unknown reward function {name!r}; known: {sorted(REWARDS)} (or give a user function as "
+                     "'package.module:function' or 'path/to/file.py:function')")
 
 
 def _import_function(path: str) -> RewardFn:
-    module_name, _, attr = path.partition(":")
+    module_name, _, attr = path.rpartition(":")
     if not module_name or not attr:
-        raise ValueError(f"reward function {path!r} must look like 'package.module:function'")
+        raise ValueError(f"reward function {path!r} must look like 'package.module:function' or 'file.py:function'")
     try:
-        obj: Any = importlib.import_module(module_name)
+        if module_name.endswith(".py"):  # a file, loaded as a module named after it
+            spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            obj: Any = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            spec.loader.exec_module(obj)  # type: ignore[union-attr]
+        else:
+            obj = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
+    except (ImportError, AttributeError, OSError) as e:
         raise ValueError(f"cannot import reward function {path!r}: {type(e).__name__}: {e}") from e
     if not callable(obj):
         raise ValueError(f"reward function {path!r} is not callable (got {type(obj).__name__})")
@@ -71,46 +79,46 @@ def _import_function(path: str) -> RewardFn:
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+_FORMAT_REC_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?\{.*\[\d+,\s*\d+,\s*\d+,\s*\d+\].*\}.*?</answer>",
+                            re.DOTALL)
+_JSON_BLOCK_RE = re.compile(r"```json(.*?)```", re.DOTALL)
 _NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?(?:[eE][-+]?\d+)?|[-+]?\.\d+(?:[eE][-+]?\d+)?")
 _NUM_PATTERN = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _BOX_RE = re.compile(r"\[\s*" + r"\s*,\s*".join([f"({_NUM_PATTERN})"] * 4) + r"\s*\]")
-_NUMBER_WORDS = {
-    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5,
-    "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
-}
-_TAG_RE = re.compile(r"</?\w+>")
-_EDGE_PUNCT = " \t\r\n.,;:!?\"'`()[]{}"
+_NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_CHOICE_WORDS = "答案 选择 正确 是 对 ANSWER CORRECT CHOOSE SELECT RIGHT 认为 应该 觉得 THINK BELIEVE SHOULD".split()
+_COCO_THRS = tuple(np.linspace(0.5, 0.95, 10))  # pycocotools' IoU thresholds
 
 
-def extract_answer(text: str) -> str:
-    """Content of the first ``<answer>...</answer>`` (stripped), else the whole stripped text."""
-    m = _ANSWER_RE.search(text)
-    return (m.group(1) if m else text).strip()
+def extract_answer(text: str, last: bool = False) -> str:
+    """The first (or last) ``<answer>...</answer>`` content, stripped, else the stripped text."""
+    found = _ANSWER_RE.findall(text)
+    return (found[-1] if last else found[0]).strip() if found else text.strip()
 
 
-def normalize_text(text: str) -> str:
-    """Lower-case, collapse whitespace, strip surrounding punctuation (for exact-match rewards)."""
-    return " ".join(text.lower().split()).strip(_EDGE_PUNCT)
+def clean_text(text: str) -> str:
+    """VLM-R1's ``clean_text``: the last ``<answer>`` (else all), line breaks as spaces, stripped, lower,
+    no dots at the end."""
+    found = _ANSWER_RE.findall(text)
+    text = re.sub(r"(?<!\s)[\n\r]", " ", re.sub(r"(?<=\s)[\n\r]", "", found[-1] if found else text))
+    return text.strip().rstrip(".").lower()
 
 
-def extract_choice(text: str) -> Optional[str]:
-    """The option letter A-E of a multiple-choice answer, or None if absent or ambiguous.
-
-    Accepts ``B``, ``(B)``, ``B.``, ``B: cat``, ``The answer is B``, ``Option (C)``; a lone capital
-    letter elsewhere counts only when exactly one distinct letter appears.
-    """
-    s = text.strip()
-    patterns = (
-        r"^\(?([A-E])(?:\)|[.:]|$)",  # "B", "(B)", "B.", "B: cat", "B) cat"
-        r"(?i:answer|option|choice)\s*(?:is|:)?\s*\(?([A-E])\b",  # "The answer is B"
-        r"\(([A-E])\)",  # "... (C) ..."
-    )
-    for pat in patterns:
-        m = re.search(pat, s)
-        if m:
-            return m.group(1)
-    letters = set(re.findall(r"\b([A-E])\b", s))
-    return letters.pop() if len(letters) == 1 else None
+def extract_choice(text: str, strict: bool = False) -> Optional[str]:
+    """VLM-R1's ``extract_choice``: in the upper-cased text, a letter with no letter before and punctuation
+    or the end after it; of several, the best by keywords (``answer``, ``think``...) near its first
+    place, by that place and a dot after it. Unless ``strict``, if none: ``(B)`` anywhere, ``B)`` first."""
+    text = re.sub(r"\s+", " ", text.upper())
+    found = re.findall(r"(?<![A-Z])([A-Z])(?=[.,?!:;]|$)", text)
+    def score(c: str) -> int:
+        pos = text.find(c)
+        near = text[max(0, pos - 20):pos + 20]
+        end = pos < len(text) - 1 and text[pos + 1] in "。.!！,，"
+        return found.count(c) * (sum(k in near for k in _CHOICE_WORDS) + 2 * (pos > len(text) * 0.7) + end)
+    if found:
+        return max(dict.fromkeys(found), key=score)
+    m = None if strict else re.search(r"(?:^|\()([A-Z])\)", text)
+    return m.group(1) if m else None
 
 
 def extract_yes_no(text: str) -> Optional[str]:
@@ -121,130 +129,201 @@ def extract_yes_no(text: str) -> Optional[str]:
 
 def extract_number(text: str) -> Optional[float]:
     """The first number in the text (``1,234.5``, ``-3``, ``2e3``), else a number word (``three``)."""
-    m = _NUMBER_RE.search(text)
-    if m:
-        return float(m.group(0).replace(",", ""))
-    for word in re.findall(r"[a-z]+", text.lower()):
-        if word in _NUMBER_WORDS:
-            return float(_NUMBER_WORDS[word])
-    return None
+    m, words = _NUMBER_RE.search(text), [w for w in re.findall(r"[a-z]+", text.lower()) if w in _NUMBER_WORDS]
+    return float(m.group(0).replace(",", "")) if m else float(_NUMBER_WORDS[words[0]]) if words else None
 
 
-def extract_box(text: str) -> Optional[tuple[float, float, float, float]]:
+def extract_box(text: str) -> Optional[tuple[float, ...]]:
     """The first ``[x1, y1, x2, y2]`` in the text (also inside JSON such as ``{"bbox_2d": [...]}``)."""
     m = _BOX_RE.search(text)
-    if not m:
-        return None
-    x1, y1, x2, y2 = (float(g) for g in m.groups())
-    return x1, y1, x2, y2
+    return tuple(float(g) for g in m.groups()) if m else None
 
 
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two ``[x1, y1, x2, y2]`` boxes; 0 for degenerate boxes."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+def box_iou(a: Sequence[float], b: Sequence[float], min_side: float = 0.0) -> float:
+    """Intersection over union of two ``[x1, y1, x2, y2]`` boxes; 0 unless they overlap by more
+    than ``min_side`` in x and in y (VLM-R1's pixel ``iou`` counts overlaps over 1: ``min_side=1``)."""
+    ix, iy = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    if ix <= min_side or iy <= min_side:
+        return 0.0
     inter = ix * iy
-    area_a = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
-    area_b = max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
-    union = area_a + area_b - inter
-    return inter / union if union > 0 else 0.0
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def rescale_box(
-    box: Sequence[float], input_size: Sequence[float], image_size: Sequence[float]
-) -> tuple[float, float, float, float]:
-    """Map a box from model-input pixels (``input_size`` = w, h) to the original image (w, h)."""
-    sx = float(image_size[0]) / float(input_size[0])
-    sy = float(image_size[1]) / float(input_size[1])
-    return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
-
-
-def _acc_default(answer: str, sample: Sample) -> float:
-    return float(normalize_text(answer) == normalize_text(extract_answer(sample.solution)))
+def gold_text(sample: Sample) -> str:
+    """The solution as VLM-R1's loader keeps it: every ``<answer>`` / ``</answer>`` removed, stripped."""
+    return sample.solution.replace("<answer>", "").replace("</answer>", "").strip()
 
 
 def _gold(extract: Callable[[str], Any], sample: Sample, what: str) -> Any:
-    gold = extract(extract_answer(sample.solution))
+    gold = extract(gold_text(sample))
     if gold is None:
         raise ValueError(f"no {what} in solution {sample.solution!r}")
     return gold
 
 
-def _acc_mcq(answer: str, sample: Sample) -> float:
-    return float(extract_choice(answer) == _gold(extract_choice, sample, "option letter"))
-
-
-def _acc_yes_no(answer: str, sample: Sample) -> float:
-    return float(extract_yes_no(answer) == _gold(extract_yes_no, sample, "yes/no"))
-
-
-def _acc_numeric(answer: str, sample: Sample) -> float:
-    gold, pred = _gold(extract_number, sample, "number"), extract_number(answer)
-    return float(pred is not None and math.isclose(pred, gold, rel_tol=1e-6, abs_tol=1e-9))
-
-
-_math_verify_warned = False
-
-
-def _load_math_verify() -> Optional[tuple[Callable, Callable]]:
+def _verify(answer: str, gold: str) -> bool:
+    """Equal strings, or equal for math-verify (``verify(parse(answer), parse(gold))``, False if it fails)."""
+    if answer == gold:
+        return True
     try:
         from math_verify import parse, verify  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return parse, verify
-
-
-def _acc_math(answer: str, sample: Sample) -> float:
-    mv = _load_math_verify()
-    if mv is None:
-        global _math_verify_warned
-        if not _math_verify_warned:
-            _math_verify_warned = True
-            logger.warning("math_verify is not installed; 'math' accuracy falls back to 'numeric' "
-                           "(pip install 'vlgrpo[math]')")
-        return _acc_numeric(answer, sample)
-    parse, verify = mv
+    except ImportError:  # a warning shown once
+        warnings.warn("math_verify is not installed: 'default' and 'math' accuracy skip symbolic checks "
+                      "(pip install 'vlgrpo[math]')", stacklevel=1)
+        return False
     # math_verify times out with SIGALRM, which only works in the main thread: disable it elsewhere.
-    in_main = threading.current_thread() is threading.main_thread()
-    parse_kw: dict[str, Any] = {} if in_main else {"parsing_timeout": None}
-    verify_kw: dict[str, Any] = {} if in_main else {"timeout_seconds": None}
-    gold = parse(sample.solution, **parse_kw)
-    pred = parse(answer, **parse_kw)
-    return float(bool(verify(gold, pred, **verify_kw)))
+    off_main = threading.current_thread() is not threading.main_thread()
+    p_kw, v_kw = ({"parsing_timeout": None}, {"timeout_seconds": None}) if off_main else ({}, {})
+    try:
+        return float(verify(parse(answer, **p_kw), parse(gold, **p_kw), **v_kw)) > 0
+    except Exception:  # noqa: BLE001 - as VLM-R1: a failed check is no match
+        return False
 
 
-def _acc_iou(answer: str, sample: Sample) -> float:
-    gold, pred = _gold(extract_box, sample, "[x1, y1, x2, y2] box"), extract_box(answer)
+def _acc_default(completion: str, sample: Sample) -> float:
+    """VLM-R1's ``default_accuracy_reward``: 1 if math-verify finds the answers equal; else, if the
+    solution has a digit, whether the cleaned texts are equal numbers (the Levenshtein ratio when
+    one is no number); else, if it has an option letter, whether the letters match; else the ratio."""
+    answer, gold = extract_answer(completion, last=True), gold_text(sample)
+    if _verify(answer, gold):
+        return 1.0
+    a, g = clean_text(answer), clean_text(gold)
+    if re.search(r"\d", gold):
+        try:
+            return float(float(a) == float(g))
+        except ValueError:
+            return ratio(a, g)
+    letter = extract_choice(gold, strict=True)
+    return float(extract_choice(answer, strict=True) == letter) if letter else ratio(a, g)
+
+
+def _match(extract: Callable[[str], Any], what: str, same: Callable[[Any, Any], bool] = lambda p, g: p == g):
+    """A method: is what ``extract`` reads in the first ``<answer>`` (else all) the solution's?"""
+    def score(completion: str, sample: Sample) -> float:
+        gold, pred = _gold(extract, sample, what), extract(extract_answer(completion))
+        return float(pred is not None and same(pred, gold))
+    return score
+
+
+def _acc_iou(completion: str, sample: Sample) -> float:
+    """VLM-R1's ``iou_reward``: pixel IoU of the first box in the first ``<answer>`` (0 without) with the
+    solution's, the box rescaled from ``meta["input_size"]`` to ``meta["image_size"]`` when both are set."""
+    gold, m = _gold(extract_box, sample, "[x1, y1, x2, y2] box"), _ANSWER_RE.search(completion)
+    pred = extract_box(m.group(1)) if m else None
     if pred is None:
         return 0.0
-    image_size, input_size = sample.meta.get("image_size"), sample.meta.get("input_size")
-    if image_size is not None and input_size is not None:
-        pred = rescale_box(pred, input_size, image_size)
-    return box_iou(pred, gold)
+    if sample.meta.get("image_size") is not None and sample.meta.get("input_size") is not None:
+        (iw, ih), (w, h) = sample.meta["input_size"], sample.meta["image_size"]  # model-input -> image pixels
+        pred = (pred[0] / iw * w, pred[1] / ih * h, pred[2] / iw * w, pred[3] / ih * h)
+    return box_iou(pred, gold, min_side=1.0)
+
+
+def _boxes(text: str, last: bool = True, gold: bool = False) -> list:
+    """The items of the last (or first) ```json block in ``text``; [] if none or unparsable (``gold``: raise)."""
+    blocks = _JSON_BLOCK_RE.findall(text)
+    block = blocks[-1 if last else 0].strip() if blocks else ""
+    try:
+        return list(json.loads(block)) if block else []
+    except (ValueError, TypeError):
+        if gold:
+            raise
+        return []
+
+
+def _acc_weighted_sum(completion: str, sample: Sample, thr: float = 0.5) -> float:
+    """VLM-R1's ``weighted_sum``: boxes of the first ```json lists matched greedily by pixel IoU >= ``thr``;
+    0.7 x IoU of the matches of right label per gold box + 0.3 x (1 - (missed + false fractions) / 2)."""
+    pred, gold = clean_text(completion), clean_text(gold_text(sample))
+    if gold == "none":
+        return float(pred == "none")
+    preds, gts = _boxes(pred, last=False), _boxes(gold, last=False, gold=True)
+    if not preds or not gts:
+        return float(not preds and not gts)
+    def iou(p: Any, g: Any) -> float:
+        try:
+            return box_iou(p["bbox_2d"], g["bbox_2d"], min_side=1.0)
+        except Exception:  # noqa: BLE001 - as VLM-R1: a malformed box overlaps nothing
+            return 0.0
+    ious = {(i, j): iou(p, g) for i, p in enumerate(preds) for j, g in enumerate(gts)}
+    left_p, left_g, total = list(range(len(preds))), list(range(len(gts))), 0.0
+    while left_p and left_g:  # the best pair left, first in (prediction, gold) order on ties
+        i, j = max(((i, j) for i in left_p for j in left_g), key=ious.__getitem__)
+        if ious[i, j] < thr:
+            break
+        total += ious[i, j] if preds[i].get("label") == gts[j].get("label") else 0.0
+        left_p.remove(i)
+        left_g.remove(j)
+    return 0.7 * (total / len(gts)) + 0.3 * (1.0 - (len(left_g) / len(gts) + len(left_p) / len(preds)) / 2.0)
+
+
+def coco_ap(preds: list, gts: list, iou_thrs: Sequence[float] = _COCO_THRS) -> float:
+    """Box AP of one image as VLM-R1's ``calculate_map`` gets it from pycocotools (area 'all', 100 boxes
+    per label, all scored 1, so in order): the mean over labels and ``iou_thrs`` of the 101-point
+    interpolated precision. Unlike pycocotools, boxes of negative area are not ignored."""
+    labels, dets = dict.fromkeys(g["label"] for g in gts), []
+    for p in preds:
+        try:  # as VLM-R1: another label, or a box whose area does not compute, is dropped
+            b = p["bbox_2d"]
+            if p["label"] in labels and math.isfinite((b[2] - b[0]) * (b[3] - b[1])):
+                dets.append((p["label"], b))
+        except (TypeError, KeyError, IndexError):
+            pass
+    if not dets:
+        return 0.0
+    precisions = []
+    for label in labels:
+        g = [x["bbox_2d"] for x in gts if x["label"] == label]
+        for t in iou_thrs:
+            taken, hits = set(), []
+            for b in [b for lab, b in dets if lab == label][:100]:  # each takes the best free gold box
+                best, m = min(t, 1 - 1e-10), None
+                for j in range(len(g)):
+                    if j not in taken and (v := box_iou(b, g[j])) >= best:
+                        best, m = v, j
+                taken.add(m)
+                hits.append(m is not None)
+            tp = np.cumsum(hits, dtype=float)
+            prec = np.maximum.accumulate((tp / (np.arange(1, len(tp) + 1) + np.spacing(1)))[::-1])[::-1]
+            idx = np.searchsorted(tp / len(g), np.linspace(0, 1, 101), side="left")
+            precisions.append([prec[i] if i < len(prec) else 0.0 for i in idx])
+    return float(np.mean(precisions))
+
+
+def _acc_od(completion: str, sample: Sample, thrs: Sequence[float] = _COCO_THRS, per_box: bool = False,
+            tags: bool = True) -> float:
+    """VLM-R1's ``od_reward``, ``odLength_reward`` (``per_box``: times gold / predicted boxes if more are
+    predicted), ``map_reward`` (not ``tags``): :func:`coco_ap` of the last ```json box lists (in the
+    last ``<answer>``, 0 without), 1 when both list nothing or both answers are ``None``."""
+    gold = gold_text(sample)
+    if tags:
+        found = _ANSWER_RE.findall(completion)
+        if not found:
+            return 0.0
+        completion = found[-1].strip()
+        if completion == "None" == gold:
+            return 1.0
+    preds, gts = _boxes(completion), _boxes(gold, gold=True)
+    ap = coco_ap(preds, gts, thrs) if preds and gts else float(not preds and not gts)
+    return ap * (len(gts) / len(preds)) if per_box and len(preds) > len(gts) else ap
 
 
 ACCURACY_METHODS: dict[str, Callable[[str, Sample], float]] = {
-    "default": _acc_default,
-    "mcq": _acc_mcq,
-    "yes_no": _acc_yes_no,
-    "numeric": _acc_numeric,
-    "math": _acc_math,
-    "iou": _acc_iou,
+    "default": _acc_default, "mcq": _match(extract_choice, "option letter"), "yes_no": _match(extract_yes_no, "yes/no"),
+    "numeric": _match(extract_number, "number", partial(math.isclose, rel_tol=1e-6, abs_tol=1e-9)),
+    "math": lambda c, s: float(_verify(clean_text(c), clean_text(gold_text(s)))),  # VLM-R1's math_reward
+    "all_match": lambda c, s: float(clean_text(c) == clean_text(gold_text(s))),
+    "iou": _acc_iou, "weighted_sum": _acc_weighted_sum, "map": partial(_acc_od, tags=False),
+    "od_ap": _acc_od, "od_ap50": partial(_acc_od, thrs=(0.5,)), "odLength": partial(_acc_od, per_box=True),
 }
 
 
 def accuracy_one(completion: str, sample: Sample) -> float:
-    """Accuracy of one completion with the sample's ``accu_reward_method``.
-
-    Raises ValueError for an unknown method or a solution the method cannot read (a data error,
-    counted by :class:`RewardSet`); a malformed *completion* simply scores 0.
-    """
+    """Accuracy of one completion with the sample's ``accu_reward_method``. Raises ValueError for an
+    unknown method or a solution it cannot read (a data error, counted by :class:`RewardSet`)."""
     method = sample.accu_reward_method or "default"
-    try:
-        scorer = ACCURACY_METHODS[method]
-    except KeyError:
-        raise ValueError(f"unknown accu_reward_method {method!r}; known: {sorted(ACCURACY_METHODS)}") from None
-    return scorer(extract_answer(completion), sample)
+    if method not in ACCURACY_METHODS:
+        raise ValueError(f"unknown accu_reward_method {method!r}; known: {sorted(ACCURACY_METHODS)}")
+    return ACCURACY_METHODS[method](completion, sample)
 
 
 @register_reward("format")
@@ -253,56 +332,52 @@ def format_reward(completions: list[str], samples: list[Sample]) -> list[float]:
     return [float(_FORMAT_RE.fullmatch(c.strip()) is not None) for c in completions]
 
 
+@register_reward("format_rec")
+def format_rec_reward(completions: list[str], samples: list[Sample]) -> list[float]:
+    """VLM-R1's ``format_reward_rec``: 1.0 if ``<think>..</think> <answer>..{..[x1, y1, x2, y2]..}..</answer>``."""
+    return [float(_FORMAT_REC_RE.search(c) is not None) for c in completions]
+
+
 @register_reward("accuracy")
 def accuracy_reward(completions: list[str], samples: list[Sample]) -> list[float]:
-    """Per-sample accuracy, dispatched on ``sample.accu_reward_method`` (see ``ACCURACY_METHODS``).
-
-    The answer is the content of ``<answer>`` if present, else the whole completion. ``iou``
-    rescales the predicted box from ``meta["input_size"]`` to ``meta["image_size"]`` when both are
-    set (both ``(w, h)``) and returns the IoU with the solution box (original coordinates).
-    """
+    """Per-sample accuracy with ``sample.accu_reward_method``: each of ``ACCURACY_METHODS`` reads the
+    completion and the solution as VLM-R1's method of that name does (docs/rewards.md: our changes)."""
     return [accuracy_one(c, s) for c, s in zip(completions, samples, strict=True)]
 
 
-@register_reward("length")
-def length_reward(
-    completions: list[str],
-    samples: list[Sample],
-    max_len: int = 1024,
-    cache: Optional[int] = None,
-    completion_lengths: Optional[Sequence[int]] = None,
-) -> list[float]:
-    """DAPO's soft overlong penalty: 0 up to ``max_len - cache``, then linear down to -1 at
-    ``max_len``, and -1 beyond.
+def repetition_penalty(text: str) -> float:
+    """VLM-R1's repetition penalty in [-1, 0]: -(1 - distinct / all) over the boxes (``bbox_2d``, ``label``)
+    of a JSON box list (```json or ``` block, else bare), else over the lower-cased 6-word n-grams."""
+    a = _JSON_BLOCK_RE.search(text)
+    m = a or re.search(r"```(.*?)```", text, re.DOTALL)
+    block = m.group(1).strip() if m else ""
+    if not block and not a:
+        m = re.search(r'\[\s*{.*?"bbox_2d".*?"label".*?}\s*\]', text, re.DOTALL)
+        block = m.group(0) if m else ""
+    try:
+        data = json.loads(block) if block else None
+    except ValueError:  # VLM-R1 tries json_repair here
+        data = None
+    words = text.lower().split()
+    items = ([f"{x['bbox_2d']}_{x['label']}" for x in data if "bbox_2d" in x and "label" in x]
+             if data and isinstance(data, list) else list(zip(*[words[i:] for i in range(6)])))
+    return -(1 - len(set(items)) / len(items)) if items else 0.0
 
-    Length is in tokens when the caller passes ``completion_lengths`` (``RewardSet.score`` does so
-    when given them), otherwise in characters. ``cache`` defaults to ``max_len // 4``.
-    """
+
+REWARDS["repetition"] = lambda completions, samples: [repetition_penalty(c) for c in completions]
+
+
+@register_reward("length")
+def length_reward(completions: list[str], samples: list[Sample], max_len: int = 1024, cache: Optional[int] = None,
+                  completion_lengths: Optional[Sequence[int]] = None) -> list[float]:
+    """DAPO's soft overlong penalty: 0 up to ``max_len - cache`` (default ``max_len // 4``), then linear
+    down to -1 at ``max_len``, -1 beyond; in tokens given ``completion_lengths`` (as RewardSet does),
+    else in characters."""
     cache = max_len // 4 if cache is None else cache
     if not 0 < cache <= max_len:
         raise ValueError(f"length reward needs 0 < cache <= max_len (got cache={cache}, max_len={max_len})")
     lengths = completion_lengths if completion_lengths is not None else [len(c) for c in completions]
-    start = max_len - cache
-    return [max(-1.0, min(0.0, (start - n) / cache)) for n in lengths]
-
-
-@register_reward("choice")
-def choice_reward(completions: list[str], samples: list[Sample]) -> list[float]:
-    """Fraction of the completion's words that are one of ``sample.meta["options"]``.
-
-    A dense shaping reward for the synthetic tasks (say the option words at all); case-insensitive,
-    words are runs of letters/digits, tags such as ``<answer>`` are not words. A completion without
-    words scores 0.
-    """
-    out = []
-    for c, s in zip(completions, samples, strict=True):
-        options = s.meta.get("options")
-        if not options:
-            raise ValueError(f"choice reward needs meta['options'] (sample {s.sample_id!r})")
-        allowed = {str(o).lower() for o in options}
-        words = re.findall(r"\w+", _TAG_RE.sub(" ", c.lower()))
-        out.append(sum(w in allowed for w in words) / len(words) if words else 0.0)
-    return out
+    return [max(-1.0, min(0.0, (max_len - cache - n) / cache)) for n in lengths]
 
 
 @dataclass
@@ -331,22 +406,14 @@ def _parse_spec(spec: RewardSpec) -> _Entry:
     if unknown:
         raise ValueError(f"reward spec {dict(spec)!r}: unknown keys {sorted(unknown)}")
     fn = get_reward(str(spec["name"]))
-    return _Entry(
-        name=str(spec.get("label") or spec["name"]),
-        fn=fn,
-        weight=float(spec.get("weight", 1.0)),
-        kwargs=dict(spec.get("kwargs") or {}),
-        takes_lengths=_accepts(fn, "completion_lengths"),
-    )
+    return _Entry(name=str(spec.get("label") or spec["name"]), fn=fn, weight=float(spec.get("weight", 1.0)),
+                  kwargs=dict(spec.get("kwargs") or {}), takes_lengths=_accepts(fn, "completion_lengths"))
 
 
 class RewardSet:
-    """Several weighted reward functions, scored together.
-
-    ``specs``: names (``"accuracy"``) or dicts ``{"name", "weight"=1.0, "kwargs"={}, "label"=name}``;
-    ``label`` tells apart two entries of the same function. Unknown names raise ValueError listing
-    the known ones; user functions ``package.module:function`` are imported here, at construction.
-    """
+    """Several weighted reward functions, scored together. ``specs``: names (``"accuracy"``) or dicts
+    ``{"name", "weight"=1.0, "kwargs"={}, "label"=name}``; ``label`` tells apart two entries of the same
+    function. Unknown names raise ValueError listing the known ones; user functions load here."""
 
     def __init__(self, specs: Sequence[RewardSpec]):
         if isinstance(specs, (str, Mapping)):
@@ -368,69 +435,51 @@ class RewardSet:
     def weights(self) -> list[float]:
         return [e.weight for e in self.entries]
 
-    def score(
-        self,
-        completions: Sequence[str],
-        samples: Sequence[Sample],
-        completion_lengths: Optional[Sequence[int]] = None,
-    ) -> tuple[torch.Tensor, list[str], list[float], dict[str, int]]:
-        """Score ``completions[i]`` against ``samples[i]`` with every function.
-
-        Returns ``(rewards [N, F] float32 unweighted, names, weights, errors)`` where ``errors[name]``
-        counts the completions that function failed on (they score 0). ``completion_lengths`` (token
-        counts) reach functions that accept a ``completion_lengths`` parameter.
-        """
+    def score(self, completions: Sequence[str], samples: Sequence[Sample],
+              completion_lengths: Optional[Sequence[int]] = None,
+              ) -> tuple[torch.Tensor, list[str], list[float], dict[str, int]]:
+        """Score ``completions[i]`` against ``samples[i]`` with every function: ``(rewards [N, F] float32
+        unweighted, names, weights, errors)``, ``errors[name]`` counting the completions that function
+        failed on (they score 0). ``completion_lengths`` (tokens) reach functions that take them."""
         completions, samples = list(completions), list(samples)
         if len(completions) != len(samples):
             raise ValueError(f"{len(completions)} completions for {len(samples)} samples")
         if completion_lengths is not None and len(completion_lengths) != len(completions):
             raise ValueError(f"{len(completion_lengths)} completion_lengths for {len(completions)} completions")
-        columns, errors = [], {}
-        for entry in self.entries:
-            values, n_err = self._score_one(entry, completions, samples, completion_lengths)
-            columns.append(values)
-            errors[entry.name] = n_err
-        rewards = torch.tensor(columns, dtype=torch.float32).reshape(len(self.entries), len(completions)).T
+        results = [self._score_one(entry, completions, samples, completion_lengths) for entry in self.entries]
+        errors = {entry.name: n_err for entry, (_, n_err) in zip(self.entries, results)}
+        rewards = torch.tensor([values for values, _ in results], dtype=torch.float32)
+        rewards = rewards.reshape(len(self.entries), len(completions)).T
         return rewards.contiguous(), self.names, self.weights, errors
 
-    def _score_one(
-        self,
-        entry: _Entry,
-        completions: list[str],
-        samples: list[Sample],
-        lengths: Optional[Sequence[int]],
-    ) -> tuple[list[float], int]:
+    def _score_one(self, entry: _Entry, completions: list[str], samples: list[Sample],
+                   lengths: Optional[Sequence[int]]) -> tuple[list[float], int]:
         """One function over the batch; on failure, sample by sample so one bad row costs one 0."""
-        if not completions:
-            return [], 0
         try:
-            values = self._call(entry, completions, samples, lengths)
-            if len(values) != len(completions):
-                raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
+            values = self._call(entry, completions, samples, lengths) if completions else []
             out = [self._finite(entry, v) for v in values]
-            return [0.0 if v is None else v for v in out], sum(v is None for v in out)
         except Exception as e:  # noqa: BLE001 - user code may raise anything
             self._log(entry, e, batch=True)
-        out, n_err = [], 0
-        for i, (c, s) in enumerate(zip(completions, samples)):
-            try:
-                vals = self._call(entry, [c], [s], None if lengths is None else [lengths[i]])
-                if len(vals) != 1:
-                    raise ValueError(f"returned {len(vals)} values for 1 completion")
-                v = self._finite(entry, vals[0])
-            except Exception as e:  # noqa: BLE001
-                self._log(entry, e, batch=False)
-                v = None
-            n_err += v is None
-            out.append(0.0 if v is None else v)
-        return out, n_err
+            out = [self._one(entry, c, s, None if lengths is None else [lengths[i]])
+                   for i, (c, s) in enumerate(zip(completions, samples))]
+        return [0.0 if v is None else v for v in out], sum(v is None for v in out)
+
+    def _one(self, entry: _Entry, completion: str, sample: Sample, length: Optional[list[int]]) -> Optional[float]:
+        try:
+            return self._finite(entry, self._call(entry, [completion], [sample], length)[0])
+        except Exception as e:  # noqa: BLE001
+            self._log(entry, e, batch=False)
+            return None
 
     @staticmethod
     def _call(entry: _Entry, completions: list[str], samples: list[Sample], lengths) -> list[float]:
         kwargs = dict(entry.kwargs)
         if entry.takes_lengths and lengths is not None:
             kwargs["completion_lengths"] = list(lengths)
-        return list(entry.fn(completions, samples, **kwargs))
+        values = list(entry.fn(completions, samples, **kwargs))
+        if len(values) != len(completions):
+            raise ValueError(f"returned {len(values)} values for {len(completions)} completion(s)")
+        return values
 
     def _finite(self, entry: _Entry, value: Any) -> Optional[float]:
         v = float(value)

@@ -90,9 +90,13 @@ class RolloutWorker:
         limit = self.context_len - sampling.max_tokens
         texts = self.module.prepare_prompt(self.processor, [{"prompt": s.prompt} for s in samples])
         keep, skipped = [], []
+        patch = getattr(getattr(self.processor, "image_processor", None), "patch_size", None)
         for s, text in zip(samples, texts):
-            n = self.module.prepare_model_inputs(self.processor, [text], [s.images])["input_ids"].shape[1]
-            (keep if n <= limit else skipped).append(s)
+            inputs = self.module.prepare_model_inputs(self.processor, [text], [s.images])
+            if s.images and patch and "image_grid_thw" in inputs:  # the first image's model-input (w, h), for `iou`
+                _, h, w = inputs["image_grid_thw"][0].tolist()
+                s.meta["input_size"] = (w * patch, h * patch)
+            (keep if inputs["input_ids"].shape[1] <= limit else skipped).append(s)
         return keep, [s.sample_id for s in skipped]
 
     # -- generation --------------------------------------------------------------------------

@@ -1,14 +1,20 @@
-"""Reward functions on real strings, including malformed answers, and RewardSet's error handling."""
+"""Reward functions on real strings, including malformed answers, RewardSet's error handling, user
+functions by module or file, and unknown methods refused at load time. Case-by-case agreement with
+VLM-R1's own code is in test_reward_parity.py."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import textwrap
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from vlgrpo.rollout import rewards as R
+from vlgrpo.rollout.data import DataSource, load_datasets
 from vlgrpo.rollout.rewards import RewardSet, get_reward
 from vlgrpo.rollout.types import Sample
 
@@ -52,20 +58,31 @@ def test_format(text, expected):
     "text, expected",
     [
         ("red", 1.0),
-        ("  Red. ", 1.0),
+        ("  Red. ", 1.0),  # cleaned: stripped, lower-cased, end dots dropped
         ("<think>hmm</think><answer> RED </answer>", 1.0),
-        ("<answer>blue</answer>", 0.0),
-        ("<answer>red", 0.0),  # unclosed tag: whole completion is the answer, not "red"
-        ("the shape is red", 0.0),
+        ("<answer>x</answer><answer>red</answer>", 1.0),  # the last <answer> counts
+        ("<answer>blue</answer>", 2 / 7),  # Levenshtein ratio: 2 * 1 common letter / (4 + 3)
+        ("<answer>red", 6 / 14),  # unclosed tag: the whole completion is the answer
         ("", 0.0),
     ],
 )
-def test_accuracy_default(text, expected):
-    assert acc(text, S("red")) == expected
+def test_accuracy_default_text_is_fuzzy(text, expected):
+    assert acc(text, S("red")) == pytest.approx(expected)
 
 
-def test_accuracy_default_solution_with_tags():
-    assert acc("a small  Dog", S("<answer> A small dog. </answer>")) == 1.0
+@pytest.mark.parametrize(
+    "text, solution, expected",
+    [
+        ("3.0", "3", 1.0), ("1,000", "1000", 1.0), ("12 cm", "12", 1.0),  # math-verify
+        ("13", "12", 0.0),  # both numbers, different: 0, no partial credit
+        ("x12y", "12", 4 / 6),  # not a number: Levenshtein ratio
+        ("C. a dog", "C", 1.0), ("B", "C", 0.0),  # the solution is an option letter
+        ("A small dog.", "<answer> A small dog. </answer>", 1.0),  # the tags of the solution are dropped
+    ],
+)
+def test_accuracy_default_numbers_and_letters(text, solution, expected):
+    pytest.importorskip("math_verify")
+    assert acc(text, S(solution)) == pytest.approx(expected)
 
 
 # ------------------------------------------------------------------------------------ mcq
@@ -81,8 +98,9 @@ def test_accuracy_default_solution_with_tags():
         ("The answer is B", 1.0),
         ("answer: (B)", 1.0),
         ("I pick option (B) here", 1.0),
+        ("b", 1.0),  # upper-cased first
         ("C", 0.0),
-        ("A or B", 0.0),  # ambiguous
+        ("A or B", 1.0),  # two letters: VLM-R1's heuristic prefers the one near the end
         ("a cat", 0.0),  # no letter
         ("Apple", 0.0),
         ("<answer></answer>", 0.0),
@@ -138,13 +156,11 @@ def test_accuracy_numeric(text, solution, expected):
 # ------------------------------------------------------------------------------------ math
 
 
-def test_math_falls_back_to_numeric_with_one_warning(monkeypatch, caplog):
-    monkeypatch.setattr(R, "_load_math_verify", lambda: None)
-    monkeypatch.setattr(R, "_math_verify_warned", False)
-    with caplog.at_level(logging.WARNING, logger="vlgrpo.rollout.rewards"):
-        assert acc("<answer>42</answer>", S("42", "math")) == 1.0
-        assert acc("<answer>41</answer>", S("42", "math")) == 0.0
-    assert sum("math_verify" in r.message for r in caplog.records) == 1
+def test_math_without_math_verify_compares_the_cleaned_texts_and_warns(monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # import fails
+    with pytest.warns(UserWarning, match="math_verify is not installed"):
+        assert acc("<answer>42.</answer>", S("42", "math")) == 1.0
+        assert acc("<answer>42.0</answer>", S("42", "math")) == 0.0  # math-verify would say equal
 
 
 def test_math_uses_math_verify_when_present(monkeypatch):
@@ -154,13 +170,13 @@ def test_math_uses_math_verify_when_present(monkeypatch):
         calls.append(text)
         return text.replace(" ", "").replace("\\frac{1}{2}", "0.5")
 
-    def verify(gold, pred, **kw):
-        return gold == pred
+    def verify(pred, gold, **kw):
+        return pred == gold
 
-    monkeypatch.setattr(R, "_load_math_verify", lambda: (parse, verify))
+    monkeypatch.setitem(sys.modules, "math_verify", SimpleNamespace(parse=parse, verify=verify))
     assert acc("<answer>\\frac{1}{2}</answer>", S("0.5", "math")) == 1.0
     assert acc("<answer>1/3</answer>", S("0.5", "math")) == 0.0
-    assert calls[:2] == ["0.5", "\\frac{1}{2}"]
+    assert calls[:2] == ["\\frac{1}{2}", "0.5"]  # verify(parse(answer), parse(solution)), as VLM-R1
 
 
 def test_math_real_math_verify_if_installed():
@@ -177,7 +193,7 @@ def test_iou_rescales_from_input_to_original_size():
     meta = {"image_size": (200, 100), "input_size": (100, 50)}
     assert acc("<answer>[10, 10, 30, 30]</answer>", S("[20, 20, 60, 60]", "iou", **meta)) == pytest.approx(1.0)
     # pred -> [20,20,60,60]; gold [40,20,80,60]: inter 20*40=800, union 1600+1600-800=2400
-    assert acc("[10, 10, 30, 30]", S("[40, 20, 80, 60]", "iou", **meta)) == pytest.approx(1 / 3)
+    assert acc("<answer>[10, 10, 30, 30]</answer>", S("[40, 20, 80, 60]", "iou", **meta)) == pytest.approx(1 / 3)
 
 
 def test_iou_non_uniform_scale_and_json_box():
@@ -188,13 +204,16 @@ def test_iou_non_uniform_scale_and_json_box():
 
 
 def test_iou_without_sizes_is_not_rescaled():
-    assert acc("[0, 0, 10, 10]", S("[0, 0, 10, 10]", "iou", image_size=(640, 480))) == 1.0
-    assert acc("[0, 0, 10, 10]", S("[5, 0, 15, 10]", "iou")) == pytest.approx(50 / 150)
+    assert acc("<answer>[0, 0, 10, 10]</answer>", S("[0, 0, 10, 10]", "iou", image_size=(640, 480))) == 1.0
+    assert acc("<answer>[0, 0, 10, 10]</answer>", S("[5, 0, 15, 10]", "iou")) == pytest.approx(50 / 150)
 
 
 @pytest.mark.parametrize(
     "text",
-    ["", "no box", "[1, 2, 3]", "[a, b, c, d]", "<answer>[10, 10, 30", "[30, 30, 10, 10]", "[5, 5, 5, 5]"],
+    ["", "no box", "[10, 10, 30, 30]",  # a box outside <answer> does not count (VLM-R1)
+     "<answer>[1, 2, 3]</answer>", "<answer>[a, b, c, d]</answer>", "<answer>[10, 10, 30",
+     "<answer>[30, 30, 10, 10]</answer>", "<answer>[5, 5, 5, 5]</answer>",
+     "<answer>[29, 10, 50, 30]</answer>"],  # overlaps by 1 pixel in x: VLM-R1's pixel IoU counts none
 )
 def test_iou_garbage_boxes_score_zero(text):
     assert acc(text, S("[10, 10, 30, 30]", "iou")) == 0.0
@@ -202,6 +221,8 @@ def test_iou_garbage_boxes_score_zero(text):
 
 def test_box_iou_hand_values():
     assert R.box_iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)
+    assert R.box_iou([0, 0, 2, 2], [1, 1, 3, 3], min_side=1) == 0.0  # overlap 1 x 1
+    assert R.box_iou([0, 0, 3, 3], [1, 1, 4, 4], min_side=1) == pytest.approx(4 / 14)
     assert R.box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
 
 
@@ -235,21 +256,42 @@ def test_length_bad_config_is_counted():
     assert errors == {"length": 1} and rewards.tolist() == [[0.0]]
 
 
-# ------------------------------------------------------------------------------------ choice
+# ------------------------------------------------------------------------------------ box lists, repetition, format_rec
+
+
+def test_detection_methods_on_a_perfect_and_an_empty_answer():
+    gold = '```json\n[{"bbox_2d": [10, 10, 50, 50], "label": "cat"}, {"bbox_2d": [60, 60, 90, 90], "label": "dog"}]\n```'
+    perfect = f"<think>t</think><answer>{gold}</answer>"
+    for method in ("weighted_sum", "map", "od_ap", "od_ap50", "odLength"):
+        assert acc(perfect, S(gold, method)) == pytest.approx(1.0, abs=1e-9), method
+        assert acc("<answer>```json\n[]\n```</answer>", S(gold, method)) == 0.0, method
+        assert acc("<answer>None</answer>", S("None", method)) == 1.0, method
+
+
+def test_detection_solution_that_does_not_parse_is_a_counted_error():
+    rs = RewardSet(["accuracy"])
+    rewards, _, _, errors = rs.score(["<answer>x</answer>"] * 2, [S("```json [1, 2 ```", "od_ap"), S("ok")])
+    assert rewards[:, 0].tolist() == [0.0, 0.0] and errors == {"accuracy": 1}
 
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("red", 1.0), ("Red blue", 1.0), ("red is nice", 1 / 3), ("<answer>green</answer>", 1.0), ("<think>hmm</think><answer>green</answer>", 0.5),
-     ("purple", 0.0), ("", 0.0), ("!!!", 0.0)],
+    [
+        ("a b c d e f", 0.0),  # one 6-gram, distinct
+        ("a b c d e f " * 3, -(1 - 6 / 13)),  # 13 6-grams, 6 distinct
+        ("too short", 0.0),
+        ('```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [1, 2, 3, 4], "label": "a"}]\n```', -0.5),
+        ('boxes: [{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [5, 6, 7, 8], "label": "a"}] done', 0.0),
+    ],
 )
-def test_choice(text, expected):
-    s = S("red", options=["red", "green", "blue", "yellow"])
-    assert R.choice_reward([text], [s]) == [pytest.approx(expected)]
+def test_repetition(text, expected):
+    assert R.REWARDS["repetition"]([text], [S("x")]) == [pytest.approx(expected)]
 
 
-def test_choice_digit_options():
-    assert R.choice_reward(["3 3", "3 x"], [S("3", options=["1", "2", "3", "4"])] * 2) == [1.0, 0.5]
+def test_format_rec():
+    good = '<think>look</think><answer>{"bbox_2d": [1, 2, 3, 4], "label": "cat"}</answer>'
+    assert R.format_rec_reward([good, good.replace("1, 2", "1.5, 2"), "<answer>[1, 2, 3, 4]</answer>"],
+                               [S("x")] * 3) == [1.0, 0.0, 0.0]
 
 
 # ------------------------------------------------------------------------------------ RewardSet
@@ -262,14 +304,14 @@ def test_rewardset_scores_matrix_names_weights():
     rewards, names, weights, errors = rs.score(comps, samples)
     assert names == ["accuracy", "format"] and weights == [1.0, 0.5]
     assert rewards.dtype == torch.float32 and rewards.shape == (3, 2)
-    assert rewards.tolist() == [[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
+    assert rewards.tolist() == [[1.0, 1.0], [1.0, 0.0], [pytest.approx(2 / 7), 0.0]]  # blue ~ red: ratio
     assert errors == {"accuracy": 0, "format": 0}
 
 
 def test_rewardset_mixed_methods_in_one_batch():
     rs = RewardSet(["accuracy"])
     samples = [S("B", "mcq"), S("no", "yes_no"), S("4", "numeric"), S("[0,0,10,10]", "iou")]
-    comps = ["(B)", "No.", "4", "[0, 0, 10, 5]"]
+    comps = ["(B)", "No.", "4", "<answer>[0, 0, 10, 5]</answer>"]
     rewards, *_ = rs.score(comps, samples)
     assert rewards[:, 0].tolist() == pytest.approx([1.0, 1.0, 1.0, 0.5])
 
@@ -321,7 +363,7 @@ def test_raising_user_function_is_counted_and_scores_zero(tmp_path, monkeypatch,
     assert names == ["userrewards.flaky:picky", "nan", "accuracy"]
     assert rewards[:, 0].tolist() == [1.0, 0.0, 1.0, 1.0]
     assert rewards[:, 1].tolist() == [0.5, 0.5, 0.0, 0.5]
-    assert rewards[:, 2].tolist() == [1.0, 0.0, 0.0, 1.0]  # other rewards unaffected
+    assert rewards[:, 2].tolist() == pytest.approx([1.0, 1 / 3, 0.0, 1.0])  # unaffected (ratio "boom" ~ "ok")
     assert errors == {"userrewards.flaky:picky": 1, "nan": 1, "accuracy": 0}
     assert any("cannot score boom" in r.message for r in caplog.records)
 
@@ -346,11 +388,25 @@ def test_user_function_import_errors_name_the_string(tmp_path, monkeypatch):
         get_reward("userrewards.mine:")
 
 
+def test_user_function_from_a_file(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text("def shout(completions, samples, bonus=1.0):\n"
+                                            "    return [bonus if c.isupper() else 0.0 for c in completions]\n")
+    rs = RewardSet([{"name": f"{tmp_path / 'my_rewards.py'}:shout", "kwargs": {"bonus": 2.0}}])
+    assert rs.score(["HI", "hi"], [S("x")] * 2)[0][:, 0].tolist() == [2.0, 0.0]
+    monkeypatch.chdir(tmp_path.parent)  # a relative path starts at the current directory
+    assert get_reward(f"{tmp_path.name}/my_rewards.py:shout")(["A"], [S("x")]) == [1.0]
+    with pytest.raises(ValueError, match="missing.py:shout"):
+        get_reward(f"{tmp_path / 'missing.py'}:shout")
+    with pytest.raises(ValueError, match="my_rewards.py:whisper"):
+        get_reward(f"{tmp_path / 'my_rewards.py'}:whisper")
+
+
 def test_unknown_name_lists_known():
     with pytest.raises(ValueError) as ei:
         RewardSet(["acuracy"])
     msg = str(ei.value)
-    assert "acuracy" in msg and all(n in msg for n in ("accuracy", "format", "length", "choice"))
+    assert "acuracy" in msg and all(n in msg for n in ("accuracy", "format", "format_rec", "length", "repetition"))
+    assert "choice" not in R.REWARDS  # removed: it was won by repeating an option word
 
 
 def test_spec_validation():
@@ -371,3 +427,25 @@ def test_registered_custom_reward(monkeypatch):
     monkeypatch.setitem(R.REWARDS, "const", lambda c, s, value=1.0: [value] * len(c))
     rewards, *_ = RewardSet([{"name": "const", "kwargs": {"value": 0.3}}]).score(["a"], [S("x")])
     assert rewards.tolist() == [[pytest.approx(0.3)]]
+
+
+# ------------------------------------------------------------------------------------ load-time checks
+
+
+def test_unknown_accu_reward_method_is_refused_at_load_time(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}]},
+            {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}],
+             "accu_reward_method": "od_ap"},
+            {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}],
+             "accu_reward_method": "llm"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError) as ei:
+        load_datasets(DataSource(path))
+    msg = str(ei.value)
+    assert f"{path}:3: unknown accu_reward_method 'llm'" in msg and "\n" not in msg
+    assert all(m in msg for m in R.ACCURACY_METHODS)
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n")
+    assert [load_datasets(DataSource(path))[i].accu_reward_method for i in (0, 1)] == ["default", "od_ap"]
+    with pytest.raises(ValueError, match=":1: unknown accu_reward_method 'nope'"):  # a file's default, too
+        load_datasets(DataSource(path, accu_reward_method="nope"))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 from vlgrpo.modules.loading import ModelConfig, checkpoint_name_map, read_model_config
 from vlgrpo.rollout.data import DataSource, load_datasets
@@ -22,7 +22,6 @@ from vlgrpo.rollout.worker import RolloutConfig, RolloutWorker, make_engine, res
 REWARDS = [
     {"name": "accuracy"},
     {"name": "format", "weight": 0.5},
-    {"name": "choice", "weight": 0.5},
     {"name": "length", "weight": 0.25, "kwargs": {"max_len": 8, "cache": 4}},  # varies with token count
 ]
 LOGPROB_TOL = 1e-4
@@ -114,11 +113,6 @@ def hand_length_reward(n: int, max_len=8, cache=4) -> float:
     return max(-1.0, min(0.0, (max_len - cache - n) / cache))
 
 
-def hand_choice_reward(text: str, options) -> float:
-    words = re.findall(r"\w+", re.sub(r"</?\w+>", " ", text.lower()))
-    return sum(w in set(options) for w in words) / len(words) if words else 0.0
-
-
 @torch.no_grad()
 def reference_logprobs(worker: RolloutWorker, batch: RolloutBatch) -> torch.Tensor:
     """What the learner computes: the prompts rebuilt from the batch (text + images), completions
@@ -179,13 +173,10 @@ def test_batch_shapes_padding_and_rewards(worker, dataset):
     assert batch.weights_version == 1
     assert batch.skipped_prompts == {}
 
-    # Rewards: the same numbers as an independent RewardSet, and two columns by hand.
+    # Rewards: the same numbers as an independent RewardSet, and a column by hand.
     assert torch.equal(batch.rewards, expected_rewards(batch, samples))
-    rows = _rows(samples, G)
-    li, ci = batch.reward_names.index("length"), batch.reward_names.index("choice")
+    li = batch.reward_names.index("length")
     assert batch.rewards[:, li].tolist() == [hand_length_reward(int(k)) for k in lengths]
-    assert batch.rewards[:, ci].tolist() == pytest.approx(
-        [hand_choice_reward(t, s.meta["options"]) for t, s in zip(batch.completions_text, rows)])
     assert len(set(batch.rewards[:, li].tolist())) > 1
     w = torch.tensor([r.get("weight", 1.0) for r in REWARDS])
     assert torch.allclose(batch.total_rewards(), (batch.rewards * w).sum(-1))
@@ -194,6 +185,23 @@ def test_batch_shapes_padding_and_rewards(worker, dataset):
     ref = reference_logprobs(worker, batch)
     diff = (ref - batch.sampling_logprobs)[batch.completion_mask].abs().max().item()
     assert diff < LOGPROB_TOL, f"sampling log-probs differ from a forward over the batch by {diff:.2e}"
+
+
+def test_generate_records_each_images_model_input_size(worker, dataset):
+    """The ``iou`` reward maps a box from the model's input to the image: generate records each
+    sample's first-image input size (w, h) as the processor resizes it (Qwen2-VL: 28-pixel steps)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    samples = [dataset[0], dataset[1]]
+    samples[1].images = [Image.new("RGB", (50, 70), "white")]
+    worker.generate(samples, SamplingConfig(n=1, max_tokens=2, seed=0))
+    ip = worker.processor.image_processor
+    for s in samples:
+        (w, h), pixels = s.images[0].size, ip.size
+        rh, rw = smart_resize(h, w, factor=ip.patch_size * ip.merge_size,
+                              min_pixels=pixels["shortest_edge"], max_pixels=pixels["longest_edge"])
+        assert s.meta["input_size"] == (rw, rh)
+    assert samples[1].meta["input_size"] == (56, 56)
 
 
 def test_concat_rollouts_repads(worker, dataset):
