@@ -32,7 +32,7 @@ import torch
 
 from ._common import init_ray, machine, median, result, table
 
-REWARDS = [{"name": "accuracy", "weight": 1.0}, {"name": "choice", "weight": 0.5}]
+REWARDS = [{"name": "accuracy", "weight": 1.0}]
 
 
 def prepare(size: str, n_prompts: int, work: Path, family: str = "qwen2-vl"):

@@ -16,8 +16,8 @@ Both sides, set explicitly: fp32, no gradient checkpointing, torch ``AdamW`` (no
 warm-up), max grad norm 1.0, loss ``grpo`` (per-sequence token mean, then mean over sequences),
 beta 0 (no reference model), epsilon 0.2, one optimiser step per generation batch
 (``num_iterations=1``, one micro-batch of prompts x group rows), std-scaled group advantages,
-temperature 1.0, top-p 1.0, no top-k, the same two rewards (vlgrpo's ``accuracy`` and ``choice``,
-weights 1.0 / 0.5, called through vlgrpo's ``RewardSet`` on the TRL side too) and the same torch
+temperature 1.0, top-p 1.0, no top-k, the same reward (vlgrpo's ``accuracy``,
+weight 1.0, called through vlgrpo's ``RewardSet`` on the TRL side too) and the same torch
 threads per process (``--threads``, default 1: TRL's single process and each vlgrpo actor get one
 torch thread). vlgrpo keeps its default ``sync.verify=true`` (checksums of every synced bucket).
 
@@ -94,7 +94,7 @@ def run_vlgrpo_side(spec: dict[str, Any], mode: str) -> dict[str, Any]:
         "learner.epsilon_low=0.2", "learner.epsilon_high=0.2", "learner.num_iterations=1",
         "learner.scale_adv_by_std=true", "learner.gradient_checkpointing=false", "learner.dtype=fp32",
         f"learner.num_threads={t}", f"rollout.num_threads={t}", "rollout.dtype=float32",
-        "rollout.rewards=[{name: accuracy, weight: 1.0}, {name: choice, weight: 0.5}]",
+        "rollout.rewards=[{name: accuracy, weight: 1.0}]",
         f"trainer.mode={mode}", f"trainer.seed={spec['seed']}",
     ]
     return run_vlgrpo(overrides, spec["steps"], spec["warmup"])
@@ -156,7 +156,7 @@ def trl_worker(spec: dict[str, Any]) -> dict[str, Any]:
         temperature=1.0, top_p=1.0, top_k=0, learning_rate=spec["lr"], lr_scheduler_type="constant",
         warmup_steps=0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False, loss_type="grpo", beta=0.0,
-        epsilon=0.2, num_iterations=1, scale_rewards="group", reward_weights=[1.0, 0.5],
+        epsilon=0.2, num_iterations=1, scale_rewards="group", reward_weights=[1.0],
         logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True, log_completions=False,
         dataloader_num_workers=0, mask_truncated_completions=False,
     )
@@ -183,7 +183,7 @@ def trl_worker(spec: dict[str, Any]) -> dict[str, Any]:
             rec["completion_tokens"] = lengths[-1] * rows_per_step
             steps.append(rec)
 
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward("accuracy"), reward("choice")], args=args,
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward("accuracy")], args=args,
                           train_dataset=ds, processing_class=processor, callbacks=[Timer()])
     holder["trainer"] = trainer
     # timers around the phases (instance attributes; TRL itself is untouched)

@@ -2,9 +2,10 @@
 ``color`` (one shape of one of four colours; answer the colour word), ``count`` (1-4 shapes; the
 digit, ``numeric``), ``position`` (one shape in the left or right half; ``left`` / ``right``) and
 ``which`` (two images, one red shape among them: ``first`` / ``second``; several images per prompt).
-Each row carries its answer ``options`` (``Sample.meta["options"]``, read by the ``choice``
-shaping reward); questions and options are short and fixed so a tiny tokenizer holds each option
-word as one token (:func:`corpus` gives the texts to train it on).
+Answers are scored by exact match (``all_match``, or ``numeric`` for counts): no partial credit for
+a wrong answer. Each row carries its answer ``options`` (``Sample.meta["options"]``); questions and
+options are short and fixed so a tiny tokenizer holds each option word as one token (:func:`corpus`
+gives the texts to train it on).
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ TASKS: dict[str, TaskSpec] = {
         "color",
         "<image>What colour is the shape? Answer with one word: red, green, blue or yellow.",
         tuple(COLORS),
-        "default",
+        "all_match",
         _gen_color,
         "one filled shape of one of four colours; answer the colour",
     ),
@@ -127,7 +128,7 @@ TASKS: dict[str, TaskSpec] = {
         "position",
         "<image>Is the shape on the left or on the right? Answer with one word: left or right.",
         ("left", "right"),
-        "default",
+        "all_match",
         _gen_position,
         "one shape in the left or the right half; answer left or right",
     ),
@@ -135,7 +136,7 @@ TASKS: dict[str, TaskSpec] = {
         "which",
         "<image><image>Which picture shows a red shape? Answer with one word: first or second.",
         ("first", "second"),
-        "default",
+        "all_match",
         _gen_which,
         "two images, one with a red shape; answer which (several images per prompt)",
     ),

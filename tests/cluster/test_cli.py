@@ -247,17 +247,17 @@ def test_eval_takes_a_run_dir_its_rewards_and_writes_completions(cli_model, cli_
         ckpt = run / "checkpoints" / f"step_{step:06d}"
         shutil.copytree(model, ckpt / "policy")
         (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "weights_version": step}))
-    (run / "config.yaml").write_text(yaml.safe_dump({"rollout": {"rewards": [{"name": "choice", "weight": 0.5}]}}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"rollout": {"rewards": [{"name": "vlgrpo.tests.plugins:char_variety", "weight": 0.5, "label": "variety"}]}}))
     out = tmp_path / "completions.jsonl"
     summary = last_json(_ok(run_cli("eval", "--model", run, "--data", data / "data.jsonl", "--engine", "transformers",
                                     "--num-generations", "2", "--max-tokens", "3", "--completions", out,
                                     cwd=tmp_path)).stdout)
     assert summary["model"] == str(run / "checkpoints" / "step_000002" / "policy")
-    assert {k for k in summary if k.startswith("reward/")} == {"reward/mean", "reward/choice"}
+    assert {k for k in summary if k.startswith("reward/")} == {"reward/mean", "reward/variety"}
     lines = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(lines) == summary["completions"] == 24
-    assert summary["reward/choice"] == pytest.approx(sum(l["rewards"]["choice"] for l in lines) / 24)
-    assert summary["reward/mean"] == pytest.approx(0.5 * summary["reward/choice"])  # the run's weight
+    assert summary["reward/variety"] == pytest.approx(sum(l["rewards"]["variety"] for l in lines) / 24) > 0
+    assert summary["reward/mean"] == pytest.approx(0.5 * summary["reward/variety"])  # the run's weight
     assert all(l["images"] and Path(l["images"][0]).exists() and "<|im_start|>" in l["prompt"] for l in lines)
     bad = run_cli("eval", "--model", tmp_path / "nope", "--data", data / "data.jsonl", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nope: no such file" in bad.stderr
