@@ -98,7 +98,7 @@ def run_vlgrpo(overrides: list[str], steps: int, warmup: int = 1, workdir: Optio
     out = workdir or tmp.name
     cfg = load_config(None, list(overrides) + [
         f"trainer.total_steps={warmup + steps}", "metrics.tensorboard=false", "trainer.checkpoint_every=0",
-        f"trainer.output_dir={out}"])
+        "trainer.val_every=0", "metrics.samples_every=0", f"trainer.output_dir={out}"])
     trainer = Trainer(cfg)
     t0 = time.perf_counter()
     try:

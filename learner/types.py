@@ -33,7 +33,7 @@ class LearnerConfig:
 
     # parallelism / memory
     zero_stage: int = 2  # 0: plain torch (gradients all-reduced by hand), 2 or 3: DeepSpeed ZeRO
-    micro_batch_size: int = 16  # rows per forward/backward on one rank; grad accumulation is derived
+    micro_batch_size: int = 64  # rows per forward/backward on one rank; grad accumulation is derived
     gradient_checkpointing: bool = False
     freeze_vision: bool = False  # freeze params matching module.get_vision_modules_keywords()
     dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "bf16" / "fp16" / "fp32"
@@ -51,7 +51,7 @@ class LearnerConfig:
     grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
 
     # GRPO objective
-    beta: float = 0.0  # KL coefficient; 0 loads no reference model
+    beta: float = 0.04  # KL to the reference model (VLM-R1's default); 0 loads no reference model
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2  # > epsilon_low: DAPO clip-higher
     num_iterations: int = 1  # μ: optimiser steps per batch
