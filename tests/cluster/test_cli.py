@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -186,9 +185,7 @@ def test_train_config_error_exits_2_before_ray(case, tmp_path):
     if yaml_text is not None:
         (tmp_path / "bad.yaml").write_text(yaml_text)
         args += ["--config", "bad.yaml"]
-    t0 = time.monotonic()
     proc = run_cli(*args, *overrides, cwd=tmp_path, timeout=120)
-    elapsed = time.monotonic() - t0
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output[-3000:]
     assert "config error" in proc.stderr
@@ -197,7 +194,6 @@ def test_train_config_error_exits_2_before_ray(case, tmp_path):
     assert "Traceback" not in output
     assert "Started a local Ray instance" not in output and "ray.init" not in output
     assert not (tmp_path / "runs").exists(), "nothing may be written for a rejected config"
-    assert elapsed < 20, f"the config error took {elapsed:.1f}s: it must come before any heavy start-up"
 
 
 def test_errors_after_config_are_one_line_before_ray(tmp_path, monkeypatch):

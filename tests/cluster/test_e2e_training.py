@@ -18,16 +18,16 @@ from vlgrpo.cluster.config import load_config
 from vlgrpo.cluster.controller import Trainer
 from vlgrpo.rollout.synthetic import make_dataset
 
-STEPS = 300
+STEPS = 150
 LEARNED, CHANCE = 0.8, 0.35  # colour task: 4 options, chance 0.25
 LAST = 15  # sampled accuracy = mean over the last LAST steps' rollouts (16 prompts x 8 completions each)
 
 
 def config(tmp_path, name: str, *overrides: str, engine: str = "transformers", steps: int = STEPS):
-    """The demo's own settings (the embedded default), a few steps fewer, validation every 50 steps."""
+    """The demo's own settings (the embedded default), a few steps fewer, validation every 25 steps."""
     return load_config(None, [
         f"trainer.output_dir={tmp_path / name}", f"trainer.total_steps={steps}", "trainer.checkpoint_every=0",
-        "trainer.val_every=50", "metrics.samples_every=0", "rollout.num_workers=2", f"rollout.engine={engine}",
+        "trainer.val_every=25", "metrics.samples_every=0", "rollout.num_workers=2", f"rollout.engine={engine}",
         "metrics.tensorboard=false", *overrides,
     ])
 
