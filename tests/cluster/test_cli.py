@@ -252,7 +252,8 @@ def test_eval_takes_a_run_dir_its_rewards_and_writes_completions(cli_model, cli_
     assert {k for k in summary if k.startswith("reward/")} == {"reward/mean", "reward/variety"}
     lines = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(lines) == summary["completions"] == 24
-    assert summary["reward/variety"] == pytest.approx(sum(l["rewards"]["variety"] for l in lines) / 24) > 0
+    assert summary["reward/variety"] == pytest.approx(sum(l["rewards"]["variety"] for l in lines) / 24)
+    assert summary["reward/variety"] > 0
     assert summary["reward/mean"] == pytest.approx(0.5 * summary["reward/variety"])  # the run's weight
     assert all(l["images"] and Path(l["images"][0]).exists() and "<|im_start|>" in l["prompt"] for l in lines)
     bad = run_cli("eval", "--model", tmp_path / "nope", "--data", data / "data.jsonl", cwd=tmp_path)
