@@ -51,7 +51,7 @@ def test_warm_up_teaches_the_format_not_the_task(tiny_model_factory, tmp_path):
 
     dists = {c: first_tokens(path, module, c) for c in ANSWERS}
     for c, (p, p_eos) in dists.items():
-        assert p.sum() > 0.9 and p_eos > 0.9, (c, p, p_eos)  # one answer word, then stop
+        assert p.sum() > 0.8 and p_eos > 0.8, (c, p, p_eos)  # one answer word, then stop
         assert p.min() > 0.1, (c, p)  # every answer is still likely: nothing collapsed
     # the same distribution whatever the image: at chance, the task is left to GRPO
     tv = max(float((dists[a][0] - dists[b][0]).abs().sum() / 2) for a in ANSWERS for b in ANSWERS)
