@@ -57,6 +57,7 @@ def small_run_config(out, *extra, prompts: int = 4, group_size: int = 4):
         f"trainer.output_dir={out}", "trainer.checkpoint_every=0", f"trainer.prompts_per_step={prompts}",
         f"rollout.group_size={group_size}", "rollout.max_tokens=6", "rollout.num_workers=2",
         "rollout.engine=transformers", "learner.num_ranks=1", "learner.zero_stage=0", "learner.lr=0.005", "learner.beta=0",
+        "model.tiny_warmup_steps=0", "trainer.val_every=0", "metrics.samples_every=0",
         "metrics.tensorboard=false", "rollout.rewards=[{name: accuracy}, {name: vlgrpo.tests.plugins:char_variety}]",
         *extra,
     ])
