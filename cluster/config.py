@@ -47,7 +47,7 @@ TEST_SPLIT_SEED = 1_000_003  # a held-out split (make-data --split test, the dem
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = 300  # GRPO steps (one batch of prompts, one learner update, one weight sync each)
+    total_steps: int = 150  # GRPO steps (one batch of prompts, one learner update, one weight sync each)
     prompts_per_step: int = 16  # prompts per step; each gets rollout.group_size completions
     mode: str = "sync"  # sync (on-policy) | async (one-step off-policy: generation overlaps the update)
     seed: int = 0  # data order, sampling seeds, the demo's data and model
