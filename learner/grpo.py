@@ -51,31 +51,21 @@ from typing import Optional
 import torch
 
 LOSS_AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
-_LOSS_AGG_ALIASES = {
-    "grpo": "seq_mean_token_mean",
-    "dapo": "token_mean",
-    "dr_grpo": "seq_mean_token_sum_norm",
-}
+_LOSS_AGG_ALIASES = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
 
 
 def normalize_loss_agg(loss_agg: str) -> str:
     """Canonical aggregation name (accepts the aliases ``grpo``/``dapo``/``dr_grpo``)."""
     name = _LOSS_AGG_ALIASES.get(loss_agg, loss_agg)
     if name not in LOSS_AGGREGATIONS:
-        raise ValueError(
-            f"unknown loss_agg {loss_agg!r}; choose one of {LOSS_AGGREGATIONS} "
-            f"(aliases {sorted(_LOSS_AGG_ALIASES)})"
-        )
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; choose one of {LOSS_AGGREGATIONS} "
+                         f"(aliases {sorted(_LOSS_AGG_ALIASES)})")
     return name
 
 
 @torch.no_grad()
-def group_advantages(
-    rewards: torch.Tensor,
-    group_size: int,
-    scale_by_std: bool = True,
-    eps: float = 1e-4,
-) -> tuple[torch.Tensor, int]:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                     eps: float = 1e-4) -> tuple[torch.Tensor, int]:
     """Group-relative advantages for group-major rewards.
 
     ``rewards[N]`` holds ``N / group_size`` groups, rows ``g*G .. g*G+G-1`` being group ``g``.
@@ -97,32 +87,18 @@ def group_advantages(
     adv = r - mean
     zero = (r.max(dim=1).values == r.min(dim=1).values)  # [num_groups]
     if scale_by_std:
-        if group_size > 1:
-            std = r.std(dim=1, keepdim=True, unbiased=True)
-        else:
-            std = torch.zeros_like(mean)
+        std = r.std(dim=1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(mean)
         adv = adv / (std + eps)
     adv = torch.where(zero.unsqueeze(1), torch.zeros_like(adv), adv)
     return adv.reshape(-1), int(zero.sum().item())
 
 
-def grpo_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: Optional[torch.Tensor],
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    ref_logprobs: Optional[torch.Tensor] = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    loss_agg: str = "seq_mean_token_mean",
-    max_len_norm: Optional[int] = None,
-    *,
-    global_num_seqs: Optional[float] = None,
-    global_num_tokens: Optional[float] = None,
-    importance_weights: Optional[torch.Tensor] = None,
-    loss_scale: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], advantages: torch.Tensor,
+              mask: torch.Tensor, ref_logprobs: Optional[torch.Tensor] = None, beta: float = 0.0,
+              epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_agg: str = "seq_mean_token_mean",
+              max_len_norm: Optional[int] = None, *, global_num_seqs: Optional[float] = None,
+              global_num_tokens: Optional[float] = None, importance_weights: Optional[torch.Tensor] = None,
+              loss_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped GRPO loss of one (micro-)batch. See the module docstring for the formulas.
 
     Args:
@@ -195,11 +171,8 @@ def grpo_loss(
             per_seq = xm.sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
             return per_seq.sum() / num_seqs
         if agg == "token_mean":
-            denom = (
-                torch.as_tensor(float(global_num_tokens), dtype=x.dtype, device=x.device)
-                if global_num_tokens is not None
-                else num_tokens_local.clamp(min=1.0)
-            )
+            denom = (torch.as_tensor(float(global_num_tokens), dtype=x.dtype, device=x.device)
+                     if global_num_tokens is not None else num_tokens_local.clamp(min=1.0))
             return xm.sum() / denom
         # seq_mean_token_sum_norm
         norm = float(max_len_norm) if max_len_norm is not None else float(t)
@@ -246,13 +219,10 @@ def grpo_loss(
     return loss, metrics
 
 
-def truncated_importance_weights(
-    old_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor, cap: float
-) -> torch.Tensor:
+def truncated_importance_weights(old_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
     """``min(exp(old_logp - sampling_logp), cap)``: truncated importance sampling (TIS) between the
     sampler (e.g. vLLM) and the learner's log-probs of the same policy weights, as in TRL's
     ``vllm_importance_sampling_correction``. No grad."""
     with torch.no_grad():
-        return torch.exp(old_logprobs.float() - sampling_logprobs.float()).clamp(max=cap).to(
-            old_logprobs.dtype
-        )
+        return torch.exp(old_logprobs.float() - sampling_logprobs.float()).clamp(max=cap).to(old_logprobs.dtype)

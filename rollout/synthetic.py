@@ -17,12 +17,8 @@ from typing import Callable, Optional, Sequence, Union
 
 from PIL import Image, ImageDraw
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 25, 25),
-    "green": (30, 170, 40),
-    "blue": (30, 60, 230),
-    "yellow": (240, 210, 20),
-}
+COLORS: dict[str, tuple[int, int, int]] = {"red": (230, 25, 25), "green": (30, 170, 40), "blue": (30, 60, 230),
+                                           "yellow": (240, 210, 20)}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (255, 255, 255)
 
@@ -40,7 +36,6 @@ class TaskSpec:
     options: tuple[str, ...]
     accu_reward_method: str
     generate: Generator
-    description: str = ""
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, color: tuple[int, int, int]) -> None:
@@ -59,88 +54,53 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, color: tuple[int
 def _random_box(rng: random.Random, region: Box, min_frac: float, max_frac: float) -> Box:
     """A square box of side ``min_frac..max_frac`` of the region's smaller side, inside the region."""
     rx0, ry0, rx1, ry1 = region
-    span = min(rx1 - rx0, ry1 - ry0)
-    side = max(2, int(span * rng.uniform(min_frac, max_frac)))
-    x0 = rng.randint(rx0, rx1 - side)
-    y0 = rng.randint(ry0, ry1 - side)
+    side = max(2, int(min(rx1 - rx0, ry1 - ry0) * rng.uniform(min_frac, max_frac)))
+    x0, y0 = rng.randint(rx0, rx1 - side), rng.randint(ry0, ry1 - side)
     return x0, y0, x0 + side - 1, y0 + side - 1
 
 
-def _canvas(size: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+def _image(rng: random.Random, size: int, regions: Sequence[Box], max_frac: float = 0.85,
+           color: Optional[str] = None) -> Image.Image:
+    """A white square image with a random shape in each region, all of ``color`` or each of a random one."""
     image = Image.new("RGB", (size, size), BACKGROUND)
-    return image, ImageDraw.Draw(image)
-
-
-def _one_shape(rng: random.Random, size: int, color: str) -> Image.Image:
-    image, draw = _canvas(size)
-    draw_shape(draw, rng.choice(SHAPES), _random_box(rng, (0, 0, size, size), 0.5, 0.85), COLORS[color])
+    draw = ImageDraw.Draw(image)
+    for region in regions:  # rng order: shape, box, colour
+        draw_shape(draw, rng.choice(SHAPES), _random_box(rng, region, 0.5, max_frac),
+                   COLORS[color or rng.choice(list(COLORS))])
     return image
 
 
 def _gen_color(rng: random.Random, size: int) -> tuple[list[Image.Image], str]:
     color = rng.choice(list(COLORS))
-    return [_one_shape(rng, size, color)], color
+    return [_image(rng, size, [(0, 0, size, size)], color=color)], color
 
 
 def _gen_which(rng: random.Random, size: int) -> tuple[list[Image.Image], str]:
     answer, other = rng.choice(["first", "second"]), rng.choice([c for c in COLORS if c != "red"])
     colors = ("red", other) if answer == "first" else (other, "red")
-    return [_one_shape(rng, size, c) for c in colors], answer
+    return [_image(rng, size, [(0, 0, size, size)], color=c) for c in colors], answer
 
 
 def _gen_count(rng: random.Random, size: int) -> tuple[list[Image.Image], str]:
-    image, draw = _canvas(size)
-    half = size // 2
+    half, k = size // 2, rng.randint(1, 4)
     quadrants = [(0, 0, half, half), (half, 0, size, half), (0, half, half, size), (half, half, size, size)]
-    k = rng.randint(1, 4)
-    for region in rng.sample(quadrants, k):
-        draw_shape(draw, rng.choice(SHAPES), _random_box(rng, region, 0.5, 0.85), COLORS[rng.choice(list(COLORS))])
-    return [image], str(k)
+    return [_image(rng, size, rng.sample(quadrants, k))], str(k)
 
 
 def _gen_position(rng: random.Random, size: int) -> tuple[list[Image.Image], str]:
-    image, draw = _canvas(size)
-    side = rng.choice(["left", "right"])
-    half = size // 2
-    region = (0, 0, half, size) if side == "left" else (half, 0, size, size)
-    draw_shape(draw, rng.choice(SHAPES), _random_box(rng, region, 0.5, 0.9), COLORS[rng.choice(list(COLORS))])
-    return [image], side
+    side, half = rng.choice(["left", "right"]), size // 2
+    return [_image(rng, size, [(0, 0, half, size) if side == "left" else (half, 0, size, size)], 0.9)], side
 
 
-TASKS: dict[str, TaskSpec] = {
-    "color": TaskSpec(
-        "color",
-        "<image>What colour is the shape? Answer with one word: red, green, blue or yellow.",
-        tuple(COLORS),
-        "all_match",
-        _gen_color,
-        "one filled shape of one of four colours; answer the colour",
-    ),
-    "count": TaskSpec(
-        "count",
-        "<image>How many shapes are there? Answer with one number: 1, 2, 3 or 4.",
-        ("1", "2", "3", "4"),
-        "numeric",
-        _gen_count,
-        "1-4 shapes, one per quadrant at most; answer the number",
-    ),
-    "position": TaskSpec(
-        "position",
-        "<image>Is the shape on the left or on the right? Answer with one word: left or right.",
-        ("left", "right"),
-        "all_match",
-        _gen_position,
-        "one shape in the left or the right half; answer left or right",
-    ),
-    "which": TaskSpec(
-        "which",
-        "<image><image>Which picture shows a red shape? Answer with one word: first or second.",
-        ("first", "second"),
-        "all_match",
-        _gen_which,
-        "two images, one with a red shape; answer which (several images per prompt)",
-    ),
-}
+TASKS: dict[str, TaskSpec] = {t.name: t for t in [
+    TaskSpec("color", "<image>What colour is the shape? Answer with one word: red, green, blue or yellow.",
+             tuple(COLORS), "all_match", _gen_color),
+    TaskSpec("count", "<image>How many shapes are there? Answer with one number: 1, 2, 3 or 4.",
+             ("1", "2", "3", "4"), "numeric", _gen_count),
+    TaskSpec("position", "<image>Is the shape on the left or on the right? Answer with one word: left or right.",
+             ("left", "right"), "all_match", _gen_position),
+    TaskSpec("which", "<image><image>Which picture shows a red shape? Answer with one word: first or second.",
+             ("first", "second"), "all_match", _gen_which)]}
 DEFAULT_TASK = "color"
 
 
@@ -153,25 +113,13 @@ def get_task(task: str) -> TaskSpec:
 
 def make_row(spec: TaskSpec, index: int, image_rel: list[str], answer: str) -> dict:
     """One VLM-R1 JSONL row."""
-    return {
-        "id": f"{spec.name}-{index:06d}",
-        "image": image_rel[0] if len(image_rel) == 1 else image_rel,
-        "conversations": [
-            {"from": "human", "value": spec.question},
-            {"from": "gpt", "value": answer},
-        ],
-        "accu_reward_method": spec.accu_reward_method,
-        "options": list(spec.options),
-    }
+    return {"id": f"{spec.name}-{index:06d}", "image": image_rel[0] if len(image_rel) == 1 else image_rel,
+            "conversations": [{"from": "human", "value": spec.question}, {"from": "gpt", "value": answer}],
+            "accu_reward_method": spec.accu_reward_method, "options": list(spec.options)}
 
 
-def make_dataset(
-    task: str = DEFAULT_TASK,
-    n: int = 1000,
-    out_dir: Union[str, Path] = "synthetic_data",
-    seed: int = 0,
-    image_size: int = 56,
-) -> Path:
+def make_dataset(task: str = DEFAULT_TASK, n: int = 1000, out_dir: Union[str, Path] = "synthetic_data", seed: int = 0,
+                 image_size: int = 56) -> Path:
     """Write ``n`` rows of ``task`` to ``out_dir/data.jsonl`` with PNGs under ``out_dir/images``
     (paths relative to ``out_dir``, so ``out_dir`` is the image folder). Deterministic in ``seed``;
     returns the JSONL path."""
