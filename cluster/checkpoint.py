@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from itertools import count
 from pathlib import Path
 from typing import Any, Optional
 
@@ -118,12 +119,10 @@ def load_trainer_state(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def _move_aside(path: Path) -> Path:
-    """Rename ``path`` to ``path.prev-K`` (first free K >= 1) and return the new path."""
-    k = 1
-    while os.path.lexists(f"{path}.prev-{k}"):
-        k += 1
-    os.rename(path, dest := path.with_name(f"{path.name}.prev-{k}"))
+def move_aside(path: Path) -> Path:
+    """Rename ``path`` (file or folder) to the first free ``path.prev-K`` (K >= 1) and return it: nothing is deleted."""
+    dest = next(d for k in count(1) if not os.path.lexists(d := path.with_name(f"{path.name}.prev-{k}")))
+    os.rename(path, dest)
     return dest
 
 
@@ -171,7 +170,7 @@ class CheckpointManager:
         if self.fsync:
             _fsync_tree(tmp)
         if os.path.lexists(final):
-            moved = _move_aside(final)
+            moved = move_aside(final)
             warnings.warn(f"{final} already existed (an earlier run in this output directory?): "
                           f"moved to {moved.name}; it is not deleted automatically")
         os.replace(tmp, final)
@@ -184,7 +183,7 @@ class CheckpointManager:
     def _cleanup(self, committed: int) -> None:
         for step, path in self.list_checkpoints(complete_only=False):
             if step > committed:
-                moved = _move_aside(path)
+                moved = move_aside(path)
                 self._committed.discard(step)
                 warnings.warn(f"moved {path} to {moved.name}: it is from a later step than the checkpoint just "
                               f"committed (step {committed}), i.e. from a run resumed from an earlier step")
@@ -237,4 +236,4 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 __all__ = ["CheckpointManager", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
-           "is_complete_checkpoint", "load_trainer_state", "resolve_checkpoint"]
+           "is_complete_checkpoint", "load_trainer_state", "move_aside", "resolve_checkpoint"]

@@ -15,13 +15,13 @@ import time
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from importlib.util import find_spec
-from itertools import chain, count
+from itertools import chain
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_bytes, atomic_write_text
+from .checkpoint import atomic_write_bytes, atomic_write_text, move_aside
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,7 @@ class MetricsConfig:
 
 
 def _move_aside(path: Path) -> None:
-    """Rename ``path`` (file or folder) to the first free ``path.prev-N``: nothing is deleted."""
-    dest = next(d for n in count(1) if not (d := path.with_name(f"{path.name}.prev-{n}")).exists())
-    path.rename(dest)
-    logger.warning("%s existed from an earlier run: moved to %s", path, dest.name)
+    logger.warning("%s existed from an earlier run: moved to %s", path, move_aside(path).name)
 
 
 def _number(v: Any) -> Union[int, float, None]:

@@ -42,7 +42,6 @@ class BadRow(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
-        self.detail = detail
 
 
 @dataclass
@@ -97,15 +96,13 @@ def build_prompt(question: str, num_images: int) -> list[dict[str, Any]]:
     Images beyond the placeholders are put first; placeholders beyond the images are dropped.
     """
     pieces = question.split(IMAGE_PLACEHOLDER)
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(max(0, num_images - (len(pieces) - 1)))]
-    placed = len(content)
+    first = max(0, num_images - (len(pieces) - 1))
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(first)]
     for i, piece in enumerate(pieces):
-        if i > 0 and placed < num_images:
+        if 0 < i <= num_images - first:  # the i-th placeholder, while images are left
             content.append({"type": "image"})
-            placed += 1
-        text = piece.strip()
-        if text:
-            content.append({"type": "text", "text": text})
+        if piece.strip():
+            content.append({"type": "text", "text": piece.strip()})
     return [{"role": "user", "content": content}]
 
 
@@ -173,13 +170,12 @@ class PromptDataset:
     """Validated records of one or more JSONL files; ``ds[i]`` builds a Sample (images decoded).
 
     ``skipped``: reason -> number of rows dropped (at load time, plus images that failed to decode
-    when drawn); ``rows_per_source``: usable rows per file.
+    when drawn).
     """
 
-    def __init__(self, records: list[Record], skipped: Counter, rows_per_source: dict[str, int]):
+    def __init__(self, records: list[Record], skipped: Counter):
         self.records = records
         self.skipped: dict[str, int] = dict(skipped)
-        self.rows_per_source = rows_per_source
         self._bad: set[int] = set()
 
     @property
@@ -236,8 +232,7 @@ def _read_source(source: DataSource) -> tuple[list[Record], Counter]:
     return records, skipped
 
 
-def load_datasets(
-    sources: Union[DataSource, Sequence[DataSource]]) -> PromptDataset:
+def load_datasets(sources: Union[DataSource, Sequence[DataSource]]) -> PromptDataset:
     """Load and validate JSONL files into one dataset (rows in file order, files in given order).
 
     Raises FileNotFoundError for a missing file and ValueError for a file without any usable row;
@@ -247,15 +242,8 @@ def load_datasets(
         sources = [sources]
     if not sources:
         raise ValueError("load_datasets needs at least one DataSource")
-    records: list[Record] = []
-    skipped: Counter = Counter()
-    per_source: dict[str, int] = {}
-    for src in sources:
-        recs, skip = _read_source(src)
-        records.extend(recs)
-        skipped.update(skip)
-        per_source[str(src.path)] = per_source.get(str(src.path), 0) + len(recs)
-    return PromptDataset(records, skipped, per_source)
+    read = [_read_source(src) for src in sources]
+    return PromptDataset([r for records, _ in read for r in records], sum((skip for _, skip in read), Counter()))
 
 
 class PromptSampler:
@@ -271,24 +259,12 @@ class PromptSampler:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if len(dataset) == 0:
             raise ValueError("PromptSampler needs a non-empty dataset")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
-
-    def _next_index(self) -> int:
-        if self.position >= len(self._order):
-            self.epoch += 1
-            self.position = 0
-            self._order = self._permutation(self.epoch)
-        idx = int(self._order[self.position])
-        self.position += 1
-        return idx
 
     def __iter__(self) -> Iterator[list[Sample]]:
         return self
@@ -296,7 +272,11 @@ class PromptSampler:
     def __next__(self) -> list[Sample]:
         batch: list[Sample] = []
         while len(batch) < self.batch_size:
-            sample = self.dataset.get(self._next_index())
+            if self.position >= len(self._order):  # next epoch
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            sample = self.dataset.get(int(self._order[self.position]))
+            self.position += 1
             if sample is None:  # counted and never drawn again; every epoch still has the good rows
                 if len(self.dataset._bad) == len(self.dataset):
                     raise RuntimeError("no row of the dataset can be loaded any more (all images failed)")
@@ -313,6 +293,5 @@ class PromptSampler:
             logger.warning("sampler state was saved for %d rows, dataset has %d: resume is not exact",
                            state["num_rows"], len(self.dataset))
         self.seed = int(state.get("seed", self.seed))
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)

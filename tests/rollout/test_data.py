@@ -55,7 +55,7 @@ def test_several_files_with_own_folders_and_methods(tmp_path):
     ])
     ds = load_datasets([DataSource(a, tmp_path / "imgs_a"), DataSource(b, tmp_path / "imgs_b", "mcq")])
     assert len(ds) == 3 and ds.num_skipped == 0 and ds.skipped == {}
-    assert ds.rows_per_source == {str(a): 2, str(b): 1}
+    assert [r.meta["source"] for r in ds.records] == [str(a), str(a), str(b)]
 
     s0, s1, s2 = ds[0], ds[1], ds[2]
     assert s0.sample_id == "7" and s0.solution == "a cat" and s0.accu_reward_method == "default"
