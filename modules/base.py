@@ -15,11 +15,6 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-Conversation = list[dict[str, Any]]
-"""A chat in the transformers format: ``[{"role": "user", "content": [{"type": "image"},
-{"type": "text", "text": "..."}]}, ...]``. A plain string ``content`` is allowed too."""
-
-
 class VLMModule(ABC):
     """Base class of every model family. Subclass it and register the class (see ``registry``)."""
 
@@ -81,8 +76,10 @@ class VLMModule(ABC):
 
     # 10
     def prepare_prompt(self, processing_class: Any, inputs: Sequence[dict[str, Any]]) -> list[str]:
-        """Render each example's ``"prompt"`` conversation with the chat template (generation
-        prompt appended). Returns one string per example, with the family's image placeholders."""
+        """Render each example's ``"prompt"`` conversation (transformers' chat format: ``[{"role": "user",
+        "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, ...]``, or a plain string ``content``)
+        with the chat template (generation prompt appended). Returns one string per example, with the
+        family's image placeholders."""
         return [processing_class.apply_chat_template(ex["prompt"], tokenize=False, add_generation_prompt=True)
                 for ex in inputs]
 
@@ -107,10 +104,8 @@ class VLMModule(ABC):
         allowed = {kw: comp for comp, kw in self.get_custom_processing_keywords()}
         for key, value in kwargs.items():
             if key not in allowed:
-                raise ValueError(
-                    f"processing option {key!r} is not understood by the {self.get_vlm_key()!r} "
-                    f"module; allowed: {sorted(allowed) or 'none'}"
-                )
+                raise ValueError(f"processing option {key!r} is not understood by the {self.get_vlm_key()!r} "
+                                 f"module; allowed: {sorted(allowed) or 'none'}")
             setattr(getattr(processing_class, allowed[key]), key, value)
 
     def generate_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -29,29 +29,19 @@ def _image_flags_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) ->
 class InternVLModule(VLMModule):
     model_types = ("internvl",)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.num_image_token: int | None = None
-        self.img_context_token_id: int | None = None
-
     def get_vlm_key(self) -> str:
         return "internvl"
 
     def get_model_class(self, model_id: str, model_init_kwargs: dict[str, Any]) -> type:
         model_type = read_model_config(model_id).get("model_type", "")
         if model_type == "internvl_chat":
-            raise ValueError(
-                f"{model_id} is a remote-code InternVL checkpoint (model_type 'internvl_chat'); use its "
-                "'-hf' conversion (e.g. OpenGVLab/InternVL3-1B-hf), which transformers loads natively"
-            )
+            raise ValueError(f"{model_id} is a remote-code InternVL checkpoint (model_type 'internvl_chat'); use its "
+                             "'-hf' conversion (e.g. OpenGVLab/InternVL3-1B-hf), which transformers loads natively")
         from transformers import InternVLForConditionalGeneration
-
         return InternVLForConditionalGeneration
 
     def post_model_init(self, model: torch.nn.Module, processing_class: Any) -> None:
         super().post_model_init(model, processing_class)
-        self.num_image_token = int(getattr(processing_class, "image_seq_length", 0)) or None
-        self.img_context_token_id = getattr(model.config, "image_token_id", None)
         if not getattr(model, "_vlgrpo_image_flags_hook", False):
             model.register_forward_pre_hook(_image_flags_pre_hook, with_kwargs=True)
             model._vlgrpo_image_flags_hook = True

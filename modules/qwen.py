@@ -7,12 +7,8 @@ from typing import Any
 from .base import VLMModule
 from .loading import read_model_config
 
-_CLASSES = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-}
+_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+            "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -23,7 +19,6 @@ def _token_type_keyword() -> tuple[str, ...]:
     import inspect
 
     from transformers import Qwen2VLForConditionalGeneration
-
     params = inspect.signature(Qwen2VLForConditionalGeneration.forward).parameters
     return ("mm_token_type_ids",) if "mm_token_type_ids" in params else ()
 
@@ -40,13 +35,10 @@ class QwenModule(VLMModule):
 
     def get_model_class(self, model_id: str, model_init_kwargs: dict[str, Any]) -> type:
         import transformers
-
         model_type = read_model_config(model_id).get("model_type", "")
         if model_type not in _CLASSES:
-            raise ValueError(
-                f"{model_id}: model_type {model_type!r} is not a Qwen-VL model; the 'qwen' module "
-                f"supports {sorted(_CLASSES)}"
-            )
+            raise ValueError(f"{model_id}: model_type {model_type!r} is not a Qwen-VL model; the 'qwen' module "
+                             f"supports {sorted(_CLASSES)}")
         name = _CLASSES[model_type]
         if not hasattr(transformers, name):
             raise ImportError(f"{name} needs a newer transformers (installed: {transformers.__version__})")

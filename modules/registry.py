@@ -11,8 +11,6 @@ from .loading import read_model_config
 from .qwen import QwenModule
 
 ENTRY_POINT_GROUP = "vlgrpo.modules"
-
-
 _BUILTINS: dict[str, type] = {"qwen": QwenModule, "internvl": InternVLModule}
 
 
@@ -43,11 +41,9 @@ def get_module_class(key: str) -> type:
     eps = _entry_points()
     if key in eps:
         return _check(eps[key].load(), f"entry point {key!r}")
-    raise ValueError(
-        f"unknown VLM module key {key!r}; known keys: {', '.join(sorted(set(_BUILTINS) | set(eps)))} "
-        "(or name your own class as 'package.module:ClassName', or register it in the "
-        f"'{ENTRY_POINT_GROUP}' entry-point group)"
-    )
+    raise ValueError(f"unknown VLM module key {key!r}; known keys: {', '.join(sorted(set(_BUILTINS) | set(eps)))} "
+                     "(or name your own class as 'package.module:ClassName', or register it in the "
+                     f"'{ENTRY_POINT_GROUP}' entry-point group)")
 
 
 def get_module(key: str) -> VLMModule:
@@ -61,10 +57,8 @@ def infer_module_key(model_id: str) -> str:
     for key, cls in available_modules().items():
         if model_type in getattr(cls, "model_types", ()):
             return key
-    raise ValueError(
-        f"cannot infer the VLM module of {model_id} (model_type {model_type!r}); set model.module "
-        f"to one of {', '.join(sorted(available_modules()))} or 'package.module:ClassName'"
-    )
+    raise ValueError(f"cannot infer the VLM module of {model_id} (model_type {model_type!r}); set model.module "
+                     f"to one of {', '.join(sorted(available_modules()))} or 'package.module:ClassName'")
 
 
 def resolve_module(model_id: str, key: str = "auto") -> VLMModule:

@@ -20,7 +20,7 @@ import re
 import threading
 import warnings
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, reduce
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -34,16 +34,6 @@ logger = logging.getLogger(__name__)
 
 RewardFn = Callable[..., list[float]]
 RewardSpec = Union[str, Mapping[str, Any]]
-
-REWARDS: dict[str, RewardFn] = {}
-
-
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: make ``fn`` available to :class:`RewardSet` under ``name``."""
-    def deco(fn: RewardFn) -> RewardFn:
-        REWARDS[name] = fn
-        return fn
-    return deco
 
 
 def get_reward(name: str) -> RewardFn:
@@ -68,8 +58,7 @@ def _import_function(path: str) -> RewardFn:
             spec.loader.exec_module(obj)  # type: ignore[union-attr]
         else:
             obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        obj = reduce(getattr, attr.split("."), obj)
     except (ImportError, AttributeError, OSError) as e:
         raise ValueError(f"cannot import reward function {path!r}: {type(e).__name__}: {e}") from e
     if not callable(obj):
@@ -326,19 +315,16 @@ def accuracy_one(completion: str, sample: Sample) -> float:
     return ACCURACY_METHODS[method](completion, sample)
 
 
-@register_reward("format")
 def format_reward(completions: list[str], samples: list[Sample]) -> list[float]:
     """1.0 when the whole (stripped) completion is ``<think>...</think> <answer>...</answer>``."""
     return [float(_FORMAT_RE.fullmatch(c.strip()) is not None) for c in completions]
 
 
-@register_reward("format_rec")
 def format_rec_reward(completions: list[str], samples: list[Sample]) -> list[float]:
     """VLM-R1's ``format_reward_rec``: 1.0 if ``<think>..</think> <answer>..{..[x1, y1, x2, y2]..}..</answer>``."""
     return [float(_FORMAT_REC_RE.search(c) is not None) for c in completions]
 
 
-@register_reward("accuracy")
 def accuracy_reward(completions: list[str], samples: list[Sample]) -> list[float]:
     """Per-sample accuracy with ``sample.accu_reward_method``: each of ``ACCURACY_METHODS`` reads the
     completion and the solution as VLM-R1's method of that name does (docs/rewards.md: our changes)."""
@@ -364,10 +350,6 @@ def repetition_penalty(text: str) -> float:
     return -(1 - len(set(items)) / len(items)) if items else 0.0
 
 
-REWARDS["repetition"] = lambda completions, samples: [repetition_penalty(c) for c in completions]
-
-
-@register_reward("length")
 def length_reward(completions: list[str], samples: list[Sample], max_len: int = 1024, cache: Optional[int] = None,
                   completion_lengths: Optional[Sequence[int]] = None) -> list[float]:
     """DAPO's soft overlong penalty: 0 up to ``max_len - cache`` (default ``max_len // 4``), then linear
@@ -378,6 +360,11 @@ def length_reward(completions: list[str], samples: list[Sample], max_len: int = 
         raise ValueError(f"length reward needs 0 < cache <= max_len (got cache={cache}, max_len={max_len})")
     lengths = completion_lengths if completion_lengths is not None else [len(c) for c in completions]
     return [max(-1.0, min(0.0, (max_len - cache - n) / cache)) for n in lengths]
+
+
+REWARDS: dict[str, RewardFn] = {  # the built-ins, by name (get_reward)
+    "format": format_reward, "format_rec": format_rec_reward, "accuracy": accuracy_reward,
+    "repetition": lambda completions, samples: [repetition_penalty(c) for c in completions], "length": length_reward}
 
 
 @dataclass
@@ -421,8 +408,7 @@ class RewardSet:
         self.entries = [_parse_spec(s) for s in specs]
         if not self.entries:
             raise ValueError("RewardSet needs at least one reward function")
-        names = self.names
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = sorted({n for n in self.names if self.names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate reward names {dupes}: give each a distinct 'label'")
         self._logged: set[str] = set()
