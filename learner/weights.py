@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Collection, Iterator, Optional
 
 import torch
 
@@ -32,25 +32,26 @@ class LearnerWeights:
         names = list(self._name_map) if self._name_map else list(params)
         return [(n, params[n] if n in params else self.model.get_buffer(n)) for n in names]
 
-    def named_weights(self, bucket_numel: int = 50_000_000, device: Optional[str] = None,
-                      all_ranks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_weights(self, bucket_numel: int = 50_000_000, device: Optional[str] = None, all_ranks: bool = False,
+                      names: Optional[Collection[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Full weights as ``(checkpoint name, tensor)``, names as in the HF ``state_dict`` of the
         saved checkpoint (what vLLM's ``reload_weights`` expects).
 
         Collective: iterate it to the end on *every* rank (ZeRO-3 gathers ``bucket_numel``
         elements at a time on all ranks). Only rank 0 yields unless ``all_ranks``. Under ZeRO-3
         each tensor is a fresh copy of one gathered parameter; otherwise it is the live parameter
-        (detached, no copy): copy it if you keep it past the next ``train_step``."""
+        (detached, no copy): copy it if you keep it past the next ``train_step``. ``names``: only
+        these checkpoint names (e.g. a sync plan's), and under ZeRO-3 only they are gathered."""
         emit = all_ranks or self.rank == 0
         if self._name_map is None:  # conversions that merge/split tensors: whole state dict
-            yield from self._named_weights_converted(emit, device)
+            yield from ((n, t) for n, t in self._named_weights_converted(emit, device) if names is None or n in names)
             return
 
         def finish(t: torch.Tensor, copy: bool) -> torch.Tensor:
             t = t.detach() if device is None else t.detach().to(device)
             return t.clone() if copy else t
 
-        items = self._export_items()
+        items = [(n, t) for n, t in self._export_items() if names is None or self._ck(n) in names]
         if self.cfg.zero_stage != 3:
             if emit:
                 for n, t in items:
@@ -70,6 +71,14 @@ class LearnerWeights:
                 for item in got:  # (not ``yield from``: a generator driven with send() must work)
                     yield item
                 bucket, size = [], 0
+
+    def gathered_weights(self, names: Optional[Collection[str]] = None,
+                         device: Optional[str] = None) -> list[tuple[str, torch.Tensor]]:
+        """Collective: ``named_weights(names=, device=)`` run to the end on every rank *before*
+        returning rank 0's full list (empty on the other ranks). For ZeRO-3 with several ranks: a
+        sync then sends without a learner gather interleaved with its collectives, at the cost of
+        one copy of the ``names`` tensors on ``device``."""
+        return list(self.named_weights(device=device, names=names))
 
     def _named_weights_converted(self, emit: bool, device: Optional[str]):
         sd = self._gather_state_dict(emit)
