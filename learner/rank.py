@@ -70,7 +70,7 @@ class Learner(LearnerWeights):
         if self.on_gpu:
             torch.cuda.set_device(self.device)
         self.dtype = cfg.torch_dtype(self.on_gpu)
-        torch.set_num_threads(int(cfg.num_threads or max(1, (os.cpu_count() or 1) // self.world_size)))
+        torch.set_num_threads(int(cfg.num_threads or max(1, int(cfg.cpus_per_rank))))  # Ray's allocation
         self._init_distributed(master_addr, master_port)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -190,28 +190,32 @@ class Learner(LearnerWeights):
     # -- batches and log-probs --------------------------------------------------------------------
     def micro_batches(self, batch: TrainBatch) -> list[MicroBatch]:
         """``batch`` cut into ``micro_batch_size`` rows with their model inputs (prompt text and
-        images through ``module.prepare_model_inputs``), on this rank's device."""
+        images through ``module.prepare_model_inputs``), on the CPU: ``to_device`` moves one."""
         pidx, mask, out = batch.row_prompt_index(), batch.completion_mask.bool(), []
         for s in range(0, batch.num_rows, self.cfg.micro_batch_size):
             e = min(s + self.cfg.micro_batch_size, batch.num_rows)
             cols = mask[s:e].any(dim=0).nonzero()
             t = int(cols.max()) + 1 if cols.numel() else 1  # trailing all-padding columns cut
             inputs = build_rows_inputs(self.module, self.processor, batch.prompts_text, batch.images, pidx[s:e])
-            inputs = {k: v.to(device=self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
-                      for k, v in inputs.items()}
 
             def cut(x, s=s, e=e, t=t):
-                return None if x is None else x[s:e, :t].to(self.device)
+                return None if x is None else x[s:e, :t]
 
             out.append(MicroBatch(inputs, cut(batch.completion_ids), cut(batch.completion_mask).bool(),
-                                  batch.advantages[s:e].to(self.device, torch.float32), cut(batch.old_logprobs),
+                                  batch.advantages[s:e].float(), cut(batch.old_logprobs),
                                   cut(batch.ref_logprobs), cut(batch.sampling_logprobs)))
         return out
+
+    def to_device(self, mb: MicroBatch) -> MicroBatch:
+        """``mb`` on this rank's device (floating model inputs in the model's dtype); no copy if there."""
+        inputs = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in mb.inputs.items()}
+        return MicroBatch(inputs, *(None if x is None else x.to(self.device)
+                                    for x in (mb.ids, mb.mask, mb.adv, mb.old, mb.ref, mb.samp)))
 
     def logprobs(self, mb: MicroBatch, reference: bool = False, entropy: bool = False):
         """Per-token log-probs ``[n, t]`` of ``mb``'s completions under the policy (or the
         reference model), ``(logprobs, entropy)`` with ``entropy``."""
-        model = self.ref_model if reference else (self.engine or self.model)
+        model, mb = self.ref_model if reference else (self.engine or self.model), self.to_device(mb)
         return per_token_logprobs(model, self.ref_module if reference else self.module, mb.inputs, mb.ids,
                                   mb.mask, temperature=self.cfg.temperature, return_entropy=entropy,
                                   suppress_ids=self.suppress_ids)
@@ -244,11 +248,11 @@ class Learner(LearnerWeights):
         return {"seqs": float(batch.global_num_seqs or sums[0]), "tokens": float(batch.global_num_tokens or sums[1]),
                 "n_micro": int(maxes[0]), "len_norm": self.cfg.max_completion_length or int(maxes[1])}
 
-    @staticmethod
-    def _schedule(micros: list[MicroBatch], n_micro: int) -> Iterator[tuple[int, MicroBatch, bool]]:
-        """(index, micro-batch, real): ranks with fewer micro-batches repeat their first one."""
+    def _schedule(self, micros: list[MicroBatch], n_micro: int) -> Iterator[tuple[int, MicroBatch, bool]]:
+        """(index, micro-batch moved to the device now, real): ranks with fewer micro-batches repeat
+        their first one."""
         for j in range(n_micro):
-            yield j, (micros[j] if j < len(micros) else micros[0]), j < len(micros)
+            yield j, self.to_device(micros[j] if j < len(micros) else micros[0]), j < len(micros)
 
     @torch.no_grad()
     def _no_grad_pass(self, micros: list[MicroBatch], n_micro: int) -> None:
@@ -257,12 +261,12 @@ class Learner(LearnerWeights):
         need_ref = self.cfg.beta > 0 and micros[0].ref is None
         if not (need_old or need_ref):
             return
-        for _, mb, real in self._schedule(micros, n_micro):
+        for j, mb, real in self._schedule(micros, n_micro):
             old = self.logprobs(mb).float() if need_old else None
             ref = self.logprobs(mb, reference=True).float() if need_ref else None
-            if real:
-                mb.old = old if need_old else mb.old
-                mb.ref = ref if need_ref else mb.ref
+            if real:  # kept on the device: [n, t] each
+                micros[j].old = old if need_old else micros[j].old
+                micros[j].ref = ref if need_ref else micros[j].ref
 
     def _update(self, micros: list[MicroBatch], counts: dict[str, Any]):
         cfg, n_micro = self.cfg, counts["n_micro"]

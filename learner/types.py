@@ -38,7 +38,7 @@ class LearnerConfig:
     freeze_vision: bool = False  # freeze params matching module.get_vision_modules_keywords()
     dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "bf16" / "fp16" / "fp32"
     offload_optimizer: bool = False  # ZeRO CPU optimizer offload (builds DeepSpeed's cpu_adam op)
-    num_threads: Optional[int] = None  # torch CPU threads per rank (Ray sets 1); None: cores / world
+    num_threads: Optional[int] = None  # torch CPU threads per rank (Ray sets 1); None: cpus_per_rank
 
     # optimiser and schedule
     lr: float = 5e-4  # the demo's tiny model; a 3B-7B VLM wants ~1e-6
@@ -91,7 +91,7 @@ class LearnerConfig:
 @dataclass
 class MicroBatch:
     """One forward/backward of a learner rank: model inputs of its rows and their ``[n, t]``
-    completion tensors (trailing all-padding columns cut), on the rank's device."""
+    completion tensors (trailing all-padding columns cut), on the CPU until ``Learner.to_device``."""
 
     inputs: dict[str, torch.Tensor]  # exactly the module's forward keys, prompt part
     ids: torch.Tensor

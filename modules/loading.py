@@ -19,6 +19,7 @@ class ModelConfig:
     module: str = "auto"  # VLM module key, 'package.module:Class', or auto (from config.json model_type)
     tiny_family: str = "qwen2-vl"  # used when path is empty
     tiny_size: str = "tiny"
+    tiny_tied: bool = False  # tie lm_head to the input embeddings (as Qwen2.5-VL-3B does)
     tiny_warmup_steps: int = 100  # a freshly built tiny model learns the answer format (not the task) first
     processing_kwargs: dict = field(default_factory=dict)  # e.g. {max_pixels: 401408}
     init_kwargs: dict = field(default_factory=dict)  # extra from_pretrained kwargs (e.g. attn_implementation)

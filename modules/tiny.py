@@ -225,9 +225,10 @@ def _build_internvl(p: SizePreset, tok):
     return cfg, tf.InternVLForConditionalGeneration, processor
 
 
-def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
-    """Build, seed and save a tiny ``family`` model with its processor into ``out_dir``.
-    Returns ``out_dir``. Deterministic for a given (family, seed, size)."""
+def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, size: str = "tiny", tied: bool = False) -> Path:
+    """Build, seed and save a tiny ``family`` model with its processor into ``out_dir`` (``tied``:
+    lm_head shares the input embeddings, as in Qwen2.5-VL-3B). Returns ``out_dir``. Deterministic
+    for a given (family, seed, size, tied)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     if size not in SIZES:
@@ -244,6 +245,7 @@ def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, size: str 
     else:
         tok = train_tokenizer(QWEN_SPECIAL, seed)
         cfg, model_cls, processor = _build_qwen(family, p, tok)
+    cfg.tie_word_embeddings = cfg.get_text_config().tie_word_embeddings = tied
     torch.manual_seed(seed)
     model = model_cls(cfg)
     model.generation_config.eos_token_id = cfg.get_text_config().eos_token_id
@@ -251,7 +253,7 @@ def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, size: str 
     model.generation_config.bos_token_id = None
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    meta = {"family": family, "size": size, "seed": seed,
+    meta = {"family": family, "size": size, "seed": seed, "tied": tied,
             "num_parameters": sum(t.numel() for t in model.parameters())}
     (out / "vlgrpo_tiny.json").write_text(json.dumps(meta, indent=2))
     return out
