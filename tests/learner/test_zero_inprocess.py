@@ -121,3 +121,22 @@ def test_bf16_trains_with_fp32_master_weights(tiny_models, port, stage):
     # the bf16 weights are the masters rounded: the masters moved further than bf16 can show
     flat_masters = torch.cat([p.detach().reshape(-1) for p in masters])
     assert flat_masters.dtype == torch.float32 and not torch.equal(flat_masters, flat_masters.bfloat16().float())
+
+
+def test_zero3_tied_embeddings_export_once_and_train(port, tmp_path):
+    """Qwen2.5-VL-3B ties lm_head to the embeddings: under ZeRO-3 the export names the tie once
+    (as the embeddings, with the full shape), the tensors are the checkpoint's, and it trains."""
+    from vlgrpo.modules.tiny import build_tiny_model
+
+    path = str(build_tiny_model("qwen2-vl", tmp_path / "tied", size="micro", tied=True))
+    learner = _zero_learner(path, port, 3)
+    meta = learner.weights_meta()
+    with safe_open(f"{path}/model.safetensors", "pt") as f:
+        assert sorted(n for n, *_ in meta) == sorted(f.keys())
+        assert "lm_head.weight" not in f.keys()
+        w0 = dict(learner.named_weights())
+        assert all(torch.equal(w0[n], f.get_tensor(n)) and tuple(w0[n].shape) == s for n, s, _ in meta)
+    assert learner.model.lm_head.weight is learner.model.get_input_embeddings().weight
+    learner.train_step(make_batch(learner.module, learner.processor))
+    emb = "model.embed_tokens.weight"
+    assert not torch.equal(dict(learner.named_weights(names={emb}))[emb], w0[emb])
