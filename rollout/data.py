@@ -78,18 +78,6 @@ class DataConfig:
         return [DataSource(**{"question_template": self.question_template, **s}) for s in given]
 
 
-@dataclass
-class Record:
-    """A validated row: everything but the decoded images."""
-
-    sample_id: str
-    prompt: list[dict[str, Any]]
-    image_paths: list[Path]
-    solution: str
-    accu_reward_method: str
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
 def build_prompt(question: str, num_images: int) -> list[dict[str, Any]]:
     """A one-turn user conversation: an image item per ``<image>`` placeholder, text in between.
 
@@ -142,8 +130,9 @@ def load_image(path: Path) -> Image.Image:
         raise BadRow("unreadable_image", f"{path}: {type(e).__name__}: {e}") from e
 
 
-def parse_row(row: Any, source: DataSource, image_folder: Path, line_no: int) -> Record:
-    """Validate one decoded JSON row and turn it into a Record (raises BadRow)."""
+def parse_row(row: Any, source: DataSource, image_folder: Path, line_no: int) -> Sample:
+    """Validate one decoded JSON row and turn it into a record: its Sample without the images, which
+    are decoded here once and again from ``meta["image_paths"]`` for each draw (raises BadRow)."""
     if not isinstance(row, dict):
         raise BadRow("bad_row", f"row is a {type(row).__name__}, not an object")
     question, answer = _question_and_answer(row)
@@ -163,7 +152,7 @@ def parse_row(row: Any, source: DataSource, image_folder: Path, line_no: int) ->
         raise ValueError(f"{source.path}:{line_no}: unknown accu_reward_method {method!r}; known: "
                          f"{', '.join(sorted(ACCURACY_METHODS))}")
     sample_id = str(row["id"]) if row.get("id") is not None else f"{Path(source.path).stem}:{line_no}"
-    return Record(sample_id, build_prompt(question, len(paths)), paths, answer, method, meta)
+    return Sample(sample_id, build_prompt(question, len(paths)), [], answer, method, meta)
 
 
 class PromptDataset:
@@ -173,7 +162,7 @@ class PromptDataset:
     when drawn).
     """
 
-    def __init__(self, records: list[Record], skipped: Counter):
+    def __init__(self, records: list[Sample], skipped: Counter):
         self.records = records
         self.skipped: dict[str, int] = dict(skipped)
         self._bad: set[int] = set()
@@ -187,7 +176,7 @@ class PromptDataset:
 
     def __getitem__(self, i: int) -> Sample:
         rec = self.records[i]
-        images = [load_image(p) for p in rec.image_paths]
+        images = [load_image(Path(p)) for p in rec.meta["image_paths"]]
         prompt = json.loads(json.dumps(rec.prompt))  # callers may mutate their copy
         return Sample(rec.sample_id, prompt, images, rec.solution, rec.accu_reward_method, dict(rec.meta))
 
@@ -204,12 +193,12 @@ class PromptDataset:
             return None
 
 
-def _read_source(source: DataSource) -> tuple[list[Record], Counter]:
+def _read_source(source: DataSource) -> tuple[list[Sample], Counter]:
     path = Path(source.path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
     folder = Path(source.image_folder) if source.image_folder is not None else path.parent
-    records: list[Record] = []
+    records: list[Sample] = []
     skipped: Counter = Counter()
     with path.open("r", encoding="utf-8", errors="replace") as f:
         for line_no, line in enumerate(f, start=1):

@@ -335,8 +335,8 @@ def test_samples_every_n_steps_to_jsonl_and_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    records = [types.SimpleNamespace(sample_id=f"p{i}", solution=f"ans{i}", image_paths=[tmp_path / f"{i}.png"])
-               for i in range(4)]
+    records = [types.SimpleNamespace(sample_id=f"p{i}", solution=f"ans{i}",
+                                     meta={"image_paths": [str(tmp_path / f"{i}.png")]}) for i in range(4)]
     data = types.SimpleNamespace(records=records)
     batch = _rollout([f"say {i}" for i in range(8)], ["p0", "p1", "p2", "p3"],
                      [[i % 2, 1.0] for i in range(8)], group_size=2)
