@@ -135,10 +135,8 @@ class CheckpointManager:
     before publishing it (durable across power loss; costs time on very large checkpoints)."""
 
     def __init__(self, output_dir: str | os.PathLike, keep_last: Optional[int] = 3, fsync: bool = True):
-        self.output_dir = Path(output_dir)
-        self.root = self.output_dir / CHECKPOINTS_DIRNAME
-        self.keep_last = keep_last
-        self.fsync = fsync
+        self.root = Path(output_dir) / CHECKPOINTS_DIRNAME
+        self.keep_last, self.fsync = keep_last, fsync
         self._committed: set[int] = set()  # steps committed by this manager: the only ones rotation deletes
 
     def _dir(self, step: int, suffix: str = "") -> Path:

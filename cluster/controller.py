@@ -204,7 +204,7 @@ class Trainer:
              "response_length/mean": float(lengths.mean()),
              "response_length/clipped_frac": sum(f == "length" for f in rollout.finish_reasons) / len(lengths),
              "reward/errors": float(sum(rollout.reward_errors.values())),
-             "data/skipped": float(self.dataset.num_skipped + getattr(self.sampler, "num_skipped", 0)),
+             "data/skipped": float(self.dataset.num_skipped),
              "rollout/tokens_per_s": rollout.timings.get("completion_tokens", 0.0)
              / max(rollout.timings.get("generate_s", 0.0), 1e-9)}
         m.update({f"faults/{k}": float(v) for k, v in self.fleet.faults.items()})

@@ -197,21 +197,13 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], adva
         adv_b = adv.expand_as(ratio)
         low = ((ratio < 1.0 - epsilon_low) & (adv_b < 0)).to(m.dtype)
         high = ((ratio > 1.0 + epsilon_high) & (adv_b > 0)).to(m.dtype)
-        big = torch.finfo(ratio.dtype).max
         has_valid = bool(valid.any())
         metrics = {
-            "pg_loss": pg_loss.detach(),
-            "kl_loss": kl_loss.detach(),
-            "ratio_mean": tmean(ratio),
-            "ratio_min": torch.where(valid, ratio, torch.full_like(ratio, big)).min()
-            if has_valid else torch.ones((), dtype=ratio.dtype, device=ratio.device),
-            "ratio_max": torch.where(valid, ratio, torch.full_like(ratio, -big)).max()
-            if has_valid else torch.ones((), dtype=ratio.dtype, device=ratio.device),
-            "clip_frac_low": tmean(low),
-            "clip_frac_high": tmean(high),
-            "clip_frac": tmean(low + high),
-            "adv_mean": tmean(adv_b),
-            "num_tokens": num_tokens_local.detach(),
+            "pg_loss": pg_loss.detach(), "kl_loss": kl_loss.detach(), "ratio_mean": tmean(ratio),
+            "ratio_min": ratio[valid].min() if has_valid else ratio.new_ones(()),
+            "ratio_max": ratio[valid].max() if has_valid else ratio.new_ones(()),
+            "clip_frac_low": tmean(low), "clip_frac_high": tmean(high), "clip_frac": tmean(low + high),
+            "adv_mean": tmean(adv_b), "num_tokens": num_tokens_local.detach(),
             "num_seqs": torch.tensor(float(n), device=logprobs.device),
         }
         if kl is not None:

@@ -95,16 +95,11 @@ def selective_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, 
 def per_token_logprobs(model: torch.nn.Module, module: Any, inputs: dict[str, torch.Tensor],
                        completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float = 1.0,
                        return_entropy: bool = False, suppress_ids: Optional[Sequence[int]] = None):
-    """Log-probs ``[N, T]`` (float32) of ``completion_ids`` given the prompt ``inputs``.
-
+    """Log-probs ``[N, T]`` (float32, 0 on padding) of ``completion_ids`` given the prompt ``inputs``: the
+    left-padded ``prepare_model_inputs`` output for the N rows (one per completion; ``build_rows_inputs``).
+    With ``return_entropy=True``: ``(logprobs, entropy)``, the entropy ``[N, T]`` computed without grad.
     ``suppress_ids``: tokens the sampler never emits (the module's vision placeholders); they are
-    removed from the distribution, so the log-probs are those of the policy that generated.
-
-    ``inputs`` is the left-padded ``prepare_model_inputs`` output for the N rows (one row per
-    completion; see ``build_rows_inputs``). The forward receives exactly ``module.forward_inputs``
-    of the concatenation. Masked positions (padding) hold 0. With ``return_entropy=True`` returns
-    ``(logprobs, entropy)``, the entropy ``[N, T]`` being computed without grad.
-    """
+    removed from the distribution, so the log-probs are those of the policy that generated."""
     fwd = module.append_completions(module.forward_inputs(inputs), completion_ids, completion_mask)
     t = completion_ids.shape[1]
     kwargs: dict[str, Any] = {"use_cache": False}

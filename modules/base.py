@@ -1,4 +1,7 @@
-"""The VLM Module interface: everything model-family specific lives behind these 11 functions,
+"""The VLM Module interface: everything model-family specific lives behind 11 functions, defined below in
+VLM-R1's order (``get_vlm_key``, ``get_model_class``, ``post_model_init``, ``is_embeds_input``,
+``get_processing_class``, ``get_vision_modules_keywords``, ``get_custom_multimodal_keywords``,
+``get_non_generate_params``, ``get_custom_processing_keywords``, ``prepare_prompt``, ``prepare_model_inputs``),
 adopted from VLM-R1 (``assets/add_new_model.md``) with two changes callers may rely on: a module
 instance holds what ``post_model_init`` learned about one (model, processor) pair (no global state;
 ``get_module`` makes one per model), and ``prepare_model_inputs`` takes the images *per prompt* and
@@ -15,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+
 class VLMModule(ABC):
     """Base class of every model family. Subclass it and register the class (see ``registry``)."""
 
@@ -22,59 +26,49 @@ class VLMModule(ABC):
         # Filled by post_model_init; per instance, never global.
         self.model_config: Any = None
 
-    # 1
     @abstractmethod
     def get_vlm_key(self) -> str:
         """Short identifier of the family, e.g. ``"qwen"``; the key users write in configs."""
 
-    # 2
     @abstractmethod
     def get_model_class(self, model_id: str, model_init_kwargs: dict[str, Any]) -> type:
         """The ``transformers`` class whose ``from_pretrained(model_id, **model_init_kwargs)`` loads
         the policy. May read ``config.json`` of ``model_id`` to pick between versions."""
 
-    # 3
     def post_model_init(self, model: torch.nn.Module, processing_class: Any) -> None:
         """Called once after model and processor are loaded (before DeepSpeed/vLLM wrap them).
         Record per-model facts here (token ids, image token counts) and adapt the model so that its
         forward accepts every key of ``get_custom_multimodal_keywords``."""
         self.model_config = getattr(model, "config", None)
 
-    # 4
     def is_embeds_input(self) -> bool:
         """True if ``generate`` must be called with ``inputs_embeds`` instead of ``input_ids``."""
         return False
 
-    # 5
     def get_processing_class(self) -> type:
         """Class with ``from_pretrained`` that builds the processor (by default ``AutoProcessor``)."""
         from transformers import AutoProcessor
 
         return AutoProcessor
 
-    # 6
     @abstractmethod
     def get_vision_modules_keywords(self) -> list[str]:
         """Substrings of parameter names that belong to the vision tower (frozen on request)."""
 
-    # 7
     @abstractmethod
     def get_custom_multimodal_keywords(self) -> list[str]:
         """Model-input keys besides ``input_ids``/``attention_mask`` that the forward receives."""
 
-    # 8
     def get_non_generate_params(self) -> list[str]:
         """Subset of the custom multimodal keywords that must not be passed to ``generate``."""
         return []
 
-    # 9
     def get_custom_processing_keywords(self) -> list[tuple[str, str]]:
         """``(component, keyword)`` pairs of processor options this family understands, e.g.
         ``("image_processor", "max_pixels")``. Config values under these keywords are set on
         ``getattr(processor, component)`` by ``apply_processing_kwargs``."""
         return []
 
-    # 10
     def prepare_prompt(self, processing_class: Any, inputs: Sequence[dict[str, Any]]) -> list[str]:
         """Render each example's ``"prompt"`` conversation (transformers' chat format: ``[{"role": "user",
         "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, ...]``, or a plain string ``content``)
@@ -83,7 +77,6 @@ class VLMModule(ABC):
         return [processing_class.apply_chat_template(ex["prompt"], tokenize=False, add_generation_prompt=True)
                 for ex in inputs]
 
-    # 11
     def prepare_model_inputs(self, processing_class: Any, prompts_text: Sequence[str],
                              images: Sequence[Sequence[Image.Image]], return_tensors: str = "pt", padding: bool = True,
                              padding_side: str = "left", add_special_tokens: bool = False) -> dict[str, torch.Tensor]:
