@@ -66,10 +66,8 @@ def normalize_loss_agg(loss_agg: str) -> str:
 @torch.no_grad()
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
                      eps: float = 1e-4) -> tuple[torch.Tensor, int]:
-    """Group-relative advantages for group-major rewards.
-
-    ``rewards[N]`` holds ``N / group_size`` groups, rows ``g*G .. g*G+G-1`` being group ``g``.
-    Returns ``(advantages[N] float32, num_zero_std_groups)``:
+    """Group-relative advantages for group-major rewards: ``rewards[N]`` holds ``N / group_size`` groups,
+    rows ``g*G .. g*G+G-1`` being group ``g``. Returns ``(advantages[N] float32, num_zero_std_groups)``:
 
     * ``scale_by_std=True`` (GRPO): ``(r - mean_g) / (std_g + eps)``, ``std_g`` unbiased (as TRL);
     * ``scale_by_std=False`` (Dr. GRPO): ``r - mean_g``.
@@ -99,7 +97,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], adva
               max_len_norm: Optional[int] = None, *, global_num_seqs: Optional[float] = None,
               global_num_tokens: Optional[float] = None, importance_weights: Optional[torch.Tensor] = None,
               loss_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped GRPO loss of one (micro-)batch. See the module docstring for the formulas.
+    """Clipped GRPO loss of one (micro-)batch; the formulas are in the module docstring.
 
     Args:
         logprobs: ``[N, T]`` log-probs of the completion tokens under the current policy (with grad).
@@ -111,23 +109,20 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], adva
             with ``beta == 0`` the KL is still reported (not added to the loss).
         beta: KL coefficient (k3 estimator).
         epsilon_low / epsilon_high: clip range ``[1 - epsilon_low, 1 + epsilon_high]``.
-        loss_agg: ``seq_mean_token_mean`` | ``token_mean`` | ``seq_mean_token_sum_norm`` (or the
-            aliases ``grpo`` | ``dapo`` | ``dr_grpo``).
+        loss_agg: one of ``LOSS_AGGREGATIONS``, or its alias ``grpo`` | ``dapo`` | ``dr_grpo``.
         max_len_norm: Dr. GRPO constant normaliser (default ``T``).
         global_num_seqs / global_num_tokens: counts of the whole optimiser step (see module
             docstring) so that micro-batch losses add up to the full-batch loss.
-        importance_weights: optional ``[N, T]`` per-token weights (no grad) multiplying the
-            policy-gradient term, e.g. truncated importance sampling between the sampler's and the
-            learner's log-probs.
+        importance_weights: optional ``[N, T]`` per-token weights (no grad) multiplying the policy-gradient
+            term, e.g. truncated importance sampling between the sampler's and the learner's log-probs.
         loss_scale: multiplies the returned loss (``world_size`` under data-parallel averaging).
 
     Returns:
-        ``(loss, metrics)``; ``loss`` is a scalar with grad. ``metrics`` holds detached 0-dim
-        tensors: ``pg_loss`` and ``kl_loss`` (the two parts of ``loss`` before ``loss_scale``),
-        token means over the valid tokens of this call (``ratio_mean``, ``kl_mean``,
-        ``clip_frac_low``, ``clip_frac_high``, ``clip_frac``, ``adv_mean``), ``ratio_min``,
-        ``ratio_max``, and the counts ``num_tokens`` / ``num_seqs`` (weights for combining token
-        means across micro-batches).
+        ``(loss, metrics)``; ``loss`` is a scalar with grad. ``metrics`` holds detached 0-dim tensors:
+        ``pg_loss`` and ``kl_loss`` (the two parts of ``loss`` before ``loss_scale``), token means over the
+        valid tokens of this call (``ratio_mean``, ``kl_mean``, ``clip_frac_low``, ``clip_frac_high``,
+        ``clip_frac``, ``adv_mean``), ``ratio_min``, ``ratio_max``, and the counts ``num_tokens`` /
+        ``num_seqs`` (weights for combining token means across micro-batches).
     """
     agg = normalize_loss_agg(loss_agg)
     if logprobs.dim() != 2:
@@ -167,16 +162,14 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], adva
 
     def aggregate(x: torch.Tensor) -> torch.Tensor:
         xm = x * m
-        if agg == "seq_mean_token_mean":
-            per_seq = xm.sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
-            return per_seq.sum() / num_seqs
+        if agg == "seq_mean_token_mean":  # a mean per row, then over rows
+            return (xm.sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).sum() / num_seqs
         if agg == "token_mean":
             denom = (torch.as_tensor(float(global_num_tokens), dtype=x.dtype, device=x.device)
                      if global_num_tokens is not None else num_tokens_local.clamp(min=1.0))
             return xm.sum() / denom
         # seq_mean_token_sum_norm
-        norm = float(max_len_norm) if max_len_norm is not None else float(t)
-        return xm.sum() / (num_seqs * norm)
+        return xm.sum() / (num_seqs * (float(max_len_norm) if max_len_norm is not None else float(t)))
 
     pg_loss = aggregate(pg)
     loss = pg_loss

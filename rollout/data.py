@@ -79,10 +79,8 @@ class DataConfig:
 
 
 def build_prompt(question: str, num_images: int) -> list[dict[str, Any]]:
-    """A one-turn user conversation: an image item per ``<image>`` placeholder, text in between.
-
-    Images beyond the placeholders are put first; placeholders beyond the images are dropped.
-    """
+    """A one-turn user conversation: an image item per ``<image>`` placeholder, text in between; images
+    beyond the placeholders are put first, placeholders beyond the images are dropped."""
     pieces = question.split(IMAGE_PLACEHOLDER)
     first = max(0, num_images - (len(pieces) - 1))
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(first)]
@@ -157,10 +155,7 @@ def parse_row(row: Any, source: DataSource, image_folder: Path, line_no: int) ->
 
 class PromptDataset:
     """Validated records of one or more JSONL files; ``ds[i]`` builds a Sample (images decoded).
-
-    ``skipped``: reason -> number of rows dropped (at load time, plus images that failed to decode
-    when drawn).
-    """
+    ``skipped``: reason -> number of rows dropped (at load time, plus images that failed to decode when drawn)."""
 
     def __init__(self, records: list[Sample], skipped: Counter):
         self.records = records
@@ -222,11 +217,8 @@ def _read_source(source: DataSource) -> tuple[list[Sample], Counter]:
 
 
 def load_datasets(sources: Union[DataSource, Sequence[DataSource]]) -> PromptDataset:
-    """Load and validate JSONL files into one dataset (rows in file order, files in given order).
-
-    Raises FileNotFoundError for a missing file and ValueError for a file without any usable row;
-    bad rows are only skipped and counted (see the module docstring).
-    """
+    """Load and validate JSONL files into one dataset (rows in file order, files in given order). Raises
+    FileNotFoundError for a missing file, ValueError for a file without any usable row (bad rows: skipped, counted)."""
     if isinstance(sources, DataSource):
         sources = [sources]
     if not sources:
@@ -236,12 +228,10 @@ def load_datasets(sources: Union[DataSource, Sequence[DataSource]]) -> PromptDat
 
 
 class PromptSampler:
-    """Endless, seeded batches of Samples: each epoch is a fresh permutation of the dataset
-    (``seed`` and epoch number determine it), and a batch runs on into the next epoch rather than
-    coming out short. ``state_dict()`` / ``load_state_dict()`` resume exactly (epoch, position).
-
-    Rows whose images fail to decode at draw time are skipped (and counted by the dataset).
-    """
+    """Endless, seeded batches of Samples: each epoch is a fresh permutation of the dataset (``seed`` and
+    epoch number determine it), and a batch runs on into the next epoch rather than coming out short.
+    ``state_dict()`` / ``load_state_dict()`` resume exactly (epoch, position). Rows whose images fail to
+    decode at draw time are skipped (and counted by the dataset)."""
 
     def __init__(self, dataset: PromptDataset, batch_size: int, seed: int = 0):
         if batch_size < 1:
