@@ -177,8 +177,7 @@ class Trainer:
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """One GRPO update on the learner ranks: the learners now hold the next weights version."""
         metrics = self.fleet.update(batch, f"step {self.step}: learner update")
-        self.version += 1
-        self.step += 1
+        self.version, self.step = self.version + 1, self.step + 1
         return metrics
 
     def validate(self) -> dict[str, float]:

@@ -41,16 +41,12 @@ def get_reward(name: str) -> RewardFn:
     ``path/to/file.py:function`` (a relative path starts at the current directory)."""
     if name in REWARDS:
         return REWARDS[name]
-    if ":" in name:
-        return _import_function(name)
-    raise ValueError(f"unknown reward function {name!r}; known: {sorted(REWARDS)} (or give a user function as "
-                     "'package.module:function' or 'path/to/file.py:function')")
-
-
-def _import_function(path: str) -> RewardFn:
-    module_name, _, attr = path.rpartition(":")
+    if ":" not in name:
+        raise ValueError(f"unknown reward function {name!r}; known: {sorted(REWARDS)} (or give a user function as "
+                         "'package.module:function' or 'path/to/file.py:function')")
+    module_name, _, attr = name.rpartition(":")
     if not module_name or not attr:
-        raise ValueError(f"reward function {path!r} must look like 'package.module:function' or 'file.py:function'")
+        raise ValueError(f"reward function {name!r} must look like 'package.module:function' or 'file.py:function'")
     try:
         if module_name.endswith(".py"):  # a file, loaded as a module named after it
             spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
@@ -60,9 +56,9 @@ def _import_function(path: str) -> RewardFn:
             obj = importlib.import_module(module_name)
         obj = reduce(getattr, attr.split("."), obj)
     except (ImportError, AttributeError, OSError) as e:
-        raise ValueError(f"cannot import reward function {path!r}: {type(e).__name__}: {e}") from e
+        raise ValueError(f"cannot import reward function {name!r}: {type(e).__name__}: {e}") from e
     if not callable(obj):
-        raise ValueError(f"reward function {path!r} is not callable (got {type(obj).__name__})")
+        raise ValueError(f"reward function {name!r} is not callable (got {type(obj).__name__})")
     return obj
 
 
