@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import ray
 
+from . import placement
 from ..learner.rank import Learner
 from ..modules.loading import ModelConfig
 from ..rollout.worker import RolloutConfig, RolloutWorker
@@ -68,10 +69,14 @@ class SyncedLearner(Learner):
                  (region.used - staged_bytes) / 2**20, staged_bytes / 2**20)
         return region.handle
 
-    def join_sync_group(self, info: SyncGroupInfo) -> bool:
+    def where(self) -> tuple[str, tuple[int, ...]]:
+        return placement.where()
+
+    def join_sync_group(self, info: SyncGroupInfo) -> str:
+        """Rank 0 joins; returns its NCCL_CUMEM_ENABLE (every member's must agree)."""
         if self.rank == 0:
             self.sync_group = SyncGroup(info, 0, self.shared)
-        return True
+        return os.environ.get("NCCL_CUMEM_ENABLE", "unset")
 
     def leave_sync_group(self) -> None:
         if self.sync_group is not None:
@@ -85,9 +90,14 @@ class SyncedLearner(Learner):
                 for n, shape, dtype in self.weights_meta(trainable_only)]
 
     def send_weights(self, plan: SyncPlan) -> Optional[SyncReport]:
-        """Collective over the learner group (ZeRO-3 gathers); rank 0 sends ``plan``."""
-        device = "cuda" if self.sync_group is not None and self.sync_group.info.backend == "nccl" else None
-        named = self.named_weights(device=device)
+        """Collective over the learner group (ZeRO-3 gathers only the planned tensors); rank 0 sends ``plan``.
+        ZeRO-3 on several ranks: every gather ends before rank 0 sends anything (to the host), so no
+        learner collective waits on a sync transfer and no transfer waits on the other ranks."""
+        wanted = set(plan.names)
+        if self.cfg.zero_stage == 3 and self.world_size > 1:
+            named = iter(self.gathered_weights(wanted, device="cpu"))
+        else:
+            named = self.named_weights(names=wanted)
         report = None
         if self.rank == 0:
             if self.sync_group is None:
@@ -108,16 +118,18 @@ class SyncedWorker(RolloutWorker):
         self.engine_members = not getattr(self.engine, "in_process", True)
 
     def health(self) -> dict[str, Any]:
-        return {**super().health(), "node_ip": ray.util.get_node_ip_address(),
+        node_ip, gpu_ids = placement.where()
+        return {**super().health(), "node_ip": node_ip, "gpu_ids": gpu_ids,
                 "sync_ranks": self.engine.llm.llm_engine.vllm_config.parallel_config.world_size
                 if self.engine_members else 1}
 
-    def join_sync_group(self, info: SyncGroupInfo, rank: int) -> bool:
+    def join_sync_group(self, info: SyncGroupInfo, rank: int) -> str:
+        """Join (an engine's worker processes join themselves); returns NCCL_CUMEM_ENABLE as the members see it."""
         if self.engine_members:
-            self.engine.llm.collective_rpc("vlgrpo_join_sync_group", kwargs={"info": pickle.dumps(info), "rank": rank})
-        else:
-            self.sync_group = SyncGroup(info, rank)
-        return True
+            return self.engine.llm.collective_rpc("vlgrpo_join_sync_group", kwargs={"info": pickle.dumps(info),
+                                                                                    "rank": rank})[0][1]
+        self.sync_group = SyncGroup(info, rank)
+        return os.environ.get("NCCL_CUMEM_ENABLE", "unset")
 
     def leave_sync_group(self) -> None:
         if self.engine_members:

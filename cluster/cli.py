@@ -90,6 +90,15 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from .config import load_config
+    from .placement import Node, plan_layout
+
+    cfg = load_config(args.config, args.overrides)
+    print(plan_layout(cfg, [Node(args.cpus_per_node, args.gpus_per_node)] * args.nodes).text())
+    return 0
+
+
 def _cmd_train(args) -> int:
     from .config import ConfigError, load_config
     from .controller import train
@@ -124,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a policy (no --config: tiny model on a synthetic task, on CPU)")
     t.add_argument("--resume", help="output dir or checkpoint dir to continue from")
     g = sub.add_parser("config", help="print every config option with its value and help (YAML for --config)")
-    for x, fn in ((t, _cmd_train), (g, _cmd_config)):
+    n = sub.add_parser("plan", help="print where every actor goes and how weights reach each worker, for a described "
+                                    "cluster (no Ray, no GPU needed); a layout that cannot run fails here")
+    n.add_argument("--nodes", type=int, default=1, help="nodes in the cluster")
+    n.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node")
+    n.add_argument("--cpus-per-node", type=float, default=0, help="CPUs per node (0: do not check CPUs)")
+    for x, fn in ((t, _cmd_train), (g, _cmd_config), (n, _cmd_plan)):
         x.add_argument("--config", help="YAML config (see examples/); omitted: the embedded default")
         x.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.num_workers=4 learner.lr=1e-6")
         x.set_defaults(fn=fn)

@@ -36,10 +36,12 @@ class WorkerSlot:
 
     id: int
     actor: Any
-    pg: Any  # its own placement group (so workers come and go independently)
+    pg: Any  # its own placement group (so workers come and go independently); None: colocated
+    bundle: int = 0  # in ``pg`` (colocated: the learner group's bundle of the rank whose GPU it shares)
     node_ip: str = ""
+    gpu_ids: tuple = ()
     sync_ranks: int = 1  # ranks it takes in the sync group (one per vLLM worker process)
-    transport: str = "broadcast"  # "shm" (the learner's node, CPU weights) or "broadcast"
+    transport: str = "broadcast"  # placement.transport: "shm", "ipc" or "broadcast"
     has_frozen: bool = False  # received the frozen tensors (they travel once)
 
 
@@ -61,8 +63,9 @@ class Fleet:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.has_gpus = placement.cluster_gpus() > 0
-        self.backend = cfg.sync.backend if cfg.sync.backend != "auto" else ("nccl" if self.has_gpus else "gloo")
+        self.layout = placement.plan_layout(cfg, placement.cluster_nodes())  # PlacementError before any actor
+        self.backend, self.colocate = self.layout.backend, self.layout.colocated
+        log.info("placement:\n%s", self.layout.text())
         self.learners: list[Any] = []
         self.learner_pg: Any = None
         self.slots: list[WorkerSlot] = []
@@ -90,28 +93,33 @@ class Fleet:
 
     # -- start, replace, scale --------------------------------------------------------------------
     def start_learners(self) -> None:
-        n, res = self.cfg.learner.num_ranks, placement.learner_resources(self.cfg, self.has_gpus)
-        self.learner_pg = placement.placement_group([placement.bundle(res)] * n, "PACK", self.cfg.trainer.timeout_s)
+        n = self.cfg.learner.num_ranks
+        self.learner_pg = placement.placement_group(self.layout.groups["learners"], self.cfg.trainer.timeout_s)
         addr, port = placement.rendezvous(self.learner_pg)
-        self.learners = [ray.remote(self.learner_class).options(num_cpus=res.cpus, num_gpus=res.gpus,
+        plans = [self.layout.of(f"learner {r}") for r in range(n)]
+        self.learners = [ray.remote(self.learner_class).options(num_cpus=a.cpus, num_gpus=a.gpus,
                                               scheduling_strategy=placement.bundle_strategy(self.learner_pg, r))
-                         .remote(self.cfg.learner, self.cfg.model, r, n, addr, port) for r in range(n)]
+                         .remote(self.cfg.learner, self.cfg.model, r, n, addr, port) for r, a in enumerate(plans)]
         self.call(self.learners, "ping", stage="start learners")
+        self.source_at = self.get(self.learners[0].where.remote(), "start learners")
 
     def start_workers(self, n: int) -> list[WorkerSlot]:
         """Start ``n`` rollout workers and wait until each answers."""
         new = [self._start_worker() for _ in range(n)]
         for slot, h in zip(new, self.get([s.actor.health.remote() for s in new], "start rollout workers")):
-            slot.node_ip, slot.sync_ranks = h["node_ip"], h["sync_ranks"]
+            slot.node_ip, slot.gpu_ids, slot.sync_ranks = h["node_ip"], tuple(h["gpu_ids"]), h["sync_ranks"]
         return new
 
     def _start_worker(self) -> WorkerSlot:
-        res = placement.worker_resources(self.cfg, self.has_gpus)
-        pg = placement.placement_group([placement.bundle(res)], "PACK", self.cfg.trainer.timeout_s)
+        if self.colocate:  # the first learner bundle no worker uses
+            pg, index = None, min(set(range(self.cfg.learner.num_ranks)) - {s.bundle for s in self.slots})
+        else:
+            pg, index = placement.placement_group(self.layout.groups["worker-0"], self.cfg.trainer.timeout_s), 0
+        a = self.layout.of("worker 0")
         actor = ray.remote(self.worker_class).options(
-            num_cpus=res.cpus, num_gpus=res.gpus, scheduling_strategy=placement.bundle_strategy(pg, 0),
+            num_cpus=a.cpus, num_gpus=a.gpus, scheduling_strategy=placement.bundle_strategy(pg or self.learner_pg, index),
         ).remote(self.cfg.rollout, self.cfg.model, self._next_id, self.cfg.trainer.seed + self._next_id)
-        slot = WorkerSlot(self._next_id, actor, pg)
+        slot = WorkerSlot(self._next_id, actor, pg, index)
         self._next_id += 1
         self.slots.append(slot)
         return slot
@@ -120,7 +128,8 @@ class Fleet:
         self.slots.remove(slot)
         with contextlib.suppress(Exception):  # already dead
             ray.kill(slot.actor)
-        ray.util.remove_placement_group(slot.pg)
+        if slot.pg is not None:
+            ray.util.remove_placement_group(slot.pg)
 
     def replace(self, dead: list[WorkerSlot], version: int, sync: bool = True) -> None:
         """Swap dead workers for fresh ones, which receive the current weights (``version``) when ``sync``."""
@@ -135,8 +144,9 @@ class Fleet:
 
     def scale(self, n: int, version: int) -> None:
         """Add or remove rollout workers (between steps); new ones get the current weights first."""
-        if n < 1:
-            raise ValueError("need at least one rollout worker")
+        if n < 1 or (self.colocate and n > self.cfg.learner.num_ranks):
+            raise ValueError(f"need between 1 and {self.cfg.learner.num_ranks if self.colocate else 'any number of'} "
+                             "rollout workers" + " (rollout.colocate: one per learner GPU)" * self.colocate)
         while len(self.slots) > n:
             self._remove(self.slots[-1])
         self.start_workers(n - len(self.slots))
@@ -161,34 +171,28 @@ class Fleet:
         if self.sync_info is not None:
             self.call(self.learners[:1] + self.workers, "leave_sync_group", stage="leave sync group")
         addr, port = placement.rendezvous(self.learner_pg)
-        shm = self._shm_slots(addr)
         first, rank = [], 1
         for slot in self.slots:  # a TP=k engine takes k consecutive ranks, from first[i]
-            slot.transport = "shm" if slot in shm else "broadcast"
+            slot.transport = placement.transport(self.cfg.sync.transport, self.backend, (slot.node_ip, slot.gpu_ids),
+                                                 self.source_at)
+            if self.cfg.sync.transport == "shm" and slot.transport != "shm":
+                raise StageError(f"sync.transport=shm but rollout worker {slot.id} runs on {slot.node_ip} {slot.gpu_ids}, "
+                                 f"where learner 0's shared memory at {self.source_at} cannot serve it: use sync.transport=auto")
             first.append(rank)
             rank += slot.sync_ranks
-        shm_ranks = tuple(r for s, f in zip(self.slots, first) if s in shm for r in range(f, f + s.sync_ranks))
-        handle = self.get([self.learners[0].share_weights.remote()], "share the learner's weights")[0] if shm else None
-        self.sync_info = SyncGroupInfo(addr, port, rank, self.backend, name=f"wsync-{port}",
-                                       timeout_s=self.cfg.sync.timeout_s, shm_ranks=shm_ranks, shm_handle=handle)
+        placement.check_sync_devices(self.backend, [("learner 0", *self.source_at)] + [
+            (f"rollout worker {s.id}", s.node_ip, s.gpu_ids) for s in self.slots if s.transport == "broadcast"])
+        local = {t: tuple(r for s, f in zip(self.slots, first) if s.transport == t for r in range(f, f + s.sync_ranks))
+                 for t in ("shm", "ipc")}
+        handle = self.get(self.learners[0].share_weights.remote(), "share the learner's weights") if local["shm"] else None
+        self.sync_info = SyncGroupInfo(addr, port, rank, self.backend, name=f"wsync-{port}", timeout_s=self.cfg.sync.timeout_s,
+                                       shm_ranks=local["shm"], shm_handle=handle, ipc_ranks=local["ipc"])
         refs = [self.learners[0].join_sync_group.remote(self.sync_info)]
         refs += [slot.actor.join_sync_group.remote(self.sync_info, f) for slot, f in zip(self.slots, first)]
-        self.get(refs, "form the weight-sync group")
-
-    def _shm_slots(self, learner_ip: str) -> list[WorkerSlot]:
-        """The workers that read the learner's weights from shared memory: those on its node,
-        when weights are on the CPU (gloo) and ``sync.transport`` allows it."""
-        transport = self.cfg.sync.transport
-        if transport == "broadcast" or self.backend != "gloo" or self.has_gpus:
-            if transport == "shm":
-                raise StageError("sync.transport=shm needs CPU weights and sync.backend gloo; this cluster has GPUs "
-                                 "or NCCL: use sync.transport=auto")
-            return []
-        far = sorted({s.node_ip for s in self.slots if s.node_ip != learner_ip})
-        if transport == "shm" and far:
-            raise StageError(f"sync.transport=shm but rollout workers run on {far}, not on the learner's node "
-                             f"{learner_ip}: use sync.transport=auto (shared memory where possible, broadcast elsewhere)")
-        return [s for s in self.slots if s.node_ip == learner_ip]
+        envs = self.get(refs, "form the weight-sync group")
+        if self.backend == "nccl" and len(set(envs)) > 1:  # NCCL members that disagree on it fail or hang in the first broadcast
+            raise StageError(f"NCCL_CUMEM_ENABLE differs in the weight-sync group ({sorted(set(envs), key=str)}): set one value "
+                             "for every process (vlgrpo sets 0, as vLLM does, unless the job's env_vars set it)")
 
     def sync(self, version: int, full: bool = False) -> dict[str, float]:
         """Send the learner's weights to every worker as ``version``. A worker that died meanwhile

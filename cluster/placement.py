@@ -1,31 +1,177 @@
-"""Ray start-up and placement: learner ranks in one placement group, each rollout worker in its own
-(so workers can be added and removed while the run goes on). GPU bundles where the cluster has
-GPUs, CPU bundles otherwise."""
+"""Placement: where every actor goes and how each rollout worker gets its weights.
+
+``plan_layout(cfg, nodes)`` is a pure function from the run config and a cluster description to the
+placement groups (bundles), the actors (resources, planned node and GPUs) and each worker's sync
+transport, so that a layout we cannot run or sync is rejected before any actor starts, and
+``vlgrpo plan --nodes N --gpus-per-node K`` shows it for a cluster one does not have. The fleet
+starts actors from it and decides transports with the same rule (``transport``) from where the
+actors really landed. Placement mirrors Ray's PACK: the learner ranks in one group (filled node
+by node), each rollout worker in its own group (so workers come and go while the run goes on), or,
+with ``rollout.colocate``, worker ``i`` in learner rank ``i``'s GPU bundle.
+"""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import ray
 from ray.util.placement_group import placement_group as make_pg
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-log = logging.getLogger("vlgrpo")
+from .config import ConfigError
+
+COLOCATED_SHARE = 0.5  # of a colocated bundle's GPU, taken by each of the learner rank and the worker (a Ray token)
+
+
+class PlacementError(ConfigError):
+    """A layout the cluster cannot host or the weight sync cannot serve; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Node:
+    cpus: float  # 0: not described (no CPU check)
+    gpus: int
+
+
+@dataclass
+class ActorPlan:
+    role: str  # "learner 0", "worker 1"
+    group: str  # its placement group
+    bundle: int
+    cpus: float
+    gpus: float  # the actor's own share (num_gpus)
+    node: int = -1
+    gpu_ids: tuple[int, ...] = ()
+    transport: str = ""  # rollout workers: shm | ipc | broadcast
+
+
+@dataclass
+class Layout:
+    backend: str  # the sync group's: nccl | gloo
+    engine_processes: str  # how each vLLM engine runs its workers
+    colocated: bool = False
+    groups: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    actors: list[ActorPlan] = field(default_factory=list)
+
+    def of(self, role: str) -> ActorPlan:
+        return next(a for a in self.actors if a.role == role)
+
+    def text(self) -> str:
+        g = self.groups["learners"]
+        lines = [f"weight-sync backend: {self.backend}; vLLM engines: {self.engine_processes}",
+                 f"placement: learners {len(g)} x {json.dumps(g[0])} (PACK); " + ("rollout workers in the learners' "
+                 "bundles (colocated)" if self.colocated else "each rollout worker its own group"), "actors:"]
+        lines += [f"  {a.role:<10} group {a.group}[{a.bundle}]  cpus {a.cpus:g} gpus {a.gpus:g}  node {a.node} "
+                  f"gpus {list(a.gpu_ids)}" + (f"  sync: {a.transport}" if a.transport else "") for a in self.actors]
+        return "\n".join(lines)
+
+
+def transport(setting: str, backend: str, worker: tuple[Any, tuple], source: tuple[Any, tuple]) -> str:
+    """How a rollout worker at ``(node, gpu ids)`` gets the weights of learner rank 0 at ``source``:
+    ``ipc`` (CUDA IPC: it shares rank 0's GPU, where NCCL cannot reach it), ``shm`` (same node, CPU
+    weights, gloo; unless ``sync.transport=broadcast``), else the ``broadcast``."""
+    same_node = worker[0] == source[0]
+    if same_node and set(worker[1]) & set(source[1]):
+        return "ipc"
+    if same_node and not source[1] and backend == "gloo" and setting != "broadcast":
+        return "shm"
+    return "broadcast"
+
+
+def check_sync_devices(backend: str, members: list[tuple[str, Any, tuple]]) -> None:
+    """NCCL refuses two ranks of one group on one GPU: every broadcast member ``(role, node, gpu ids)``
+    needs its own."""
+    if backend != "nccl":
+        return
+    seen: dict[tuple, str] = {}
+    for role, node, gpus in members:
+        for g in gpus:
+            if (node, g) in seen:
+                raise PlacementError(f"{role} and {seen[node, g]} would share GPU {g} on node {node} in the NCCL "
+                                     "weight-sync group, which NCCL refuses; give each whole GPUs or set "
+                                     "rollout.colocate=true (CUDA IPC on a shared GPU)")
+            seen[node, g] = role
+
+
+def plan_layout(cfg, nodes: list[Node], num_workers: Optional[int] = None) -> Layout:
+    """Bundles, actors and transports for ``cfg`` on ``nodes`` (see the module docstring)."""
+    r, lr = cfg.rollout, cfg.learner
+    n_workers = r.num_workers if num_workers is None else num_workers
+    has_gpus = any(n.gpus for n in nodes)
+    backend = cfg.sync.backend if cfg.sync.backend != "auto" else ("nccl" if has_gpus else "gloo")
+    lg = (1.0 if has_gpus else 0.0) if lr.gpus_per_rank < 0 else float(lr.gpus_per_rank)
+    wg = (float(r.tensor_parallel_size) if has_gpus else 0.0) if r.gpus_per_worker < 0 else float(r.gpus_per_worker)
+    colocate = r.colocate and has_gpus
+    if colocate:
+        if r.tensor_parallel_size != 1 or lg != 1 or wg not in (0, 1):
+            raise PlacementError("rollout.colocate puts one TP-1 engine on each learner rank's GPU: set "
+                                 "rollout.tensor_parallel_size=1 and leave learner.gpus_per_rank / rollout.gpus_per_worker at -1")
+        if n_workers > lr.num_ranks:
+            raise PlacementError(f"rollout.colocate: {n_workers} rollout workers but {lr.num_ranks} learner GPUs to "
+                                 "share; set rollout.num_workers <= learner.num_ranks")
+    if backend == "nccl" and not has_gpus:
+        raise PlacementError("sync.backend=nccl but the cluster has no GPUs; use sync.backend=auto")
+    free_cpu = [n.cpus or float("inf") for n in nodes]
+    free_gpu = [list(range(n.gpus)) for n in nodes]
+    layout = Layout(backend, colocated=colocate, engine_processes=("multiprocess (mp executor" + (f", TP {r.tensor_parallel_size})" if
+                    r.tensor_parallel_size > 1 else ")")) if has_gpus else "in the worker process")
+
+    def place(group: str, bundles: list[dict[str, float]]) -> list[tuple[int, tuple]]:
+        """Each bundle on the first node with room (as Ray's PACK fills nodes)."""
+        layout.groups[group], out = bundles, []
+        for b in bundles:
+            node = next((k for k in range(len(nodes)) if free_cpu[k] >= b["CPU"] and len(free_gpu[k]) >= b["GPU"]), -1)
+            if node < 0:
+                raise PlacementError(f"the cluster ({len(nodes)} node(s): {[(n.cpus, n.gpus) for n in nodes]} CPUs, GPUs) "
+                                     f"cannot place {group} bundle {b}: lower learner.num_ranks / rollout.num_workers, "
+                                     "the GPUs or CPUs per actor, or add nodes")
+            free_cpu[node] -= b["CPU"]
+            gpus, free_gpu[node] = tuple(free_gpu[node][:int(b["GPU"])]), free_gpu[node][int(b["GPU"]):]
+            out.append((node, gpus))
+        return out
+
+    share = COLOCATED_SHARE if colocate else 1.0
+    lbundle = {"CPU": lr.cpus_per_rank + (r.cpus_per_worker if colocate else 0), "GPU": lg}
+    for i, (node, gpus) in enumerate(place("learners", [lbundle] * lr.num_ranks)):
+        layout.actors.append(ActorPlan(f"learner {i}", "learners", i, lr.cpus_per_rank, lg * share, node, gpus))
+    source = layout.actors[0]
+    for i in range(n_workers):
+        if colocate:
+            ln = layout.of(f"learner {i}")
+            a = ActorPlan(f"worker {i}", "learners", i, r.cpus_per_worker, share, ln.node, ln.gpu_ids)
+        else:
+            (node, gpus), = place(f"worker-{i}", [{"CPU": r.cpus_per_worker, "GPU": wg}])
+            a = ActorPlan(f"worker {i}", f"worker-{i}", 0, r.cpus_per_worker, wg, node, gpus)
+        a.transport = transport(cfg.sync.transport, backend, (a.node, a.gpu_ids), (source.node, source.gpu_ids))
+        if cfg.sync.transport == "shm" and a.transport != "shm":
+            raise PlacementError(f"sync.transport=shm but {a.role} cannot read learner 0's weights from shared memory "
+                                 "(another node, or GPU weights); use sync.transport=auto")
+        layout.actors.append(a)
+    check_sync_devices(backend, [(a.role, a.node, a.gpu_ids) for a in layout.actors
+                                 if a is source or a.transport == "broadcast"])
+    return layout
+
+
+def cluster_nodes() -> list[Node]:
+    """The running Ray cluster's alive nodes."""
+    return [Node(float(n["Resources"].get("CPU", 0)), int(n["Resources"].get("GPU", 0)))
+            for n in ray.nodes() if n.get("Alive")]
 
 
 def init_ray(address: Optional[str], needed_cpus: float) -> None:
     """Connect to a running cluster (``ray job submit`` sets RAY_ADDRESS) or start a local one.
 
     A local one binds to 127.0.0.1 and gets at least ``needed_cpus`` logical CPUs (actors are
-    mostly idle while others compute, so oversubscribing a laptop's cores is intended)."""
+    mostly idle while others compute, so oversubscribing a laptop's cores is intended). Every
+    actor gets ``NCCL_CUMEM_ENABLE=0``, the value vLLM sets in its own processes: NCCL members of one
+    group must agree on it."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}}
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", "NCCL_CUMEM_ENABLE": "0"}}
     if address:
         # Under `ray job submit` the job's runtime_env is merged with ours; a key set in both is
         # a conflict that fails the job, so the job's own env_vars win.
@@ -38,37 +184,15 @@ def init_ray(address: Optional[str], needed_cpus: float) -> None:
              _node_ip_address="127.0.0.1", runtime_env=env, log_to_driver=True)
 
 
-def cluster_gpus() -> float:
-    return float(ray.cluster_resources().get("GPU", 0))
-
-
-@dataclass
-class Resources:
-    cpus: float
-    gpus: float
-
-
-def learner_resources(cfg, has_gpus: bool) -> Resources:
-    g = cfg.learner.gpus_per_rank
-    return Resources(cfg.learner.cpus_per_rank, (1.0 if has_gpus else 0.0) if g < 0 else g)
-
-
-def worker_resources(cfg, has_gpus: bool) -> Resources:
-    g = cfg.rollout.gpus_per_worker
-    if g < 0:
-        g = float(cfg.rollout.tensor_parallel_size) if has_gpus else 0.0
-    return Resources(cfg.rollout.cpus_per_worker, g)
-
-
-def placement_group(bundles: list[dict[str, float]], strategy: str, timeout_s: float):
-    """Create and wait for a placement group; a clear error when the cluster cannot host it."""
+def placement_group(bundles: list[dict[str, float]], timeout_s: float):
+    """Create and wait for a PACK placement group; a clear error when the cluster cannot host it."""
     bundles = [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
-    pg = make_pg(bundles, strategy=strategy)
+    pg = make_pg(bundles, strategy="PACK")
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         ray.util.remove_placement_group(pg)
         raise RuntimeError(
-            f"the cluster cannot place {bundles} ({strategy}) within {timeout_s:.0f}s; available: "
+            f"the cluster cannot place {bundles} within {timeout_s:.0f}s; available: "
             f"{ray.available_resources()}. Lower learner.num_ranks / rollout.num_workers or the GPUs per actor"
         )
     return pg
@@ -78,8 +202,9 @@ def bundle_strategy(pg, index: int) -> Any:
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
 
 
-def bundle(res: Resources) -> dict[str, float]:
-    return {"CPU": res.cpus, "GPU": res.gpus}
+def where() -> tuple[str, tuple[int, ...]]:
+    """(node IP, GPU ids) of the calling actor."""
+    return ray.util.get_node_ip_address(), tuple(int(g) for g in ray.get_gpu_ids())
 
 
 def get_free_port() -> int:

@@ -19,6 +19,14 @@ Two transports, chosen per receiver when the group is formed (``SyncGroupInfo.sh
   it at once and the engine copies them, one memory copy in all. Other tensors (frozen ones,
   ZeRO-3 gathers) are staged into the region by the source, which posts "bucket k is staged"
   signals. A sync ends with a barrier, so the learner cannot update weights still being read.
+* ``ipc`` (a receiver on the source's own GPU, ``rollout.colocate``, where NCCL cannot reach it):
+  the source flattens each bucket on its device and posts its CUDA IPC handle
+  (``torch.multiprocessing`` reductions) in the group's store with the same signals; the receiver
+  opens it on its own device index and copies. Buckets are held until the end-of-sync barrier.
+
+A transfer that does not finish within ``sync.timeout_s`` raises (the work is polled and the
+group aborted), and NCCL's own watchdog is set a minute later, so a worker that dies mid-sync
+fails the sync, which the fleet then repeats, instead of hanging or killing the learner.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ from datetime import timedelta
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
+from torch.multiprocessing.reductions import reduce_tensor
 
 
 class WeightSyncError(RuntimeError):
@@ -253,9 +262,12 @@ class SyncGroupInfo:
     timeout_s: float = 300.0
     shm_ranks: tuple[int, ...] = ()  # receivers on the source's node that read its shared region
     shm_handle: Optional[tuple[int, int, int]] = None  # SharedRegion.handle of the source
+    ipc_ranks: tuple[int, ...] = ()  # receivers on the source's GPU that open its buckets by IPC handle
 
     def __post_init__(self) -> None:
-        self.shm_ranks = tuple(sorted(self.shm_ranks))
+        self.shm_ranks, self.ipc_ranks = tuple(sorted(self.shm_ranks)), tuple(sorted(self.ipc_ranks))
+        if self.shm_ranks and self.ipc_ranks:
+            raise ValueError("a sync group has CPU weights (shm_ranks) or GPU weights (ipc_ranks), not both")
         if self.shm_ranks:
             if self.backend != "gloo":
                 raise ValueError("shared-memory weight sync needs CPU tensors (sync.backend gloo); "
@@ -283,10 +295,11 @@ class SyncGroup:
         if info.backend not in ("gloo", "nccl"):
             raise ValueError(f"sync.backend {info.backend!r}: use 'gloo' or 'nccl'")
         self.device = torch.device("cuda", torch.cuda.current_device()) if info.backend == "nccl" else torch.device("cpu")
-        shm = [0, *info.shm_ranks]
-        net = [r for r in range(info.world_size) if r not in info.shm_ranks]
+        shm = [0, *info.shm_ranks, *info.ipc_ranks]  # the source and the receivers that read its memory
+        net = [r for r in range(info.world_size) if r not in shm[1:]]
+        self.ipc, self.kept = bool(info.ipc_ranks) and rank in shm, []  # kept: buckets shared by IPC this sync
         self.region: Optional[torch.Tensor] = None  # uint8 view of the shared mapping
-        if rank == 0 and len(shm) > 1:
+        if rank == 0 and info.shm_ranks:
             if region is None or tuple(region.handle) != tuple(info.shm_handle):
                 raise WeightSyncError("the sync source must pass the SharedRegion whose handle is in the group info")
             self.region = region.tensor
@@ -302,30 +315,60 @@ class SyncGroup:
 
         store = PrefixStore(f"{self.info.name}/{suffix}", self.store)
         rank, size = members.index(self.rank), len(members)
-        if backend == "nccl":
-            return torch.distributed.ProcessGroupNCCL(store, rank, size)
+        if backend == "nccl":  # its watchdog (which kills the process) fires only after our own timeout
+            opts = torch.distributed.ProcessGroupNCCL.Options()
+            opts._timeout = self.timeout + timedelta(seconds=60)
+            return torch.distributed.ProcessGroupNCCL(store, rank, size, opts)
         return torch.distributed.ProcessGroupGloo(store, rank, size, self.timeout)
 
-    def _wait(self, work, what: str) -> None:
-        if not work.wait(self.timeout):
-            raise WeightSyncError(f"weight-sync {what} timed out after {self.info.timeout_s}s")
+    def _wait(self, work, what: str, pg) -> None:
+        """Wait for ``work`` at most ``timeout_s``, polling (NCCL's ``wait(timeout)`` never gives up); then
+        abort ``pg`` and raise."""
+        deadline = time.monotonic() + self.info.timeout_s
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                if hasattr(pg, "abort"):
+                    pg.abort()
+                raise WeightSyncError(f"weight-sync {what} did not finish within {self.info.timeout_s}s (sync.timeout_s): "
+                                      "a member died or hangs; the group must be formed again")
+            time.sleep(0.0005)
+        work.wait()  # raises the collective's own error, if any
 
     def broadcast(self, tensor: torch.Tensor) -> None:
         """Payload broadcast among the source and the broadcast receivers."""
         if self.net_pg is not None:
-            self._wait(self.net_pg.broadcast(tensor, 0), "broadcast")
+            self._wait(self.net_pg.broadcast(tensor, 0), "broadcast", self.net_pg)
 
     def signal(self, value: int) -> int:
         """Source: announce ``value`` to the shared-memory receivers; receiver: wait for it."""
         t = torch.tensor([value], dtype=torch.int64)
-        self._wait(self.shm_pg.broadcast(t, 0), "shared-memory signal")
+        self._wait(self.shm_pg.broadcast(t, 0), "shared-memory signal", self.shm_pg)
         return int(t.item())
+
+    def share(self, buf: torch.Tensor, k: int) -> None:
+        """Source: post bucket ``k``'s IPC handle and signal it (``buf`` is kept until ``done``)."""
+        self.kept.append(buf)
+        self.store.set(f"{self.info.name}/ipc/{k}", pickle.dumps(reduce_tensor(buf)))
+        self.signal(k)
+
+    def open(self, k: int) -> torch.Tensor:
+        """Receiver: the source's bucket ``k``, opened from its IPC handle on this process's device."""
+        if (got := self.signal(-1)) != k:
+            raise WeightSyncError(f"expected bucket {k}, the source announced {got}; source and receiver disagree on the plan")
+        rebuild, args = pickle.loads(self.store.get(f"{self.info.name}/ipc/{k}"))
+        if args[6:7] and isinstance(args[6], int) and torch.cuda.is_available():  # the CUDA device index, ours
+            args = (*args[:6], torch.cuda.current_device(), *args[7:])
+        return rebuild(*args)
 
     def done(self) -> None:
         """End of a sync on the shared-memory side: returns on the source once every receiver has
         loaded the last bucket, so the learner cannot update weights a receiver is still reading."""
         if self.shm_pg is not None:
-            self._wait(self.shm_pg.allreduce([torch.zeros(1)]), "shared-memory end-of-sync")
+            self._wait(self.shm_pg.allreduce([torch.zeros(1)]), "shared-memory end-of-sync", self.shm_pg)
+        if self.kept:
+            self.kept.clear()
+            if torch.cuda.is_available():
+                torch.cuda.ipc_collect()
 
     def views(self, bucket: list[TensorSpec], offsets: list[int]) -> list[torch.Tensor]:
         """The bucket's tensors as views of the shared region, shaped."""
@@ -384,6 +427,8 @@ def send_weights(group: SyncGroup, plan: SyncPlan, named: Iterable[tuple[str, to
         else:
             parts = [t.reshape(-1).to(group.device, s.torch_dtype) for s, t in zip(bucket, tensors)]
             buf = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+            if group.ipc:
+                group.share(buf, k)
         if group.net_pg is not None:
             group.broadcast(buf)
         if plan.verify:
@@ -405,6 +450,8 @@ def receive_weights(group: SyncGroup, plan: SyncPlan, checksums: Optional[list[s
                 raise WeightSyncError(f"weight sync v{plan.version}: expected bucket {k}, the source announced {got}; "
                                       "source and receiver disagree on the plan")
             parts = group.views(bucket, offsets[k])
+        elif group.ipc:
+            parts = [t.view(s.shape) for s, t in zip(bucket, group.open(k).split([s.numel for s in bucket]))]
         else:
             buf = torch.empty(sum(s.numel for s in bucket), dtype=bucket[0].torch_dtype, device=group.device)
             group.broadcast(buf)
@@ -413,7 +460,7 @@ def receive_weights(group: SyncGroup, plan: SyncPlan, checksums: Optional[list[s
             checksums.append(buffer_checksum(*parts))
         for spec, t in zip(bucket, parts):
             yield spec.name, t
-    if offsets is not None:
+    if offsets is not None or group.ipc:
         group.done()  # the engine has loaded everything: the source may go on
 
 
@@ -434,10 +481,12 @@ class WeightSyncExtension:
     the dataclasses pickled (vLLM's msgpack carries bytes, not our types). ``self`` is the vLLM
     worker: ``self.reload_weights`` is vLLM's in-place reload, ``self.rank`` its TP rank."""
 
-    def vlgrpo_join_sync_group(self, info: bytes, rank: int) -> int:
-        my_rank = int(rank) + int(getattr(self, "rank", 0) or 0)  # a TP=k engine takes k consecutive ranks
+    def vlgrpo_join_sync_group(self, info: bytes, rank: int) -> tuple[int, str]:
+        """Join as ``rank`` + this worker's TP rank (a TP=k engine takes k consecutive ranks); returns that
+        rank and NCCL_CUMEM_ENABLE as this process sees it."""
+        my_rank = int(rank) + int(getattr(self, "rank", 0) or 0)
         self._vlgrpo_sync_group = SyncGroup(pickle.loads(info), my_rank)
-        return my_rank
+        return my_rank, os.environ.get("NCCL_CUMEM_ENABLE", "unset")
 
     def vlgrpo_leave_sync_group(self) -> None:
         if getattr(self, "_vlgrpo_sync_group", None) is not None:

@@ -16,8 +16,10 @@ Weights: ``load_weights`` goes through vLLM's in-place RL reload (``collective_r
 weights_iterator=..., is_checkpoint_format=True)``: the model's own ``load_weights`` with name
 mapping, q/k/v fusion, TP sharding and CPU repacking; a layer must get all its tensors), then
 ``loaded`` resets the prefix, encoder (vision embedding) and multimodal processor caches. Tensors
-can be passed only when vLLM runs in this process (``in_process``: the default on CPU and for
-``tensor_parallel_size == 1``, or as ``VLLM_ENABLE_V1_MULTIPROCESSING`` says); worker processes
+can be passed only when vLLM runs in this process (``in_process``: the default on CPU, or as
+``VLLM_ENABLE_V1_MULTIPROCESSING`` says; on GPU the engine core runs in its own process, so that
+scheduling overlaps the model, and TP > 1 uses vLLM's ``mp`` executor, since inside a Ray actor vLLM
+would pick its Ray executor, which refuses the actor's multi-GPU bundle); worker processes
 join the learner's weight-sync group themselves through the worker extension the cluster passes
 in ``extra_engine_kwargs`` (``worker_extension_cls``), and the caller then calls ``loaded``.
 
@@ -35,6 +37,7 @@ import time
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
+from packaging.version import Version
 
 from ..modules.base import VLMModule
 from ..modules.loading import load_processor
@@ -45,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 # What SamplingParams(logprobs=0) returns: log_softmax(logits / T) of the sampled token (see above).
 LOGPROBS_MODE = "processed_logprobs"
+MIN_VLLM = (0, 16)  # the first vLLM whose workers reload weights in place from tensors (pyproject pins it)
 
 
 def _worker_checksums(worker: Any, names: Optional[Sequence[str]]) -> dict[str, Optional[str]]:
@@ -98,11 +102,15 @@ class VLLMEngine(GenerationEngine):
     def __init__(self, model_path: str, module: VLMModule, *, dtype: str = "auto", tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, max_model_len: int = 1024, enforce_eager: bool = False,
                  seed: int = 0, limit_images_per_prompt: int = 4, processing_kwargs: Optional[dict[str, Any]] = None,
-                 extra_engine_kwargs: Optional[dict[str, Any]] = None, in_process: Optional[bool] = None) -> None:
+                 extra_engine_kwargs: Optional[dict[str, Any]] = None, in_process: Optional[bool] = None,
+                 per_request_seed: Optional[bool] = None) -> None:
         on_cpu = not torch.cuda.is_available()
+        # A seed on each request makes vLLM sample those rows one by one (its slow path): on by default
+        # on CPU only, where a retried chunk then gets the very same completions.
+        self.per_request_seed = on_cpu if per_request_seed is None else per_request_seed
         if in_process is None:
             env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-            in_process = env == "0" if env is not None else (on_cpu or tensor_parallel_size == 1)
+            in_process = env == "0" if env is not None else on_cpu
         # vLLM reads these when the engine is built; they must be set before LLM(...).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         if not in_process:
@@ -117,6 +125,10 @@ class VLLMEngine(GenerationEngine):
         import vllm  # lazy: the main environment has no vLLM
         import vllm.envs as vllm_envs
         from vllm import LLM
+
+        if Version(vllm.__version__).release < MIN_VLLM:  # before minutes of start-up, not at the first sync
+            raise RuntimeError(f"vLLM {vllm.__version__} cannot reload weights from tensors (Worker.reload_weights("
+                               f"weights_iterator=...) came in 0.16): pip install -U 'vllm>={'.'.join(map(str, MIN_VLLM))}'")
 
         # A vLLM engine built earlier in this process froze vLLM's view of the environment
         # (``enable_envs_cache``); thaw it so the settings above apply to this engine.
@@ -138,13 +150,15 @@ class VLLMEngine(GenerationEngine):
         kwargs: dict[str, Any] = dict(model=self.model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                                       enforce_eager=enforce_eager, seed=seed, logprobs_mode=LOGPROBS_MODE,
-                                      limit_mm_per_prompt={"image": limit_images_per_prompt})
+                                      limit_mm_per_prompt={"image": limit_images_per_prompt},
+                                      **({"distributed_executor_backend": "mp"} if tensor_parallel_size > 1 else {}))
         if mm_kwargs := _vllm_mm_processor_kwargs(module, self.processing_kwargs):
             kwargs["mm_processor_kwargs"] = mm_kwargs
         kwargs.update(extra_engine_kwargs or {})
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - t0
+        self.max_model_len = int(self.llm.llm_engine.vllm_config.model_config.max_model_len)  # what it accepts
         self.in_process = self._check_in_process()
         if not self.llm.collective_rpc(_takes_weights_iterator)[0]:  # else the first sync fails, minutes in
             raise RuntimeError(f"vLLM {vllm.__version__}: Worker.reload_weights takes no tensors (weights_iterator), "
@@ -181,7 +195,7 @@ class VLLMEngine(GenerationEngine):
         texts = self.module.prepare_prompt(self.processor, [{"prompt": s.prompt} for s in samples])
         requests = [{"prompt": text, "multi_modal_data": {"image": list(s.images)}} if s.images else {"prompt": text}
                     for text, s in zip(texts, samples)]
-        if sampling.seed is None:
+        if sampling.seed is None or not self.per_request_seed:
             params: Any = self.sampling_params(sampling)
         else:
             # vLLM seeds the n children of a request with seed, seed+1, ...: space the requests

@@ -30,6 +30,8 @@ class RolloutConfig:
     gpus_per_worker: float = -1  # -1: tensor_parallel_size GPUs per worker when the cluster has GPUs, else 0
     cpus_per_worker: float = 1
     tensor_parallel_size: int = 1
+    colocate: bool = False  # on GPUs: worker i shares learner rank i's GPU (TP 1, num_workers <= learner.num_ranks)
+    per_request_seed: Optional[bool] = None  # vLLM: seed every request (exact retries, slower); None: on CPU only
     gpu_memory_utilization: float = 0.5
     max_model_len: int = 2048  # prompt + completion tokens; longer prompts are skipped and counted
     enforce_eager: bool = False
@@ -59,7 +61,7 @@ def make_engine(cfg: RolloutConfig, model: ModelConfig, seed: int = 0,
         return VLLMEngine(model.path, module, dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
                           gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
                           enforce_eager=cfg.enforce_eager, seed=seed, processing_kwargs=model.processing_kwargs,
-                          extra_engine_kwargs=extra_engine_kwargs)
+                          extra_engine_kwargs=extra_engine_kwargs, per_request_seed=cfg.per_request_seed)
     gpu = torch.cuda.is_available()
     dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else torch.bfloat16 if gpu else torch.float32
     return TransformersEngine(model.path, module, dtype=dtype, device="cuda" if gpu else "cpu",
@@ -82,7 +84,9 @@ class RolloutWorker:
         self.module, self.processor = self.engine.module, self.engine.processor  # for the prompt-length check
         text_cfg = read_model_config(model.path)
         text_cfg = text_cfg.get("text_config", text_cfg) or text_cfg
-        self.context_len = min(int(text_cfg.get("max_position_embeddings") or cfg.max_model_len), cfg.max_model_len)
+        # the engine's own limit (vLLM rejects a whole generate call with one longer prompt), else the model's
+        self.context_len = getattr(self.engine, "max_model_len", None) or min(
+            int(text_cfg.get("max_position_embeddings") or cfg.max_model_len), cfg.max_model_len)
 
     def _prompt_fits(self, samples: Sequence[Sample], sampling: SamplingConfig) -> tuple[list[Sample], list[str]]:
         """Split off prompts (text + image tokens) that leave no room for ``max_tokens`` in the

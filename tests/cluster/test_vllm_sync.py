@@ -182,7 +182,7 @@ def test_extension_receives_in_vllm_worker(synced, hf, moved):
         llm.collective_rpc("vlgrpo_receive_weights", kwargs={"plan": pickle.dumps(make_plan([], 0, 1.0))})
     new = moved[1].state_dict()
     src = Source([(5, new)])
-    assert llm.collective_rpc("vlgrpo_join_sync_group", kwargs={"info": pickle.dumps(src.info), "rank": 1}) == [1]
+    assert llm.collective_rpc("vlgrpo_join_sync_group", kwargs={"info": pickle.dumps(src.info), "rank": 1})[0][0] == 1
     reports = [pickle.loads(r) for r in
                llm.collective_rpc("vlgrpo_receive_weights", kwargs={"plan": pickle.dumps(src.plans[0])})]
     llm.collective_rpc("vlgrpo_leave_sync_group")

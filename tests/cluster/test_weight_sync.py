@@ -53,6 +53,8 @@ def _receiver(info: SyncGroupInfo, rank: int, plans, queue, go=None) -> None:
     """Receive every plan in a separate process and compare there with an independent copy of the
     source tensors (tensors themselves do not cross the queue: torch would share them by file handle).
     Plan i carries the tensors of ``_tensors(1 + i)``."""
+    if info.ipc_ranks:  # CPU tensors cross by IPC handle only as named shared memory (CUDA ones by CUDA IPC)
+        torch.multiprocessing.set_sharing_strategy("file_system")
     group = SyncGroup(info, rank)
     out = []
     for i, plan in enumerate(plans):
@@ -63,28 +65,33 @@ def _receiver(info: SyncGroupInfo, rank: int, plans, queue, go=None) -> None:
         same = {n: (t.dtype == expected[n].dtype and torch.equal(t, expected[n]))
                 for n, t in receive_weights(group, plan, checksums)}
         out.append((same, checksums))
-    queue.put((rank, "shm" if group.region is not None else "broadcast", out))
+    queue.put((rank, "shm" if group.region is not None else "ipc" if group.ipc else "broadcast", out))
     group.close()
 
 
 @pytest.mark.parametrize("mode", [pytest.param("broadcast", marks=pytest.mark.slow),
-                                  pytest.param("shm", marks=pytest.mark.slow), "mixed", "shm-placed"])
+                                  pytest.param("shm", marks=pytest.mark.slow), "mixed", "shm-placed", "ipc"])
 def test_sync_between_processes_delivers_exact_tensors(mode):
     """Two syncs in a row (all tensors, then a subset with new values) from this process to two
     receiver processes: over the broadcast, shared memory (the source copying into its region, or
-    its tensors living there as a learner's do), or one receiver of each kind."""
+    its tensors living there as a learner's do), or one receiver of each kind; ``ipc``: rank 1 opens
+    the source's buckets by IPC handle (the colocated GPU path, here with CPU tensors), rank 2 gets
+    the broadcast."""
     from vlgrpo.cluster.weight_sync import SharedRegion, packed_bytes
 
     first, second = _tensors(1), _tensors(2)
     trainable = [n for n in first if n != "a.bias"]  # a plan may carry a subset: the sender skips extras
-    shm_ranks = {"broadcast": (), "shm": (1, 2), "mixed": (2,), "shm-placed": (1, 2)}[mode]
+    shm_ranks = {"broadcast": (), "shm": (1, 2), "mixed": (2,), "shm-placed": (1, 2), "ipc": ()}[mode]
     region = SharedRegion(packed_bytes([spec_of(n, t) for n, t in first.items()])) if shm_ranks else None
     placed = {n: region.adopt(t) for n, t in first.items()} if mode == "shm-placed" else {}
     specs = [spec_of(n, t, placed.get(n, -1), live=n in placed) for n, t in first.items()]
     plans = [make_plan(specs, version=7, bucket_mb=0.05, verify=True),
              make_plan([s for s in specs if s.name in trainable], version=8, bucket_mb=0.05, verify=True)]
+    ipc_ranks = (1,) if mode == "ipc" else ()
+    if ipc_ranks:
+        torch.multiprocessing.set_sharing_strategy("file_system")
     info = SyncGroupInfo("127.0.0.1", get_free_port(), world_size=3, timeout_s=60, shm_ranks=shm_ranks,
-                         shm_handle=region.handle if region else None)
+                         shm_handle=region.handle if region else None, ipc_ranks=ipc_ranks)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     go = [ctx.Event() for _ in plans]
@@ -110,7 +117,8 @@ def test_sync_between_processes_delivers_exact_tensors(mode):
     for plan, st in zip(plans, stats):
         assert st.version == plan.version and st.num_tensors == len(plan.names) and st.nbytes == plan.nbytes
         assert st.copied_bytes == (0 if placed or not shm_ranks else plan.nbytes)
-    assert [r[1] for r in results] == ["shm" if r in shm_ranks else "broadcast" for r in (1, 2)]
+    assert [r[1] for r in results] == ["shm" if r in shm_ranks else "ipc" if r in ipc_ranks else "broadcast" for r in (1, 2)]
+    assert not group.kept  # the IPC buckets are released once every receiver has loaded them
     for rank, transport, out in results:
         for plan, st, (same, checksums) in zip(plans, stats, out):
             assert list(same) == plan.names
@@ -118,6 +126,52 @@ def test_sync_between_processes_delivers_exact_tensors(mode):
             assert checksums == st.checksums and len(checksums) == len(plan.buckets)
     for i, st in enumerate(stats):
         check_checksums(st, [SyncReport(st.version, 0, out[i][1], member=f"rank {r}") for r, _, out in results])
+
+
+def test_a_transfer_that_never_finishes_raises_and_aborts_its_group():
+    """NCCL's ``work.wait(timeout)`` never gives up: the sync polls the work and, past sync.timeout_s,
+    aborts the group and raises (here a work that never completes, as a broadcast to a dead worker)."""
+    class Never:
+        def is_completed(self):
+            return False
+
+    class Group:
+        aborted = False
+
+        def abort(self):
+            self.aborted = True
+
+    group, pg = SyncGroup.__new__(SyncGroup), Group()
+    group.info = SyncGroupInfo("127.0.0.1", 1, world_size=2, timeout_s=0.2)
+    with pytest.raises(WeightSyncError, match="did not finish within 0.2s"):
+        group._wait(Never(), "broadcast", pg)
+    assert pg.aborted
+
+
+def test_a_receiver_whose_source_never_sends_fails_within_the_timeout():
+    info = SyncGroupInfo("127.0.0.1", get_free_port(), world_size=2, timeout_s=20)  # also the receiver's start-up
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    receiver = ctx.Process(target=_waiting_receiver, args=(info, queue))
+    receiver.start()
+    group = SyncGroup(info, 0)  # joins, never sends
+    error, seconds = queue.get(timeout=120)
+    receiver.join(timeout=30)
+    group.close()
+    # gloo's own timeout or our poll's, whichever fires first: an error after about sync.timeout_s, not a hang
+    assert error in ("WeightSyncError", "DistBackendError", "RuntimeError") and 15 < seconds < 60, (error, seconds)
+
+
+def _waiting_receiver(info: SyncGroupInfo, queue) -> None:
+    import time
+
+    group = SyncGroup(info, 1)
+    t0 = time.monotonic()
+    try:
+        list(receive_weights(group, make_plan([spec_of("w", torch.zeros(4))], version=1, bucket_mb=1)))
+        queue.put(("no error", time.monotonic() - t0))
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        queue.put((type(e).__name__, time.monotonic() - t0))
 
 
 def _idle_receiver(info: SyncGroupInfo) -> None:
