@@ -94,7 +94,7 @@ def _cmd_plan(args) -> int:
     from .config import load_config
     from .placement import Node, plan_layout
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, here=False)  # for a cluster: its files and vLLM need not be here
     print(plan_layout(cfg, [Node(args.cpus_per_node, args.gpus_per_node)] * args.nodes).text())
     return 0
 

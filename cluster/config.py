@@ -178,10 +178,11 @@ def apply_override(data: dict, expr: str) -> None:
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
-                saved: bool = False) -> Config:
+                saved: bool = False, here: bool = True) -> Config:
     """Defaults <- YAML file <- dotted overrides, then derived values resolved and everything
     validated. Derived keys (``learner.temperature`` ...) may not be set by hand; in a ``saved``
-    config.yaml of a run (``--resume``) they are recomputed from the other sections."""
+    config.yaml of a run (``--resume``) they are recomputed from the other sections. ``here=False``
+    (a config for another cluster: ``vlgrpo plan``): no checks of files or packages on this machine."""
     data: dict = {}
     if path:
         p = Path(path)
@@ -203,7 +204,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError(f"{key}={given[key]!r} is derived ({_DERIVED[key.split('.')[1]]} = {value!r}); "
                               f"remove it and set that instead")
         setattr(cfg.learner, key.split(".")[1], value)
-    validate(cfg)
+    validate(cfg, here)
     return cfg
 
 
@@ -218,8 +219,8 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks that need no actor and no model load."""
+def validate(cfg: Config, here: bool = True) -> None:
+    """Cross-field checks that need no actor and no model load (``here``: also files and packages)."""
     r, t, lr = cfg.rollout, cfg.trainer, cfg.learner
 
     def need(cond: bool, msg: str) -> None:
@@ -228,7 +229,7 @@ def validate(cfg: Config) -> None:
 
     need(r.engine in ("auto", "vllm", "transformers"), f"rollout.engine={r.engine!r}: use auto, vllm or transformers")
     try:
-        resolve_engine_name(r.engine)
+        resolve_engine_name(r.engine if here else "auto")
     except ValueError as e:
         raise ConfigError(str(e)) from e
     need(r.num_workers >= 1, f"rollout.num_workers={r.num_workers}: need at least 1 rollout worker")
@@ -257,12 +258,12 @@ def validate(cfg: Config) -> None:
         RewardSet(list(r.rewards))
     except (ValueError, ImportError, AttributeError) as e:
         raise ConfigError(f"rollout.rewards: {e}") from e
-    if cfg.model.path:
+    if cfg.model.path and here:
         p = Path(cfg.model.path)
         if (p.exists() or cfg.model.path.startswith((".", "/"))) and not (p / "config.json").exists():
             raise ConfigError(f"model.path={cfg.model.path!r} has no config.json; point it at a Hugging Face "
                               "model directory (or leave it empty for the tiny demo model)")
-    else:
+    elif not cfg.model.path:
         need(cfg.model.tiny_family in FAMILIES, f"model.tiny_family={cfg.model.tiny_family!r}: use one of {FAMILIES}")
         need(cfg.model.tiny_size in SIZES, f"model.tiny_size={cfg.model.tiny_size!r}: use one of {tuple(SIZES)}")
     if cfg.model.module not in ("auto", ""):
@@ -275,8 +276,8 @@ def validate(cfg: Config) -> None:
     for i, src in [(f"{k}[{i}]", s) for k in ("sources", "val_sources") for i, s in enumerate(getattr(cfg.data, k))]:
         need(isinstance(src, dict) and "path" in src,
              f"data.{i} must be a mapping with 'path' (and optional image_folder, accu_reward_method)")
-        need(Path(src["path"]).exists(), f"data.{i}.path={src['path']!r} does not exist; fix the path")
-        need(not src.get("image_folder") or Path(src["image_folder"]).is_dir(),
+        need(not here or Path(src["path"]).exists(), f"data.{i}.path={src['path']!r} does not exist; fix the path")
+        need(not here or not src.get("image_folder") or Path(src["image_folder"]).is_dir(),
              f"data.{i}.image_folder={src.get('image_folder')!r} is not a folder; fix it or leave it "
              "out (images are then looked up next to the JSONL file)")
         unknown = set(src) - {"path", "image_folder", "accu_reward_method", "question_template"}

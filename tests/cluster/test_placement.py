@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from vlgrpo.cluster.config import ConfigError, load_config
 from vlgrpo.cluster.placement import Node, PlacementError, check_sync_devices, plan_layout, transport
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(*overrides):
@@ -101,6 +104,10 @@ def test_plan_command_prints_the_layout_and_one_line_errors():
     ok = subprocess.run(run + ["learner.num_ranks=8", "rollout.num_workers=8"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "weight-sync backend: nccl" in ok.stdout and ok.stdout.count("sync: broadcast") == 8
+    # a GPU config whose data, model and vLLM live on the cluster, planned on this CPU machine without them
+    gpu = subprocess.run(run[:4] + ["--config", "examples/qwen2_5_vl_3b_gpu.yaml", "--nodes", "1", "--gpus-per-node",
+                                    "4"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert gpu.returncode == 0 and gpu.stdout.count("sync: broadcast") == 2, gpu.stderr
     bad = subprocess.run(run + ["learner.num_ranks=17"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("vlgrpo: config error: the cluster")
     assert len(bad.stderr.strip().splitlines()) == 1

@@ -153,6 +153,19 @@ def test_prompt_tokens_match_transformers(engine, hf):
         assert vllm_prompt_ids(engine, text, s.images) == hf_prompt_ids(hf, text, s.images)
 
 
+def test_request_seeds_are_optional_and_the_length_limit_is_the_engines(engine, monkeypatch):
+    """Per-request seeds (vLLM's per-row sampling path) only where asked: off, one SamplingParams
+    without a seed serves the whole call. The worker checks prompts against the engine's own limit."""
+    assert engine.max_model_len == 1024 and engine.per_request_seed  # the CPU default
+    calls, generate = [], engine.llm.generate
+    monkeypatch.setattr(engine.llm, "generate", lambda reqs, params, **kw: calls.append(params) or generate(reqs, params, **kw))
+    engine.generate(SAMPLES[:2], SamplingConfig(n=2, max_tokens=3, seed=5))
+    assert [p.seed for p in calls[-1]] == [5, 7]  # spaced n apart
+    monkeypatch.setattr(engine, "per_request_seed", False)
+    out = engine.generate(SAMPLES[:2], SamplingConfig(n=2, max_tokens=3, seed=5))
+    assert not isinstance(calls[-1], list) and calls[-1].seed is None and [len(r.completions) for r in out] == [2, 2]
+
+
 def test_empty_batch(engine):
     assert engine.generate([], SamplingConfig(n=2)) == []
 
