@@ -8,7 +8,7 @@ is made by the sender and handed to receivers through Ray before the sync, so no
 extra message to allocate or unflatten. Each sync carries a version; with ``verify`` every
 bucket's checksum is computed on both sides and compared by the controller.
 
-Two transports, chosen per receiver when the group is formed (``SyncGroupInfo.shm_ranks``):
+Three transports, chosen per receiver when the group is formed (``placement.transport``):
 
 * ``broadcast`` (any node; NCCL on GPU, gloo on CPU): one ``broadcast`` per flattened bucket.
 * ``shm`` (receivers on the source's node, CPU weights; the counterpart of CUDA IPC): the source
@@ -19,14 +19,12 @@ Two transports, chosen per receiver when the group is formed (``SyncGroupInfo.sh
   it at once and the engine copies them, one memory copy in all. Other tensors (frozen ones,
   ZeRO-3 gathers) are staged into the region by the source, which posts "bucket k is staged"
   signals. A sync ends with a barrier, so the learner cannot update weights still being read.
-* ``ipc`` (a receiver on the source's own GPU, ``rollout.colocate``, where NCCL cannot reach it):
-  the source flattens each bucket on its device and posts its CUDA IPC handle
-  (``torch.multiprocessing`` reductions) in the group's store with the same signals; the receiver
-  opens it on its own device index and copies. Buckets are held until the end-of-sync barrier.
+* ``ipc`` (a receiver on the source's GPU, ``rollout.colocate``, where NCCL cannot reach it): the
+  source posts each flattened bucket's CUDA IPC handle in the group's store, with the same signals,
+  and holds the buckets until the end-of-sync barrier; the receiver opens them on its device.
 
-A transfer that does not finish within ``sync.timeout_s`` raises (the work is polled and the
-group aborted), and NCCL's own watchdog is set a minute later, so a worker that dies mid-sync
-fails the sync, which the fleet then repeats, instead of hanging or killing the learner.
+A transfer not done within ``sync.timeout_s`` raises (polled, the group aborted; NCCL's watchdog
+comes a minute later): a worker dying mid-sync fails the sync, which the fleet repeats.
 """
 from __future__ import annotations
 
@@ -128,14 +126,10 @@ def region_offsets(plan: SyncPlan) -> list[list[int]]:
         raise WeightSyncError(f"weight sync v{plan.version}: some tensors have a shared-memory offset and some not")
     out, off = [], 0
     for bucket in plan.buckets:
-        row = []
+        out.append([])
         for s in bucket:
-            if s.offset >= 0:
-                row.append(s.offset)
-            else:
-                row.append(off)
-                off += aligned(s.nbytes)
-        out.append(row)
+            out[-1].append(s.offset if s.offset >= 0 else off)
+            off += aligned(s.nbytes) if s.offset < 0 else 0
     return out
 
 
@@ -283,9 +277,9 @@ class SyncGroup:
     """One member of the weight-sync group (rank 0 = the source).
 
     Holds up to two process groups built on one ``TCPStore``: ``net`` (the source and the
-    broadcast receivers: bucket payloads) and ``shm`` (the source and the shared-memory receivers:
-    "bucket k is staged" signals and the end-of-sync barrier), plus the mapped region for the
-    shared-memory members. The source passes its :class:`SharedRegion` (whose ``handle`` is in ``info``)."""
+    broadcast receivers: bucket payloads) and ``shm`` (the source and the shared-memory or IPC
+    receivers: "bucket k is staged" signals and the end-of-sync barrier), plus the mapped region for
+    the shared-memory members. The source passes its :class:`SharedRegion` (whose ``handle`` is in ``info``)."""
 
     def __init__(self, info: SyncGroupInfo, rank: int, region: Optional[SharedRegion] = None) -> None:
         from torch.distributed import TCPStore
