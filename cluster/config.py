@@ -57,6 +57,7 @@ class TrainerConfig:
     ray_address: Optional[str] = None  # None: connect to a running cluster if any (ray job), else local
     timeout_s: float = 600.0  # bound on any single Ray call (generation, update, sync)
     max_retries: int = 3  # times one chunk of prompts is retried on a replacement rollout worker
+    max_restarts: int = 1  # times a dead learner group is restarted from the last checkpoint (0: stop with the error)
     # validation: greedy answers (one per prompt, as verl) to data.val_sources (the demo: a held-out synthetic split)
     val_every: int = 10  # steps (and the last step); 0 = off; val/* metrics
     val_size: int = 64  # validation prompts (the same seeded draw of the validation rows each time)

@@ -73,13 +73,9 @@ class Trainer:
         fleet.start_learners()
         log.info("starting %d rollout worker(s)", cfg.rollout.num_workers)
         fleet.start_workers(cfg.rollout.num_workers)
+        self.first_sampler_state = self.sampler.state_dict()
         ckpt = resolve_checkpoint(self.resume) if self.resume else None
-        if ckpt is not None:
-            state = load_trainer_state(ckpt)
-            fleet.call(fleet.learners, "load_checkpoint", str(ckpt / "learner"), stage="resume learner")
-            self.step, self.version = int(state["step"]), int(state["weights_version"])
-            self.sampler.load_state_dict(state["sampler"])
-            log.info("resumed from %s at step %d", ckpt, self.step)
+        self.restore(ckpt)
         self.metrics = MetricsLogger(self.out, cfg.metrics, cfg.trainer.total_steps,
                                      resume_from_step=self.step if ckpt is not None else None,
                                      run_config=cfg.to_dict())
@@ -87,6 +83,34 @@ class Trainer:
         log.info("first weight sync (%s transport)", cfg.sync.transport)
         fleet.form_sync_group()
         fleet.sync(self.version, full=True)  # every worker starts from the learners' weights
+
+    def restore(self, ckpt: Optional[Path]) -> None:
+        """Learners, step, weights version and data order as of ``ckpt`` (None: the start of the run)."""
+        state = load_trainer_state(ckpt) if ckpt else {"step": 0, "weights_version": 0, "sampler": self.first_sampler_state}
+        if ckpt is not None:
+            self.fleet.call(self.fleet.learners, "load_checkpoint", str(ckpt / "learner"), stage="resume learner")
+            log.info("resumed from %s at step %d", ckpt, state["step"])
+        self.step, self.version = int(state["step"]), int(state["weights_version"])
+        self.sampler.load_state_dict(state["sampler"])
+
+    def recover_learners(self, error: StageError) -> None:
+        """A learner rank died or hangs: restart the learner group from the last complete checkpoint
+        (up to ``trainer.max_restarts`` times), re-form the sync group and go on from there."""
+        fleet, t0 = self.fleet, time.perf_counter()
+        if fleet.learners_alive() or fleet.faults["learner_restarts"] >= self.cfg.trainer.max_restarts:
+            raise error
+        ckpt = self.checkpoints.latest()
+        log.warning("%s\nrestarting the learner group from %s", error, ckpt or "the start of the run")
+        fleet.restart_learners()
+        self.pending = None  # drawn again from the restored sampler
+        self.restore(ckpt)
+        self.metrics.close()  # its records after the restored step are dropped (they are trained again)
+        self.metrics = MetricsLogger(self.out, self.cfg.metrics, self.cfg.trainer.total_steps,
+                                     resume_from_step=self.step, run_config=self.cfg.to_dict())
+        fleet.form_sync_group()
+        fleet.sync(self.version, full=True)
+        fleet.faults["learner_restarts"] += 1
+        fleet.faults["recovery_s"] += time.perf_counter() - t0
 
     def _demo_data(self, test: bool = False) -> Path:
         """The synthetic task's data (``data.sources`` empty), built once in the run; ``test``: its held-out split."""
@@ -107,7 +131,7 @@ class Trainer:
             return
         tmp = self.out / "base_model.building"
         log.info("building a tiny %s model in %s (model.path is empty)", m.tiny_family, m.path)
-        build_tiny_model(m.tiny_family, tmp, seed=seed, size=m.tiny_size)
+        build_tiny_model(m.tiny_family, tmp, seed=seed, size=m.tiny_size, tied=m.tiny_tied)
         if m.tiny_warmup_steps:
             t0 = time.perf_counter()
             rows = [s for s in map(self.dataset.get, range(min(len(self.dataset), 512))) if s is not None]
@@ -242,7 +266,12 @@ class Trainer:
                     if self.pending:  # collect in-flight generation before workers change
                         self.fleet.collect(self.pending, "finish in-flight generation", self.version)
                     self.fleet.scale(n, self.version)
-                metrics = self.train_step()
+                try:
+                    metrics = self.train_step()
+                except StageError as e:
+                    self.recover_learners(e)
+                    history = [h for h in history if h["step"] <= self.step]  # the later steps run again
+                    continue
                 if self.val_set and (self.step % t.val_every == 0 or self.step == t.total_steps):
                     metrics.update(self.validate())
                 self.metrics.log(self.step, metrics)

@@ -133,6 +133,7 @@ class Fleet:
 
     def replace(self, dead: list[WorkerSlot], version: int, sync: bool = True) -> None:
         """Swap dead workers for fresh ones, which receive the current weights (``version``) when ``sync``."""
+        t0 = time.perf_counter()
         for slot in dead:
             if slot in self.slots:  # idempotent: a slot may be reported by several chunks
                 self._remove(slot)
@@ -141,6 +142,7 @@ class Fleet:
         self.form_sync_group()
         if sync:
             self.sync(version)
+        self.faults["recovery_s"] += time.perf_counter() - t0
 
     def scale(self, n: int, version: int) -> None:
         """Add or remove rollout workers (between steps); new ones get the current weights first."""
@@ -154,6 +156,29 @@ class Fleet:
         self.form_sync_group()
         self.sync(version)
         log.info("rollout workers: %d", n)
+
+    def learners_alive(self) -> bool:
+        try:
+            ray.get([a.ping.remote() for a in self.learners], timeout=30)
+            return True
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            return False
+
+    def restart_learners(self) -> None:
+        """Kill the learner group and start a fresh one (colocated workers, in its bundles, with it); the old
+        sync group is gone with its source: the caller forms a new one."""
+        with contextlib.suppress(Exception):  # members whose source died
+            self.get([w.leave_sync_group.remote() for w in self.workers], "leave sync group", timeout=30)
+        for a in self.learners:
+            with contextlib.suppress(Exception):
+                ray.kill(a)
+        if self.colocate:
+            for slot in list(self.slots):
+                self._remove(slot)
+        ray.util.remove_placement_group(self.learner_pg)
+        self.sync_info, self.learners = None, []
+        self.start_learners()
+        self.start_workers(self.cfg.rollout.num_workers - len(self.slots))
 
     def dead_workers(self) -> list[WorkerSlot]:
         dead = []

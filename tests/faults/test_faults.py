@@ -66,6 +66,44 @@ def test_rollout_worker_death(tmp_path, ray_session, fault_log):
     fault_log("rollout worker SIGKILLed mid-generation", survived=True, data_lost=lost)
 
 
+class KillLearnerInUpdate(Trainer):
+    """SIGKILLs learner rank 0's process as step 4's update starts (the last checkpoint is step 2's)."""
+
+    killed_pid = None
+
+    def update(self, batch):
+        if self.step == 3 and self.killed_pid is None:
+            self.killed_pid = ray.get(self.fleet.learners[0].ping.remote())["pid"]
+            os.kill(self.killed_pid, signal.SIGKILL)
+        return super().update(batch)
+
+
+@pytest.mark.slow
+def test_dead_learner_restarts_from_the_last_checkpoint(tmp_path, ray_session, fault_log):
+    """trainer.max_restarts: the driver restarts the learner group from step 2's checkpoint and goes on;
+    steps 3-5 then equal an uninterrupted run's (same seeds, data order and optimizer state)."""
+    runs = {}
+    for name, cls in (("killed", KillLearnerInUpdate), ("clean", Trainer)):
+        trainer = cls(_cfg(tmp_path / name, "trainer.total_steps=5", "trainer.checkpoint_every=2",
+                           "trainer.max_restarts=1"))
+        try:
+            trainer.setup()
+            runs[name] = (trainer.run(), _metrics(tmp_path / name), policy_weights(trainer))
+        finally:
+            trainer.shutdown()
+    (history, logged, weights), (clean, _, clean_weights) = runs["killed"], runs["clean"]
+    assert [h["step"] for h in history] == [m["step"] for m in logged] == [1, 2, 3, 4, 5]
+    assert history[-1]["faults/learner_restarts"] == 1 and history[-1]["faults/recovery_s"] > 0
+    assert "faults/learner_restarts" not in clean[-1]
+    for a, b in zip(history, clean):
+        for key in ("reward/mean", "loss/total", "response_length/mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert weights.keys() == clean_weights.keys()
+    assert all(torch.allclose(weights[k], clean_weights[k], atol=1e-6) for k in weights)
+    fault_log(f"learner rank 0 SIGKILLed in an update (restart {history[-1]['faults/recovery_s']:.1f} s)",
+              survived=True)
+
+
 class NaNAdvantages(Trainer):
     def advantages(self, rollout):
         batch, extra = super().advantages(rollout)
