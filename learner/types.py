@@ -23,7 +23,7 @@ class LearnerConfig:
     optimiser steps over the same batch (each one accumulating gradients over all micro-batches).
 
     Fields marked ``derived`` are resolved once from other sections by the run config (see
-    ``cluster.config.resolve``) and recorded in ``config.yaml``; setting them by hand is rejected.
+    ``cluster.config.derived``) and recorded in ``config.yaml``; setting them by hand is rejected.
     """
 
     # placement (read by the cluster)
@@ -165,18 +165,10 @@ class TrainBatch:
         def take(x):
             return None if x is None else x.index_select(0, idx)
 
-        return replace(
-            self,
-            prompts_text=[self.prompts_text[p] for p in used],
-            images=[self.images[p] for p in used],
-            completion_ids=take(self.completion_ids),
-            completion_mask=take(self.completion_mask),
-            advantages=take(self.advantages),
-            sampling_logprobs=take(self.sampling_logprobs),
-            old_logprobs=take(self.old_logprobs),
-            ref_logprobs=take(self.ref_logprobs),
-            prompt_index=[remap[pidx[i]] for i in rows],
-        )
+        tensors = ("completion_ids", "completion_mask", "advantages", "sampling_logprobs", "old_logprobs",
+                   "ref_logprobs")
+        return replace(self, prompts_text=[self.prompts_text[p] for p in used], images=[self.images[p] for p in used],
+                       prompt_index=[remap[pidx[i]] for i in rows], **{k: take(getattr(self, k)) for k in tensors})
 
     def split(self, num_shards: int) -> list["TrainBatch"]:
         """Contiguous shards, one per data-parallel rank, sizes differing by at most one row.
@@ -188,22 +180,12 @@ class TrainBatch:
         g_seqs = self.global_num_seqs if self.global_num_seqs is not None else n
         g_toks = (self.global_num_tokens if self.global_num_tokens is not None
                   else int(self.completion_mask.bool().sum()))
-        out = []
-        for k in range(num_shards):
-            shard = self.select(range(bounds[k], bounds[k + 1]))
-            shard.global_num_seqs, shard.global_num_tokens = g_seqs, g_toks
-            out.append(shard)
-        return out
+        return [replace(self.select(range(a, b)), global_num_seqs=g_seqs, global_num_tokens=g_toks)
+                for a, b in zip(bounds, bounds[1:])]
 
     @classmethod
     def from_rollout(cls, rollout: Any, advantages: torch.Tensor) -> "TrainBatch":
         """From a ``vlgrpo.rollout.types.RolloutBatch`` (group-major) and its advantages ``[N]``."""
-        return cls(
-            prompts_text=list(rollout.prompts_text),
-            images=[list(x) for x in rollout.images],
-            completion_ids=rollout.completion_ids,
-            completion_mask=rollout.completion_mask,
-            advantages=advantages,
-            sampling_logprobs=rollout.sampling_logprobs,
-            prompt_index=None,
-        )
+        return cls(prompts_text=list(rollout.prompts_text), images=[list(x) for x in rollout.images],
+                   completion_ids=rollout.completion_ids, completion_mask=rollout.completion_mask,
+                   advantages=advantages, sampling_logprobs=rollout.sampling_logprobs)

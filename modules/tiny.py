@@ -91,11 +91,8 @@ def _corpus(seed: int) -> list[str]:
         "The quick brown fox jumps over the lazy dog. A picture of a circle, a square and a triangle.",
         "Please think step by step and put the final answer in <answer> </answer> tags.",
     ]
-    lines = list(base)
-    for _ in range(400):
-        words = rng.choices(TASK_WORDS + base[0].split() + base[6].split(), k=rng.randint(3, 12))
-        lines.append(" ".join(words))
-    return lines
+    words = TASK_WORDS + base[0].split() + base[6].split()
+    return base + [" ".join(rng.choices(words, k=rng.randint(3, 12))) for _ in range(400)]
 
 
 def train_tokenizer(special_tokens: list[str], seed: int = 0):
@@ -107,43 +104,23 @@ def train_tokenizer(special_tokens: list[str], seed: int = 0):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     words = [w for w in TASK_WORDS if w.startswith("<")]
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - len(words),
-        special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - len(words), special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     corpus = _corpus(seed)
     # Frequent words become single tokens; repeat the task words (with the leading space variant).
     corpus += [" ".join(TASK_WORDS)] * 200 + [" " + " ".join(TASK_WORDS)] * 200
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.add_tokens(words)  # the format tags: one token each
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token=None,
-        unk_token=None,
-        additional_special_tokens=special_tokens[1:],
-        model_max_length=4096,
-    )
-    return fast
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None, unk_token=None, additional_special_tokens=special_tokens[1:],
+                                   model_max_length=4096)
 
 
 def _qwen_text_kwargs(p: SizePreset, tok) -> dict[str, Any]:
-    return dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=p.hidden,
-        intermediate_size=p.intermediate,
-        num_hidden_layers=p.layers,
-        num_attention_heads=p.heads,
-        num_key_value_heads=p.kv_heads,
-        max_position_embeddings=4096,
-        bos_token_id=None,
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    return dict(vocab_size=VOCAB_SIZE, hidden_size=p.hidden, intermediate_size=p.intermediate,
+                num_hidden_layers=p.layers, num_attention_heads=p.heads, num_key_value_heads=p.kv_heads,
+                max_position_embeddings=4096, bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
 
 
 def _build_qwen(family: str, p: SizePreset, tok):
@@ -183,22 +160,13 @@ def _build_qwen(family: str, p: SizePreset, tok):
         patch = 16
     merge = 2
     # Small images keep tests fast: at most 16x16 merged tokens, at least one.
-    pix = dict(min_pixels=(patch * merge) ** 2, max_pixels=(patch * merge) ** 2 * 16)
-    image_processor = img_cls(patch_size=patch, merge_size=merge, temporal_patch_size=2,
-                              size={"shortest_edge": pix["min_pixels"], "longest_edge": pix["max_pixels"]})
-    video_processor = _video_processor(family, patch, merge, pix)
+    size = {"shortest_edge": (patch * merge) ** 2, "longest_edge": (patch * merge) ** 2 * 16}  # pixels
+    image_processor = img_cls(patch_size=patch, merge_size=merge, temporal_patch_size=2, size=size)
+    video_cls = tf.Qwen3VLVideoProcessor if family == "qwen3-vl" else tf.Qwen2VLVideoProcessor
+    video_processor = video_cls(patch_size=patch, merge_size=merge, temporal_patch_size=2, size=dict(size))
     processor = proc_cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
                          chat_template=QWEN_CHAT_TEMPLATE)
     return cfg, model_cls, processor
-
-
-def _video_processor(family: str, patch: int, merge: int, pix: dict):
-    import transformers as tf
-
-    size = {"shortest_edge": pix["min_pixels"], "longest_edge": pix["max_pixels"]}
-    if family == "qwen3-vl":
-        return tf.Qwen3VLVideoProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2, size=size)
-    return tf.Qwen2VLVideoProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2, size=size)
 
 
 def _build_internvl(p: SizePreset, tok):
@@ -264,13 +232,9 @@ def _with_extra_special(tok, extra: dict[str, str]):
     ``tokenizer.start_image_token`` etc., which must survive ``save_pretrained``)."""
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok.backend_tokenizer,
-        eos_token=tok.eos_token,
-        pad_token=tok.pad_token,
-        model_max_length=tok.model_max_length,
-        extra_special_tokens=extra,
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token=tok.eos_token,
+                                   pad_token=tok.pad_token, model_max_length=tok.model_max_length,
+                                   extra_special_tokens=extra)
 
 
 def warm_up_format(model_dir: str | Path, module, conversations: Sequence[list[dict[str, Any]]],

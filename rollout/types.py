@@ -93,29 +93,20 @@ def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
         return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
     pad_id = parts[0].pad_token_id
-    errors: dict[str, int] = {}
-    for p in parts:
-        for k, v in p.reward_errors.items():
-            errors[k] = errors.get(k, 0) + v
+    errors = {k: sum(q.reward_errors.get(k, 0) for q in parts) for p in parts for k in p.reward_errors}
     timings = {k: max(p.timings.get(k, 0.0) for p in parts) for k in parts[0].timings}
     timings["completion_tokens"] = sum(p.timings.get("completion_tokens", 0.0) for p in parts)
+    def join(attr: str) -> list:
+        return [x for p in parts for x in getattr(p, attr)]
+
     return RolloutBatch(
-        sample_ids=[s for p in parts for s in p.sample_ids],
-        prompts_text=[s for p in parts for s in p.prompts_text],
-        images=[s for p in parts for s in p.images],
+        sample_ids=join("sample_ids"), prompts_text=join("prompts_text"), images=join("images"),
         completion_ids=torch.cat([pad(p.completion_ids, pad_id) for p in parts]),
         completion_mask=torch.cat([pad(p.completion_mask, False) for p in parts]),
         sampling_logprobs=torch.cat([pad(p.sampling_logprobs, 0.0) for p in parts]),
-        rewards=torch.cat([p.rewards for p in parts]),
-        reward_names=parts[0].reward_names,
-        reward_weights=parts[0].reward_weights,
-        completions_text=[s for p in parts for s in p.completions_text],
-        finish_reasons=[s for p in parts for s in p.finish_reasons],
-        weights_version=min(p.weights_version for p in parts),
-        group_size=parts[0].group_size,
-        timings=timings,
-        reward_errors=errors,
-        pad_token_id=pad_id,
+        rewards=torch.cat([p.rewards for p in parts]), reward_names=parts[0].reward_names,
+        reward_weights=parts[0].reward_weights, completions_text=join("completions_text"),
+        finish_reasons=join("finish_reasons"), weights_version=min(p.weights_version for p in parts),
+        group_size=parts[0].group_size, timings=timings, reward_errors=errors, pad_token_id=pad_id,
         skipped_prompts={r: [i for p in parts for i in p.skipped_prompts.get(r, [])]
-                         for r in {r for p in parts for r in p.skipped_prompts}},
-    )
+                         for r in {r for p in parts for r in p.skipped_prompts}})

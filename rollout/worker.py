@@ -130,25 +130,15 @@ class RolloutWorker:
             mask[i, :n] = True
             logps[i, :n] = torch.tensor(c.logprobs, dtype=torch.float32)
         return RolloutBatch(
-            sample_ids=[s.sample_id for s in samples],
-            prompts_text=[r.prompt_text for r in results],
-            images=[list(s.images) for s in samples],
-            completion_ids=ids,
-            completion_mask=mask,
-            sampling_logprobs=logps,
-            rewards=scores,
-            reward_names=list(names),
-            reward_weights=list(weights),
-            completions_text=[c.text for c in comps],
-            finish_reasons=[c.finish_reason for c in comps],
-            weights_version=version,
-            group_size=sampling.n,
+            sample_ids=[s.sample_id for s in samples], prompts_text=[r.prompt_text for r in results],
+            images=[list(s.images) for s in samples], completion_ids=ids, completion_mask=mask,
+            sampling_logprobs=logps, rewards=scores, reward_names=list(names), reward_weights=list(weights),
+            completions_text=[c.text for c in comps], finish_reasons=[c.finish_reason for c in comps],
+            weights_version=version, group_size=sampling.n,
             timings={"generate_s": t1 - t0, "reward_s": t2 - t1, "worker": float(self.worker_id),
                      "completion_tokens": float(sum(lengths))},
-            reward_errors=dict(errors),
-            pad_token_id=self.pad_id,
-            skipped_prompts={"prompt_too_long": too_long} if too_long else {},
-        )
+            reward_errors=dict(errors), pad_token_id=self.pad_id,
+            skipped_prompts={"prompt_too_long": too_long} if too_long else {})
 
     # -- weights ------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
