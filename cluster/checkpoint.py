@@ -231,7 +231,3 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             return found
     raise FileNotFoundError(f"{path}: no complete checkpoint found (looked for "
                             f"{path / CHECKPOINTS_DIRNAME / 'step_N' / TRAINER_STATE_NAME}); {hint}")
-
-
-__all__ = ["CheckpointManager", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
-           "is_complete_checkpoint", "load_trainer_state", "move_aside", "resolve_checkpoint"]

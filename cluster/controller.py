@@ -221,17 +221,16 @@ class Trainer:
 
     def step_metrics(self, rollout: RolloutBatch) -> dict[str, float]:
         total, lengths = rollout.total_rewards(), rollout.completion_mask.sum(1).float()
-        m = {"step": self.step, "sync/version": self.version, "rollout/weights_version": rollout.weights_version,
-             "reward/mean": float(total.mean()), "reward/std": float(total.std()),
-             **{f"reward/{n}": float(rollout.rewards[:, j].mean()) for j, n in enumerate(rollout.reward_names)},
-             "response_length/mean": float(lengths.mean()),
-             "response_length/clipped_frac": sum(f == "length" for f in rollout.finish_reasons) / len(lengths),
-             "reward/errors": float(sum(rollout.reward_errors.values())),
-             "data/skipped": float(self.dataset.num_skipped),
-             "rollout/tokens_per_s": rollout.timings.get("completion_tokens", 0.0)
-             / max(rollout.timings.get("generate_s", 0.0), 1e-9)}
-        m.update({f"faults/{k}": float(v) for k, v in self.fleet.faults.items()})
-        return m
+        return {"step": self.step, "sync/version": self.version, "rollout/weights_version": rollout.weights_version,
+                "reward/mean": float(total.mean()), "reward/std": float(total.std()),
+                **{f"reward/{n}": float(rollout.rewards[:, j].mean()) for j, n in enumerate(rollout.reward_names)},
+                "response_length/mean": float(lengths.mean()),
+                "response_length/clipped_frac": sum(f == "length" for f in rollout.finish_reasons) / len(lengths),
+                "reward/errors": float(sum(rollout.reward_errors.values())),
+                "data/skipped": float(self.dataset.num_skipped),
+                "rollout/tokens_per_s": rollout.timings.get("completion_tokens", 0.0)
+                / max(rollout.timings.get("generate_s", 0.0), 1e-9),
+                **{f"faults/{k}": float(v) for k, v in self.fleet.faults.items()}}
 
     # ------------------------------------------------------------------ checkpoints and the loop
     def save_checkpoint(self) -> Path:

@@ -369,9 +369,7 @@ class SyncGroup:
         return [_typed_view(self.region, o, s.torch_dtype, s.numel).view(s.shape) for s, o in zip(bucket, offsets)]
 
     def close(self) -> None:
-        self.net_pg = self.shm_pg = None
-        self.region = None  # a receiver unmaps once its last view is gone
-        self.store = None
+        self.net_pg = self.shm_pg = self.store = self.region = None  # a receiver unmaps once its last view is gone
 
 
 @dataclass
@@ -391,16 +389,12 @@ def send_weights(group: SyncGroup, plan: SyncPlan, named: Iterable[tuple[str, to
     """Source side: ``named`` must yield the plan's tensors in plan order (extra names are
     skipped, so a full-state iterator can serve a plan of trainable tensors only)."""
     t0 = time.perf_counter()
-    it = iter(named)
-    checksums = []
+    it, checksums, copied = iter(named), [], 0
     offsets = region_offsets(plan) if group.region is not None else None
-    copied = 0
     for k, bucket in enumerate(plan.buckets):
         tensors = []
         for spec in bucket:
-            name, tensor = next(it)
-            while name != spec.name:
-                name, tensor = next(it)
+            name, tensor = next((n, t) for n, t in it if n == spec.name)
             if tuple(tensor.shape) != spec.shape:
                 raise WeightSyncError(f"{name}: shape {tuple(tensor.shape)} != planned {spec.shape}")
             tensors.append(tensor.detach())

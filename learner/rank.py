@@ -157,17 +157,12 @@ class Learner(LearnerWeights):
                         stage3_prefetch_bucket_size=5e7)
         if cfg.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.on_gpu}
-        ds: dict[str, Any] = {
-            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-            "gradient_accumulation_steps": 1,  # the boundary is set by hand per step
-            "train_batch_size": cfg.micro_batch_size * self.world_size,
-            "gradient_clipping": float(max(cfg.grad_clip, 0.0)),
-            "zero_optimization": zero,
-            "bf16": {"enabled": self.dtype == torch.bfloat16},
-            "fp16": {"enabled": self.dtype == torch.float16},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-        }
+        ds: dict[str, Any] = {  # gradient_accumulation_steps 1: the boundary is set by hand per step
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": 1,
+            "train_batch_size": cfg.micro_batch_size * self.world_size, "zero_optimization": zero,
+            "gradient_clipping": float(max(cfg.grad_clip, 0.0)), "bf16": {"enabled": self.dtype == torch.bfloat16},
+            "fp16": {"enabled": self.dtype == torch.float16}, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9}
         if self.dtype in (torch.bfloat16, torch.float16):
             ds["data_types"] = {"grad_accum_dtype": "fp32"}
         return ds
@@ -334,14 +329,10 @@ class Learner(LearnerWeights):
             return float("nan")
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.world_size > 1 and dist.is_initialized():
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
             dist.all_reduce(flat)
-            flat /= self.world_size
-            off = 0
-            for p in params:
-                p.grad = flat[off:off + p.numel()].view_as(p).clone()
-                off += p.numel()
+            for p, g in zip(params, (flat / self.world_size).split([p.numel() for p in params])):
+                p.grad = g.view_as(p).clone()
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
         self.optimizer.step()
         self.scheduler.step()

@@ -141,10 +141,8 @@ class LearnerWeights:
             return [], lambda: None
 
         def repoint() -> None:
-            parts = opt.parallel_partitioned_bit16_groups
-            parts.clear()
-            for i, flat in enumerate(opt.bit16_groups_flat):
-                parts.append(opt.get_data_parallel_partitions(flat, i))
+            opt.parallel_partitioned_bit16_groups[:] = [opt.get_data_parallel_partitions(flat, i)
+                                                        for i, flat in enumerate(opt.bit16_groups_flat)]
             for i in range(len(opt.bit16_groups_flat)):
                 opt._update_model_bit16_weights(i)
 

@@ -108,9 +108,7 @@ def _question_and_answer(row: dict[str, Any]) -> tuple[str, str]:
 
 def _image_names(row: dict[str, Any]) -> list[str]:
     image = row.get("image")
-    if image is None:
-        return []
-    if isinstance(image, str):
+    if image is None or isinstance(image, str):
         return [image] if image else []
     if isinstance(image, list) and all(isinstance(x, str) and x for x in image):
         return list(image)

@@ -430,9 +430,8 @@ class RewardSet:
             raise ValueError(f"{len(completion_lengths)} completion_lengths for {len(completions)} completions")
         results = [self._score_one(entry, completions, samples, completion_lengths) for entry in self.entries]
         errors = {entry.name: n_err for entry, (_, n_err) in zip(self.entries, results)}
-        rewards = torch.tensor([values for values, _ in results], dtype=torch.float32)
-        rewards = rewards.reshape(len(self.entries), len(completions)).T
-        return rewards.contiguous(), self.names, self.weights, errors
+        rewards = torch.tensor([v for v, _ in results], dtype=torch.float32)  # [F, N]
+        return rewards.T.contiguous(), self.names, self.weights, errors
 
     def _score_one(self, entry: _Entry, completions: list[str], samples: list[Sample],
                    lengths: Optional[Sequence[int]]) -> tuple[list[float], int]:
