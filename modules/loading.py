@@ -50,13 +50,9 @@ def load_processor(model_id: str, module, processing_kwargs: Optional[dict[str, 
     return processor
 
 
-def load_model_and_processor(
-    model_id: str,
-    module,
-    dtype: torch.dtype | str = torch.float32,
-    processing_kwargs: Optional[dict[str, Any]] = None,
-    model_init_kwargs: Optional[dict[str, Any]] = None,
-):
+def load_model_and_processor(model_id: str, module, dtype: torch.dtype | str = torch.float32,
+                             processing_kwargs: Optional[dict[str, Any]] = None,
+                             model_init_kwargs: Optional[dict[str, Any]] = None):
     """Load ``model_id`` with the module's model and processing classes and call
     ``post_model_init``. Returns ``(model, processor)``; the model is in eval mode on the CPU."""
     init = {"dtype": dtype, **(model_init_kwargs or {})}
@@ -76,15 +72,12 @@ def checkpoint_name_map(model: torch.nn.Module) -> Optional[dict[str, str]]:
     Returns None when the model's conversions are not pure renamings (tensors would be merged or
     split on save); the caller then converts whole state dicts."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    persistent_buffers = {}
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        for b_name, b in mod.named_buffers(recurse=False):
-            if b is not None and b_name not in mod._non_persistent_buffers_set:
-                persistent_buffers[f"{mod_name}.{b_name}" if mod_name else b_name] = b
-    sd: dict[str, torch.Tensor] = {}
-    for name, t in {**params, **persistent_buffers}.items():
-        shape = tuple(getattr(t, "ds_shape", t.shape))
-        sd[name] = torch.empty(shape, dtype=t.dtype, device="meta")
+    persistent_buffers = {f"{mod_name}.{b_name}" if mod_name else b_name: b
+                          for mod_name, mod in model.named_modules(remove_duplicate=False)
+                          for b_name, b in mod.named_buffers(recurse=False)
+                          if b is not None and b_name not in mod._non_persistent_buffers_set}
+    sd = {name: torch.empty(tuple(getattr(t, "ds_shape", t.shape)), dtype=t.dtype, device="meta")
+          for name, t in {**params, **persistent_buffers}.items()}
     try:
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
@@ -96,13 +89,5 @@ def checkpoint_name_map(model: torch.nn.Module) -> Optional[dict[str, str]]:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers < 5: checkpoint names are the in-memory names
         return {name: name for name in sd}
-    reverted = revert_weight_conversion(model, dict(sd))
-    out: dict[str, str] = {}
-    for ck_name, t in reverted.items():
-        src = ids.get(id(t))
-        if src is None:
-            return None
-        out[src] = ck_name
-    if len(out) != len(sd):
-        return None
-    return out
+    out = {ids.get(id(t)): ck_name for ck_name, t in revert_weight_conversion(model, dict(sd)).items()}
+    return out if None not in out and len(out) == len(sd) else None
