@@ -208,9 +208,7 @@ class VLLMEngine(GenerationEngine):
 
     # -- weights --------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        """Reload in place from ``(hf_name, tensor)`` pairs: tensors reach the model only when vLLM
-        runs in this process; worker processes (tensor parallel) take part in the weight sync
-        themselves, through the worker extension the cluster installs."""
+        """Reload in place from ``(hf_name, tensor)`` pairs (vLLM in this process only: see the module docstring)."""
         if not self.in_process:
             raise RuntimeError("this vLLM engine runs in worker processes: tensors cannot be passed to it; its "
                                "workers must receive weights through the weight-sync worker extension")
@@ -220,8 +218,7 @@ class VLLMEngine(GenerationEngine):
                                                           "is_checkpoint_format": True})
         n = next(count)
         self.loaded(version)
-        logger.info("vLLM engine: loaded %d tensors (version %d) in %.2fs", n, version,
-                    time.perf_counter() - t0)
+        logger.info("vLLM engine: loaded %d tensors (version %d) in %.2fs", n, version, time.perf_counter() - t0)
         return n
 
     def loaded(self, version: int) -> None:
@@ -235,8 +232,7 @@ class VLLMEngine(GenerationEngine):
         self.weights_version = int(version)
 
     def weights_checksum(self, names: Optional[Sequence[str]] = None) -> dict[str, Optional[str]]:
-        """``tensor_checksum`` of HF-named weights inside vLLM (worker 0); ``None`` for weights
-        that vLLM stores fused, sharded, repacked or cast (no tensor equals the HF one)."""
+        """``tensor_checksum`` of HF-named weights inside vLLM's worker 0 (see ``_worker_checksums``)."""
         return self.llm.collective_rpc(_worker_checksums, args=(list(names) if names is not None else None,))[0]
 
     def close(self) -> None:
