@@ -4,6 +4,15 @@ tensors) and a naive per-tensor ``ray.put`` / ``ray.get``.
 
     python -m vlgrpo.benchmarks.weight_sync                      # 50 and 500 MB, 1 and 2 receivers
     python -m vlgrpo.benchmarks.weight_sync --sizes-mb 50 --receivers 1 --reps 5
+    python -m vlgrpo.benchmarks.weight_sync --cross-node only --link-gbit 1 --xn-buckets-mb 1,16,64
+
+Cross-node (first, when run as root with iproute2; ``--cross-node off`` skips it): one network
+namespace per "node" (sender, then one per receiver), each with a veth to a bridge in a switch
+namespace, both directions of every veth limited to ``--link-gbit`` by ``tc qdisc tbf`` (netem
+with ``--delay-ms``, where the kernel has it). Sender and receivers are plain processes started
+with ``ip netns exec`` running the package's ``SyncGroup`` / ``send_weights`` /
+``receive_weights`` over gloo; reported: GB/s per receiver over the link rate, and the fit of
+``T = a + S ceil(log2(N+1)) / (eff R)`` (gloo's broadcast is a binomial tree of whole buffers).
 
 What is timed (every method once untimed, then ``--reps`` rounds in which every method runs once,
 round-robin, so that load from other processes hits all methods alike; best and median reported;
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import time
 from typing import Optional
@@ -300,7 +310,317 @@ def run_case(size_mb: float, n_recv: int, buckets: list[float], shm_buckets: lis
     summary[(size_mb, n_recv)] = {"floor_mb_s": mb / floor_s, **{f"{k}_x_floor": v for k, v in best.items()}}
 
 
+# ------------------------------------------------------------------------------------------------
+# cross-node: plain processes in network namespaces joined by rate-limited veths
+# ------------------------------------------------------------------------------------------------
+XN_SUBNET = "10.232.0"  # inside the benchmark's own namespaces only
+XN_IFACE = "wsn"  # each node namespace's interface towards the switch (GLOO_SOCKET_IFNAME)
+
+
+def tree_rounds(n_receivers: int) -> int:
+    """Rounds of gloo's binomial-tree broadcast over ``n_receivers`` + 1 members, ``ceil(log2(N+1))``:
+    gloo (``gloo/broadcast.cc``) sends the whole buffer per hop, and the root posts one send per round,
+    all at once, so the root's link carries the payload this many times."""
+    return max(1, math.ceil(math.log2(n_receivers + 1)))
+
+
+def fit_sync_model(points: list[tuple[float, int, float, float]]) -> tuple[float, float]:
+    """Least-squares fit of ``T = a + S * f(N) / (eff * R)`` (f = :func:`tree_rounds`) to points
+    ``(S bytes, N receivers, R bytes/s, T s)``; returns ``(a seconds, eff)``. Linear in
+    ``x = S f(N) / R``: ``T = a + x / eff``."""
+    xs = [s * tree_rounds(n) / r for s, n, r, _ in points]
+    ts = [t for *_, t in points]
+    if len(points) == 1:
+        return 0.0, xs[0] / ts[0]
+    mx, mt = sum(xs) / len(xs), sum(ts) / len(ts)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sxx
+    return mt - b * mx, 1.0 / b
+
+
+def predict_sync_s(size_bytes: float, n_receivers: int, rate_bytes_s: float, a: float, eff: float) -> float:
+    return a + size_bytes * tree_rounds(n_receivers) / (eff * rate_bytes_s)
+
+
+class Netns:
+    """A switch (a bridge in its own namespace) and ``n`` node namespaces, each attached by a veth
+    whose both directions are limited by ``tbf`` (so every node has an R up / R down NIC, as on a
+    non-blocking switch). Node i is ``10.232.0.(i+1)``. Everything lives in namespaces named after
+    this process; :meth:`close` deletes them (and with them the veths and the bridge)."""
+
+    def __init__(self, n: int) -> None:
+        tag = f"vlws{os.getpid()}"
+        self.hub, self.nodes = f"{tag}h", [f"{tag}n{i}" for i in range(n)]
+        self.made: list[str] = []
+        try:
+            for ns in [self.hub, *self.nodes]:
+                self._ip("netns", "add", ns)
+                self.made.append(ns)
+                self._ip("-n", ns, "link", "set", "lo", "up")
+            self._ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+            self._ip("-n", self.hub, "link", "set", "br0", "up")
+            for i, ns in enumerate(self.nodes):
+                self._ip("link", "add", XN_IFACE, "netns", ns, "type", "veth",
+                         "peer", "name", f"p{i}", "netns", self.hub)
+                self._ip("-n", self.hub, "link", "set", f"p{i}", "master", "br0", "up")
+                self._ip("-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", XN_IFACE)
+                self._ip("-n", ns, "link", "set", XN_IFACE, "up")
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def addr(i: int) -> str:
+        return f"{XN_SUBNET}.{i + 1}"
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        import subprocess
+
+        p = subprocess.run(["ip", *args], capture_output=True, text=True)
+        if p.returncode:
+            raise RuntimeError(f"ip {' '.join(args)}: {p.stderr.strip()}")
+
+    def set_rate(self, gbit: float, delay_ms: float = 0.0) -> None:
+        """``gbit`` > 0: ``tbf`` (or ``netem`` with ``delay_ms``) on both ends of every node's veth;
+        0: no limit (the CPU's own ceiling)."""
+        import subprocess
+
+        for i, ns in enumerate(self.nodes):
+            for where, dev in ((ns, XN_IFACE), (self.hub, f"p{i}")):
+                subprocess.run(["ip", "netns", "exec", where, "tc", "qdisc", "del", "dev", dev, "root"],
+                               capture_output=True)
+                if gbit <= 0:
+                    continue
+                rate = f"{gbit * 1000:g}mbit"
+                if delay_ms > 0 and where == ns:  # one-way delay on the node's uplink only
+                    qdisc = ["netem", "rate", rate, "delay", f"{delay_ms:g}ms", "limit", "100000"]
+                else:  # burst: 1 ms at the rate (>= 256 KB so that a 64 KB GSO packet always fits)
+                    burst = max(256 * 1024, int(gbit * 1e9 / 8 * 1e-3))
+                    qdisc = ["tbf", "rate", rate, "burst", str(burst), "latency", "50ms"]
+                p = subprocess.run(["ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", *qdisc],
+                                   capture_output=True, text=True)
+                if p.returncode:
+                    raise RuntimeError(f"tc qdisc add {' '.join(qdisc)} on {dev}: {p.stderr.strip()}")
+
+    def close(self) -> None:
+        import subprocess
+
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.made.clear()
+
+
+def xn_available() -> str:
+    """'' when the cross-node case can run here, else why not."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return "not root (network namespaces and tc need root)"
+    missing = [c for c in ("ip", "tc") if shutil.which(c) is None]
+    return f"no {' / '.join(missing)} (iproute2)" if missing else ""
+
+
+def _xn_member(argv: list[str]) -> None:
+    """A cross-node member process (started by the driver inside a node namespace): reads JSON
+    commands from stdin, answers one JSON line each on stdout."""
+    import json
+    import sys
+
+    from vlgrpo.cluster.weight_sync import (SyncGroup, SyncGroupInfo, make_plan, receive_weights, send_weights,
+                                             spec_of)
+
+    torch.set_num_threads(1)
+    rank, sizes = int(argv[0]), [float(x) for x in argv[1].split(",")]
+    tensors = {s: make_tensors(model_shapes(s), 0 if rank == 0 else 100 + rank) for s in sizes}
+    groups: dict = {}
+    out = sys.stdout
+    out.write(json.dumps({"ok": os.getpid()}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op, reply = cmd["op"], {}
+        if op == "join":
+            info = SyncGroupInfo(cmd["addr"], cmd["port"], cmd["world"], "gloo", name=cmd["key"], timeout_s=600)
+            groups[cmd["key"]] = SyncGroup(info, cmd["rank"])
+        elif op == "sync":
+            group, named = groups[cmd["key"]], tensors[cmd["size"]]
+            plan = make_plan([spec_of(n, t) for n, t in named.items()], 1, cmd["bucket"])
+            t0 = time.perf_counter()
+            if rank == 0:
+                send_weights(group, plan, named.items())
+            else:
+                for name, t in receive_weights(group, plan):
+                    named[name].copy_(t)
+            reply["s"] = time.perf_counter() - t0
+        elif op == "scramble":
+            for named in tensors.values():
+                for t in named.values():
+                    t.uniform_()
+        elif op == "fp":
+            reply["fp"] = fingerprint(tensors[cmd["size"]])
+        elif op == "exit":
+            break
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+    for g in groups.values():
+        g.close()
+
+
+class _Proc:
+    def __init__(self, ns: str, rank: int, sizes: list[float]) -> None:
+        import subprocess
+        import sys
+
+        env = dict(os.environ, GLOO_SOCKET_IFNAME=XN_IFACE, OMP_NUM_THREADS="1")
+        self.p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "vlgrpo.benchmarks.weight_sync",
+                                   "--_xn-member", str(rank), ",".join(f"{s:g}" for s in sizes)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def send(self, **cmd) -> None:
+        import json
+
+        self.p.stdin.write(json.dumps(cmd) + "\n")
+        self.p.stdin.flush()
+
+    def recv(self) -> dict:
+        import json
+
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"cross-node member {self.p.pid} died (exit {self.p.wait()})")
+        return json.loads(line)
+
+    def stop(self, force: bool = False) -> None:
+        import subprocess
+
+        try:
+            if force:  # a member failed: the others may wait in a collective for ever
+                raise OSError
+            self.send(op="exit")
+            self.p.wait(timeout=20)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            self.p.kill()  # our own child
+            self.p.wait()
+
+
+def run_cross_node(sizes: list[float], recvs: list[int], buckets: list[float], rates: list[float], reps: int,
+                   delay_ms: float, rows: list, points: list) -> None:
+    """Sender in node namespace 0, receiver r in node namespace r; groups of 1..max(recvs) receivers
+    formed once and kept; per link rate, every (size, receivers, bucket) measured round-robin
+    ``reps`` times (the first rep of each verified). ``points``: (S bytes, N, R bytes/s, best s, bucket MB)."""
+    n_nodes = 1 + max(recvs)
+    net = Netns(n_nodes)
+    procs: list[_Proc] = []
+    t_start = time.perf_counter()
+    ok = False
+    try:
+        procs = [_Proc(ns, r, sizes) for r, ns in enumerate(net.nodes)]
+        for p in procs:
+            p.recv()
+        print(f"  cross-node: {n_nodes} processes up ({time.perf_counter() - t_start:.0f}s)", flush=True)
+        for n in recvs:
+            members = procs[:1 + n]
+            for r, p in enumerate(members):
+                p.send(op="join", key=f"xn{n}", addr=net.addr(0), port=29400 + n, world=1 + n, rank=r)
+            for p in members:
+                p.recv()
+
+        def sync(n: int, size: float, bucket: float) -> float:
+            members = procs[:1 + n]
+            t0 = time.perf_counter()
+            for p in members:
+                p.send(op="sync", key=f"xn{n}", size=size, bucket=bucket)
+            for p in members:
+                p.recv()
+            return time.perf_counter() - t0
+
+        nbytes = {s: 4 * sum(_numel(x) for _, x in model_shapes(s)) for s in sizes}
+        for gbit in rates:
+            net.set_rate(gbit, delay_ms)
+            for n in recvs:  # warm-up: connections, slow start
+                sync(n, sizes[0], 16)
+            times: dict = {(s, n, b): [] for s in sizes for n in recvs for b in buckets}
+            for rep in range(reps):
+                for key in times:
+                    s, n, b = key
+                    if rep == 0:
+                        for p in procs[1:1 + n]:
+                            p.send(op="scramble")
+                        for p in procs[1:1 + n]:
+                            p.recv()
+                    times[key].append(sync(n, s, b))
+                    if rep == 0:
+                        fps = []
+                        for p in procs[:1 + n]:
+                            p.send(op="fp", size=s)
+                            fps.append(p.recv()["fp"])
+                        if any(abs(f - fps[0]) > 1e-6 * abs(fps[0]) for f in fps[1:]):
+                            raise RuntimeError(f"cross-node {s:g} MB, {n} receivers: receivers got different bytes")
+            rate_b = gbit * 1e9 / 8 if gbit > 0 else float("nan")
+            for (s, n, b), ts in times.items():
+                gbs = nbytes[s] / min(ts) / 1e9
+                rows.append([f"{gbit:g} Gbit/s" if gbit > 0 else "unlimited", f"{s:g} MB", n, f"{b:g} MB",
+                             min(ts) * 1e3, median(ts) * 1e3, gbs, gbs * 1e9 / rate_b,
+                             gbs * 1e9 * tree_rounds(n) / rate_b])
+                points.append((nbytes[s], n, rate_b, min(ts), b))
+            link = f"{gbit:g} Gbit/s" if gbit > 0 else "no limit"
+            print(f"  cross-node: {link} done ({time.perf_counter() - t_start:.0f}s)", flush=True)
+        ok = True
+    finally:
+        for p in procs:
+            p.stop(force=not ok)
+        net.close()
+
+
+def best_points(points: list) -> list[tuple[float, int, float, float]]:
+    """Per (S, N, R) with a link limit, the best time over bucket sizes."""
+    best: dict = {}
+    for s, n, r, t, _b in points:
+        if r == r and t < best.get((s, n, r), float("inf")):
+            best[(s, n, r)] = t
+    return [(s, n, r, t) for (s, n, r), t in sorted(best.items())]
+
+
+def xn_headline(points: list) -> tuple[str, float]:
+    """RESULT of the cross-node case: achieved bytes/s over the link rate, largest payload, fewest
+    receivers, slowest limited link, best bucket size."""
+    pts = best_points(points)
+    s, n, r = max(p[0] for p in pts), min(p[1] for p in pts), min(p[2] for p in pts)
+    t = min(p[3] for p in pts if p[:3] == (s, n, r))
+    return f"weight_sync_xnode_over_link_{s / MiB:.0f}MB_{n}recv_{r * 8 / 1e9:g}gbit", s / t / r
+
+
+def print_model(points: list) -> None:
+    """Fit ``T = a + S ceil(log2(N+1)) / (eff R)`` per link rate (best bucket per point) and over all
+    rates, and what it predicts for a 7B bf16 model (14 GB) to 8 and 64 nodes."""
+    pts = best_points(points)
+    if len(pts) < 2:
+        return
+    fits = {}
+    for r in sorted({p[2] for p in pts}):
+        sub = [p for p in pts if p[2] == r]
+        if len(sub) >= 2:
+            fits[f"{r * 8 / 1e9:g} Gbit/s"] = fit_sync_model(sub)
+    print("\nmodel T = a + S * ceil(log2(N+1)) / (eff * R), fitted to the best bucket of each point:")
+    for k, (a, eff) in fits.items():
+        print(f"  {k}: a = {a * 1e3:.1f} ms, eff = {eff:.3f}")
+    if not fits:
+        return
+    a, eff = fits[min(fits, key=lambda k: float(k.split()[0]))]  # the slowest link: bound by it, not by the CPU
+    print(f"prediction for 7B bf16 (14 GB), with the slowest link's fit (a = {a * 1e3:.1f} ms, eff = {eff:.3f}), "
+          "one gloo binomial tree:")
+    for gbit in (100, 400):
+        for n in (8, 64):
+            print(f"  {n:2d} nodes, {gbit} Gbit/s: {predict_sync_s(14e9, n, gbit * 1e9 / 8, a, eff):.2f} s")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_xn-member"]:
+        return _xn_member(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mb", default="50,500", help="comma-separated payload sizes (MB of fp32)")
     ap.add_argument("--receivers", default="1,2", help="comma-separated receiver counts")
@@ -308,6 +628,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--buckets-mb", default="1,16,64", help="bucket sizes to sweep for the gloo broadcast")
     ap.add_argument("--reps", type=int, default=7, help="timed repetitions of every method (best and median shown)")
     ap.add_argument("--no-naive", action="store_true", help="skip the ray.put/get baseline")
+    ap.add_argument("--cross-node", choices=("auto", "only", "off"), default="auto",
+                    help="the cross-node case (network namespaces + tc): auto = before the same-node one when root "
+                         "with iproute2, only = nothing else, off = skip it")
+    ap.add_argument("--link-gbit", default="1,10", help="cross-node link rates in Gbit/s (0: no limit)")
+    ap.add_argument("--xn-sizes-mb", default="50,500", help="cross-node payload sizes (MB of fp32)")
+    ap.add_argument("--xn-receivers", default="1,2", help="cross-node receiver counts (one namespace each)")
+    ap.add_argument("--xn-buckets-mb", default="16", help="cross-node bucket sizes (docs: 1,16,64)")
+    ap.add_argument("--xn-reps", type=int, default=3, help="cross-node timed repetitions (round-robin)")
+    ap.add_argument("--delay-ms", type=float, default=0.0,
+                    help="one-way delay added on every node's uplink (needs the kernel's netem qdisc)")
     args = ap.parse_args(argv)
     sizes = [float(x) for x in args.sizes_mb.split(",")]
     recvs = sorted(int(x) for x in args.receivers.split(","))
@@ -315,10 +645,33 @@ def main(argv: Optional[list[str]] = None) -> None:
     shm_buckets = [float(x) for x in args.shm_buckets_mb.split(",") if x]
 
     print(f"machine: {machine()}", flush=True)
+    t_all = time.perf_counter()
+    xn_rows: list = []
+    xn_points: list = []
+    why = xn_available() if args.cross_node != "off" else "--cross-node off"
+    if why:
+        print(f"cross-node case skipped: {why}", flush=True)
+    else:
+        xn_sizes = [float(x) for x in args.xn_sizes_mb.split(",")]
+        xn_recvs = sorted(int(x) for x in args.xn_receivers.split(","))
+        rates = [float(x) for x in args.link_gbit.split(",")]
+        run_cross_node(xn_sizes, xn_recvs, [float(x) for x in args.xn_buckets_mb.split(",")], rates,
+                       args.xn_reps, args.delay_ms, xn_rows, xn_points)
+        print(table(["link", "payload", "receivers", "bucket", "best ms", "median ms", "GB/s (best)", "x link",
+                     "x link x rounds"], xn_rows,
+                    title=f"cross-node weight sync (gloo broadcast over veths limited by tc), {args.xn_reps} reps "
+                          "round-robin; GB/s = payload bytes / 1e9 / wall s (each receiver gets all of it); x link = "
+                          "that / link rate; x rounds: times ceil(log2(N+1)), the sends of gloo's binomial tree"))
+        print_model(xn_points)
+        print(f"  cross-node done ({time.perf_counter() - t_all:.0f}s)", flush=True)
+        if args.cross_node == "only":
+            result(*xn_headline(xn_points))
+    if args.cross_node == "only":
+        return
+
     init_ray(1 + max(recvs))
     rows: list = []
     summary: dict = {}
-    t_all = time.perf_counter()
     for size in sizes:
         for n in recvs:
             run_case(size, n, buckets, shm_buckets, args.reps, naive=not args.no_naive, rows=rows, summary=summary)
@@ -331,6 +684,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"{size:g} MB, {n} receiver(s), best of each transport as a share of the floor "
               f"({v['floor_mb_s']:,.0f} MB/s): shared memory with the weights living there {v['placed_x_floor']:.1%}, "
               f"shared memory staged by the source {v['staged_x_floor']:.1%}, gloo broadcast {v['broadcast_x_floor']:.1%}")
+    if xn_points:
+        result(*xn_headline(xn_points))
     key = (sizes[-1], recvs[0])
     if shm_buckets:
         result(f"weight_sync_shm_over_floor_{sizes[-1]:g}MB_{recvs[0]}recv", summary[key]["placed_x_floor"])
