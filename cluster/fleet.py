@@ -194,7 +194,15 @@ class Fleet:
     def form_sync_group(self) -> None:
         """(Re)form the sync group: learner rank 0 + every worker. Called when membership changes."""
         if self.sync_info is not None:
-            self.call(self.learners[:1] + self.workers, "leave_sync_group", stage="leave sync group")
+            self.get(self.learners[0].leave_sync_group.remote(), "leave sync group")
+            gone = []
+            for slot in list(self.slots):
+                try:
+                    self.get(slot.actor.leave_sync_group.remote(), "leave sync group")
+                except StageError:  # died meanwhile too (e.g. on a lost node): replace it as well
+                    gone.append(slot)
+            if gone:
+                return self.replace(gone, 0, sync=False)  # forms the group; the caller syncs
         addr, port = placement.rendezvous(self.learner_pg)
         first, rank = [], 1
         for slot in self.slots:  # a TP=k engine takes k consecutive ranks, from first[i]
@@ -215,6 +223,7 @@ class Fleet:
         refs = [self.learners[0].join_sync_group.remote(self.sync_info)]
         refs += [slot.actor.join_sync_group.remote(self.sync_info, f) for slot, f in zip(self.slots, first)]
         envs = self.get(refs, "form the weight-sync group")
+        log.info("weight-sync group: %s", ", ".join(f"worker {s.id} on {s.node_ip} {s.transport}" for s in self.slots))
         if self.backend == "nccl" and len(set(envs)) > 1:  # NCCL members that disagree on it fail or hang in the first broadcast
             raise StageError(f"NCCL_CUMEM_ENABLE differs in the weight-sync group ({sorted(set(envs), key=str)}): set one value "
                              "for every process (vlgrpo sets 0, as vLLM does, unless the job's env_vars set it)")

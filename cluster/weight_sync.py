@@ -33,6 +33,7 @@ import itertools
 import math
 import os
 import pickle
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -313,7 +314,13 @@ class SyncGroup:
             opts = torch.distributed.ProcessGroupNCCL.Options()
             opts._timeout = self.timeout + timedelta(seconds=60)
             return torch.distributed.ProcessGroupNCCL(store, rank, size, opts)
-        return torch.distributed.ProcessGroupGloo(store, rank, size, self.timeout)
+        # gloo binds to what the hostname resolves to (often 127.0.x.1, unreachable from other nodes): bind to
+        # this node's address on the route to the source instead
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.connect((self.info.master_addr, self.info.master_port))
+            opts, gloo = torch.distributed.ProcessGroupGloo._Options(), torch.distributed.ProcessGroupGloo
+            opts._devices, opts._timeout = [gloo.create_device(hostname=udp.getsockname()[0])], self.timeout
+        return gloo(store, rank, size, opts)
 
     def _wait(self, work, what: str, pg) -> None:
         """Wait for ``work`` at most ``timeout_s``, polling (NCCL's ``wait(timeout)`` never gives up); then

@@ -12,11 +12,9 @@ Tests, in order, on one module-scoped cluster:
   One run serves both because a run's start-up (actors importing torch) is most of its time here.
 Root on Linux only (network namespaces); skipped otherwise.
 
-Work-around in the fixture: ``GLOO_SOCKET_IFNAME=eth0`` on both nodes. Without it the weight-sync
-group cannot form across nodes on a machine whose hostname resolves to a loopback address (here
-``vm -> 127.0.0.1``; Debian/Ubuntu's default ``127.0.1.1 <hostname>`` is the same case): gloo's
-default device binds to what the hostname resolves to, so a broadcast receiver on node B is told to
-connect to 127.0.0.1 ("Gloo connectFullMesh failed ... Connection refused, remote=[127.0.0.1]").
+No ``GLOO_SOCKET_IFNAME``: this machine's hostname resolves to 127.0.0.1 (as Debian/Ubuntu's default
+``127.0.1.1 <hostname>`` does), where gloo's default device would bind, so these tests also check
+that the sync group binds to each member's address on its route to the source.
 
 Node death detection is shortened on the head (GCS health checks of the raylets every 1 s, 3 s
 timeout, dead after 5 failures: about 5 s instead of Ray's default ~30 s).
@@ -41,7 +39,6 @@ CPUS_A, CPUS_B, HELD_ON_A = 5, 2, 2
 WORKERS, PROMPTS, G = 4, 8, 2
 HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "3000",
                  "RAY_health_check_failure_threshold": "5"}
-GLOO = {"GLOO_SOCKET_IFNAME": "eth0"}  # see the module docstring
 RUN_TIMEOUT_S = 400
 STEPS, KILL_AFTER = 5, 2
 
@@ -57,7 +54,7 @@ def cluster(tmp_path_factory):
     if reason:
         pytest.skip(f"two-node Ray cluster in network namespaces: {reason}")
     c = TwoNodeCluster(tmp_path_factory.mktemp("twonode"), cpus_a=CPUS_A, cpus_b=CPUS_B,
-                       head_env=HEALTH_CHECKS, node_env=GLOO)
+                       head_env=HEALTH_CHECKS)
     try:
         c.start()
         t0 = time.perf_counter()
