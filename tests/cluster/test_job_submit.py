@@ -32,6 +32,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .twonode import process_tree
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 VENV_BIN = Path(sys.executable).parent
@@ -112,14 +114,7 @@ def _head_processes(temp_dir: str, gcs_port: int) -> list:
         cmd = " ".join(p.info["cmdline"] or [])
         if temp_dir in cmd or ("ray.util.client.server" in cmd and f":{gcs_port} " in cmd + " "):
             roots.append(p)
-    found = {}
-    for r in roots:
-        try:
-            for p in [r, *r.children(recursive=True)]:
-                found[p.pid] = p
-        except psutil.NoSuchProcess:
-            pass
-    return [p for pid, p in found.items() if pid not in spare]
+    return process_tree(roots, spare)
 
 
 def _stop_head(temp_dir: str, gcs_port: int) -> None:

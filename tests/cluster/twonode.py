@@ -130,6 +130,20 @@ class RayNode:
     log: Optional[Path] = None
 
 
+def process_tree(roots: list, spare: set) -> list:
+    """``roots`` (psutil processes) and all their descendants, without the pids in ``spare``."""
+    import psutil
+
+    found = {}
+    for r in roots:
+        try:
+            for p in [r, *r.children(recursive=True)]:
+                found[p.pid] = p
+        except psutil.NoSuchProcess:
+            pass
+    return [p for pid, p in found.items() if pid not in spare]
+
+
 @dataclass
 class TwoNodeCluster:
     """``start()`` builds the network and both nodes; ``stop()`` undoes everything (idempotent)."""
@@ -313,14 +327,7 @@ class TwoNodeCluster:
             for p in psutil.process_iter(["pid", "cmdline"]):
                 if p.info["pid"] not in spare and n.temp_dir in " ".join(p.info["cmdline"] or []):
                     roots.append(p)
-        found = {}
-        for r in roots:
-            try:
-                for p in [r, *r.children(recursive=True)]:
-                    found[p.pid] = p
-            except psutil.NoSuchProcess:
-                pass
-        return [p for pid, p in found.items() if pid not in spare]
+        return process_tree(roots, spare)
 
     def kill_node(self, node: str) -> int:
         """SIGKILL every process of node ``node`` (raylet, agents, workers, actors); how many were killed."""
