@@ -194,11 +194,12 @@ class Fleet:
     def form_sync_group(self) -> None:
         """(Re)form the sync group: learner rank 0 + every worker. Called when membership changes."""
         if self.sync_info is not None:
-            self.get(self.learners[0].leave_sync_group.remote(), "leave sync group")
-            gone = []
-            for slot in list(self.slots):
+            source = self.learners[0].leave_sync_group.remote()
+            refs, gone = [(slot, slot.actor.leave_sync_group.remote()) for slot in self.slots], []
+            self.get(source, "leave sync group")
+            for slot, ref in refs:
                 try:
-                    self.get(slot.actor.leave_sync_group.remote(), "leave sync group")
+                    self.get(ref, "leave sync group")
                 except StageError:  # died meanwhile too (e.g. on a lost node): replace it as well
                     gone.append(slot)
             if gone:
@@ -207,10 +208,7 @@ class Fleet:
         first, rank = [], 1
         for slot in self.slots:  # a TP=k engine takes k consecutive ranks, from first[i]
             slot.transport = placement.transport(self.cfg.sync.transport, self.backend, (slot.node_ip, slot.gpu_ids),
-                                                 self.source_at)
-            if self.cfg.sync.transport == "shm" and slot.transport != "shm":
-                raise StageError(f"sync.transport=shm but rollout worker {slot.id} runs on {slot.node_ip} {slot.gpu_ids}, "
-                                 f"where learner 0's shared memory at {self.source_at} cannot serve it: use sync.transport=auto")
+                                                 self.source_at, f"rollout worker {slot.id}")
             first.append(rank)
             rank += slot.sync_ranks
         placement.check_sync_devices(self.backend, [("learner 0", *self.source_at)] + [

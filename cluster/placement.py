@@ -69,16 +69,21 @@ class Layout:
         return "\n".join(lines)
 
 
-def transport(setting: str, backend: str, worker: tuple[Any, tuple], source: tuple[Any, tuple]) -> str:
+def transport(setting: str, backend: str, worker: tuple[Any, tuple], source: tuple[Any, tuple],
+              who: str = "a rollout worker") -> str:
     """How a rollout worker at ``(node, gpu ids)`` gets the weights of learner rank 0 at ``source``:
     ``ipc`` (CUDA IPC: it shares rank 0's GPU, where NCCL cannot reach it), ``shm`` (same node, CPU
-    weights, gloo; unless ``sync.transport=broadcast``), else the ``broadcast``."""
+    weights, gloo; unless ``sync.transport=broadcast``), else the ``broadcast``. With
+    ``sync.transport=shm`` anything but ``shm`` is an error."""
     same_node = worker[0] == source[0]
     if same_node and set(worker[1]) & set(source[1]):
-        return "ipc"
-    if same_node and not source[1] and backend == "gloo" and setting != "broadcast":
-        return "shm"
-    return "broadcast"
+        how = "ipc"
+    else:
+        how = "shm" if same_node and not source[1] and backend == "gloo" and setting != "broadcast" else "broadcast"
+    if setting == "shm" and how != "shm":
+        raise PlacementError(f"sync.transport=shm but {who} at {worker} cannot read learner 0's weights from shared "
+                             f"memory at {source} (another node, or GPU weights); use sync.transport=auto")
+    return how
 
 
 def check_sync_devices(backend: str, members: list[tuple[str, Any, tuple]]) -> None:
@@ -145,10 +150,7 @@ def plan_layout(cfg, nodes: list[Node], num_workers: Optional[int] = None) -> La
         else:
             (node, gpus), = place(f"worker-{i}", [{"CPU": r.cpus_per_worker, "GPU": wg}])
             a = ActorPlan(f"worker {i}", f"worker-{i}", 0, r.cpus_per_worker, wg, node, gpus)
-        a.transport = transport(cfg.sync.transport, backend, (a.node, a.gpu_ids), (source.node, source.gpu_ids))
-        if cfg.sync.transport == "shm" and a.transport != "shm":
-            raise PlacementError(f"sync.transport=shm but {a.role} cannot read learner 0's weights from shared memory "
-                                 "(another node, or GPU weights); use sync.transport=auto")
+        a.transport = transport(cfg.sync.transport, backend, (a.node, a.gpu_ids), (source.node, source.gpu_ids), a.role)
         layout.actors.append(a)
     check_sync_devices(backend, [(a.role, a.node, a.gpu_ids) for a in layout.actors
                                  if a is source or a.transport == "broadcast"])

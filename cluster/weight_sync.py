@@ -40,6 +40,7 @@ from datetime import timedelta
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
+from torch.distributed import PrefixStore, TCPStore
 from torch.multiprocessing.reductions import reduce_tensor
 
 
@@ -283,8 +284,6 @@ class SyncGroup:
     the shared-memory members. The source passes its :class:`SharedRegion` (whose ``handle`` is in ``info``)."""
 
     def __init__(self, info: SyncGroupInfo, rank: int, region: Optional[SharedRegion] = None) -> None:
-        from torch.distributed import TCPStore
-
         self.info, self.rank = info, rank
         self.timeout = timedelta(seconds=info.timeout_s)
         if info.backend not in ("gloo", "nccl"):
@@ -306,8 +305,6 @@ class SyncGroup:
         self.shm_pg = self._process_group("shm", shm, "gloo") if rank in shm and len(shm) > 1 else None
 
     def _process_group(self, suffix: str, members: list[int], backend: str):
-        from torch.distributed import PrefixStore
-
         store = PrefixStore(f"{self.info.name}/{suffix}", self.store)
         rank, size = members.index(self.rank), len(members)
         if backend == "nccl":  # its watchdog (which kills the process) fires only after our own timeout
@@ -323,8 +320,7 @@ class SyncGroup:
         return gloo(store, rank, size, opts)
 
     def _wait(self, work, what: str, pg) -> None:
-        """Wait for ``work`` at most ``timeout_s``, polling (NCCL's ``wait(timeout)`` never gives up); then
-        abort ``pg`` and raise."""
+        """Wait for ``work`` up to ``timeout_s`` (polled: NCCL's ``wait(timeout)`` never gives up), then abort ``pg``."""
         deadline = time.monotonic() + self.info.timeout_s
         while not work.is_completed():
             if time.monotonic() > deadline:
@@ -352,10 +348,15 @@ class SyncGroup:
         self.store.set(f"{self.info.name}/ipc/{k}", pickle.dumps(reduce_tensor(buf)))
         self.signal(k)
 
-    def open(self, k: int) -> torch.Tensor:
-        """Receiver: the source's bucket ``k``, opened from its IPC handle on this process's device."""
+    def staged(self, k: int, version: int) -> None:
+        """Receiver: wait for the source's "bucket ``k`` is staged" signal."""
         if (got := self.signal(-1)) != k:
-            raise WeightSyncError(f"expected bucket {k}, the source announced {got}; source and receiver disagree on the plan")
+            raise WeightSyncError(f"weight sync v{version}: expected bucket {k}, the source announced {got}; "
+                                  "source and receiver disagree on the plan")
+
+    def open(self, k: int, version: int) -> torch.Tensor:
+        """Receiver: the source's bucket ``k``, opened from its IPC handle on this process's device."""
+        self.staged(k, version)
         rebuild, args = pickle.loads(self.store.get(f"{self.info.name}/ipc/{k}"))
         if args[6:7] and isinstance(args[6], int) and torch.cuda.is_available():  # the CUDA device index, ours
             args = (*args[:6], torch.cuda.current_device(), *args[7:])
@@ -440,13 +441,11 @@ def receive_weights(group: SyncGroup, plan: SyncPlan, checksums: Optional[list[s
     offsets = region_offsets(plan) if group.region is not None else None
     for k, bucket in enumerate(plan.buckets):
         if offsets is not None:  # read in place, after "bucket k is staged" unless it lives there
-            got = k if all(spec.live for spec in bucket) else group.signal(-1)
-            if got != k:
-                raise WeightSyncError(f"weight sync v{plan.version}: expected bucket {k}, the source announced {got}; "
-                                      "source and receiver disagree on the plan")
+            if not all(spec.live for spec in bucket):
+                group.staged(k, plan.version)
             parts = group.views(bucket, offsets[k])
         elif group.ipc:
-            parts = [t.view(s.shape) for s, t in zip(bucket, group.open(k).split([s.numel for s in bucket]))]
+            parts = [t.view(s.shape) for s, t in zip(bucket, group.open(k, plan.version).split([s.numel for s in bucket]))]
         else:
             buf = torch.empty(sum(s.numel for s in bucket), dtype=bucket[0].torch_dtype, device=group.device)
             group.broadcast(buf)
