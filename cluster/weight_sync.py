@@ -1,30 +1,27 @@
 """Learner -> rollout weight sync: the transport, its group, and vLLM worker processes as members.
 
-The group holds learner rank 0 (group rank 0, the source) and every rollout receiver (ranks
-1..W; a tensor-parallel vLLM engine takes one rank per worker process). It is built from its own
-``TCPStore``, independent of the DeepSpeed training group, so rollout workers never join training
-collectives. A ``SyncPlan`` (names, shapes, dtypes in buckets of up to ``bucket_mb`` of one dtype)
-is made by the sender and handed to receivers through Ray before the sync, so nobody needs an
-extra message to allocate or unflatten. Each sync carries a version; with ``verify`` every
-bucket's checksum is computed on both sides and compared by the controller.
+The group holds learner rank 0 (group rank 0, the source) and every rollout receiver (ranks 1..W; a
+tensor-parallel vLLM engine takes one rank per worker process), on its own ``TCPStore``, apart from the
+DeepSpeed training group: rollout workers never join training collectives. The sender's ``SyncPlan`` (names,
+shapes, dtypes in buckets of up to ``bucket_mb`` of one dtype) reaches receivers through Ray before the sync,
+so nobody needs a message to allocate or unflatten. Each sync carries a version; with ``verify`` the
+controller compares every bucket's checksum from both sides.
 
 Three transports, chosen per receiver when the group is formed (``placement.transport``):
 
 * ``broadcast`` (any node; NCCL on GPU, gloo on CPU): one ``broadcast`` per flattened bucket.
-* ``shm`` (receivers on the source's node, CPU weights; the counterpart of CUDA IPC): the source
-  owns a :class:`SharedRegion` (an anonymous ``memfd`` mapped by receivers through
-  ``/proc/<pid>/fd/<fd>``; the kernel frees it with the last user, nothing is left after a
-  crash). The learner keeps its live weights *in* the region (``LearnerActor.share_weights``),
-  each at a fixed offset (``TensorSpec.offset``, ``live``): receivers hand their engine views of
-  it at once and the engine copies them, one memory copy in all. Other tensors (frozen ones,
-  ZeRO-3 gathers) are staged into the region by the source, which posts "bucket k is staged"
-  signals. A sync ends with a barrier, so the learner cannot update weights still being read.
-* ``ipc`` (a receiver on the source's GPU, ``rollout.colocate``, where NCCL cannot reach it): the
-  source posts each flattened bucket's CUDA IPC handle in the group's store, with the same signals,
-  and holds the buckets until the end-of-sync barrier; the receiver opens them on its device.
+* ``shm`` (receivers on the source's node, CPU weights): the source owns a :class:`SharedRegion` (an
+  anonymous ``memfd`` that receivers map through ``/proc/<pid>/fd/<fd>``; the kernel frees it with the last
+  user, so a crash leaves nothing). The learner keeps its live weights *in* it (``LearnerActor.share_weights``)
+  at fixed offsets (``TensorSpec.offset``, ``live``): receivers hand their engine views, one memory copy in
+  all. Other tensors (frozen ones, ZeRO-3 gathers) the source stages there, then signals "bucket k is
+  staged". A sync ends with a barrier, so the learner cannot update weights still being read.
+* ``ipc`` (a receiver on the source's GPU, ``rollout.colocate``, where NCCL cannot reach it): the source
+  posts each flattened bucket's CUDA IPC handle in the group's store, with the same signals, and holds the
+  buckets until the end-of-sync barrier; the receiver opens them on its device.
 
-A transfer not done within ``sync.timeout_s`` raises (polled, the group aborted; NCCL's watchdog
-comes a minute later): a worker dying mid-sync fails the sync, which the fleet repeats.
+A transfer not done within ``sync.timeout_s`` raises (polled, the group aborted; NCCL's watchdog comes a
+minute later): a worker dying mid-sync fails the sync, which the fleet repeats.
 """
 from __future__ import annotations
 
@@ -123,16 +120,10 @@ def region_offsets(plan: SyncPlan) -> list[list[int]]:
     """Byte offset of every tensor of ``plan`` in the shared region: the specs' own offsets (a
     source that keeps its weights in the region), or, when no spec has one, packed in plan order."""
     specs = [s for b in plan.buckets for s in b]
-    placed = [s.offset >= 0 for s in specs]
-    if any(placed) and not all(placed):
+    if len({s.offset >= 0 for s in specs}) > 1:
         raise WeightSyncError(f"weight sync v{plan.version}: some tensors have a shared-memory offset and some not")
-    out, off = [], 0
-    for bucket in plan.buckets:
-        out.append([])
-        for s in bucket:
-            out[-1].append(s.offset if s.offset >= 0 else off)
-            off += aligned(s.nbytes) if s.offset < 0 else 0
-    return out
+    packed = iter([0, *itertools.accumulate(aligned(s.nbytes) for s in specs)])
+    return [[s.offset if s.offset >= 0 else next(packed) for s in b] for b in plan.buckets]
 
 
 def packed_bytes(specs: Sequence[TensorSpec]) -> int:
@@ -148,11 +139,10 @@ _BLOCK = 8192  # bytes summed together by ``buffer_checksum``
 
 
 def buffer_checksum(*bufs: torch.Tensor) -> str:
-    """Digest of ``bufs`` (a bucket's tensors, in order) at about memory speed, on the tensors'
-    device: each buffer's bytes are summed as int64 words per 8 KB block (wrap-around sums:
-    exact and order-independent, so every process gets the same value) and blake2b hashes the
-    block sums, the ragged tail and the length. Any changed, shifted or stale block changes it;
-    it guards against transport and offset bugs, not against an adversary."""
+    """Digest of ``bufs`` (a bucket's tensors, in order) at about memory speed, on their device: blake2b of
+    each buffer's int64 word sums per 8 KB block (wrap-around: exact and order-independent, so every process
+    agrees), ragged tail and length. Any changed, shifted or stale block changes it; it guards against
+    transport and offset bugs, not against an adversary."""
     h = hashlib.blake2b(digest_size=16)
     for buf in bufs:
         b = buf.detach().contiguous().reshape(-1).view(torch.uint8)
@@ -276,12 +266,10 @@ class SyncGroupInfo:
 
 
 class SyncGroup:
-    """One member of the weight-sync group (rank 0 = the source).
-
-    Holds up to two process groups built on one ``TCPStore``: ``net`` (the source and the
-    broadcast receivers: bucket payloads) and ``shm`` (the source and the shared-memory or IPC
-    receivers: "bucket k is staged" signals and the end-of-sync barrier), plus the mapped region for
-    the shared-memory members. The source passes its :class:`SharedRegion` (whose ``handle`` is in ``info``)."""
+    """One member of the weight-sync group (rank 0 = the source, which passes its :class:`SharedRegion`, the
+    one whose ``handle`` is in ``info``). Up to two process groups on one ``TCPStore``: ``net`` (the source and
+    the broadcast receivers: payloads) and ``shm`` (the source and the shared-memory or IPC receivers: "bucket k
+    is staged" signals, the end-of-sync barrier); shared-memory members also map the region."""
 
     def __init__(self, info: SyncGroupInfo, rank: int, region: Optional[SharedRegion] = None) -> None:
         self.info, self.rank = info, rank
@@ -435,9 +423,9 @@ def send_weights(group: SyncGroup, plan: SyncPlan, named: Iterable[tuple[str, to
 
 def receive_weights(group: SyncGroup, plan: SyncPlan, checksums: Optional[list[str]] = None
                     ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Receiver side: yields ``(name, tensor)`` bucket by bucket as they arrive, so an engine can
-    load them while holding one bucket at a time. Appends bucket checksums to ``checksums``.
-    Shared-memory receivers get views of the source's region: copy them, do not keep them."""
+    """Receiver side: yields ``(name, tensor)`` bucket by bucket as they arrive (an engine loads them holding one
+    bucket at a time), appending bucket checksums to ``checksums``. Shared-memory receivers get views of the
+    source's region: copy them, do not keep them."""
     offsets = region_offsets(plan) if group.region is not None else None
     for k, bucket in enumerate(plan.buckets):
         if offsets is not None:  # read in place, after "bucket k is staged" unless it lives there
@@ -469,11 +457,10 @@ def check_checksums(sent: SyncReport, received: Sequence[SyncReport]) -> None:
 
 
 class WeightSyncExtension:
-    """vLLM worker extension (``worker_extension_cls``, installed by the cluster): mixed into every
-    vLLM worker, so that a multi-process (tensor-parallel) engine's workers join the sync group
-    themselves, one rank each. Called through ``llm.collective_rpc("vlgrpo_...")``; messages are
-    the dataclasses pickled (vLLM's msgpack carries bytes, not our types). ``self`` is the vLLM
-    worker: ``self.reload_weights`` is vLLM's in-place reload, ``self.rank`` its TP rank."""
+    """vLLM worker extension (``worker_extension_cls``, installed by the cluster), mixed into every vLLM worker
+    so that a multi-process (tensor-parallel) engine's workers join the sync group themselves, one rank each.
+    Called through ``llm.collective_rpc("vlgrpo_...")`` with the dataclasses pickled (vLLM's msgpack carries
+    bytes). ``self`` is the vLLM worker: ``reload_weights`` is vLLM's in-place reload, ``rank`` its TP rank."""
 
     def vlgrpo_join_sync_group(self, info: bytes, rank: int) -> tuple[int, str]:
         """Join as ``rank`` + this worker's TP rank (a TP=k engine takes k consecutive ranks); returns that

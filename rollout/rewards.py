@@ -1,13 +1,12 @@
-"""Reward functions for GRPO and a registry of them by name, with per-function weights.
+"""Reward functions for GRPO, registered by name, with per-function weights.
 
-``fn(completions: list[str], samples: list[Sample], **kwargs) -> list[float]``: ``completions[i]``
-answers ``samples[i]``; ``kwargs`` come from the spec (``{"name": "length", "kwargs": {"max_len":
-512}}``); a function declaring ``completion_lengths`` (or ``**kwargs``) also gets token counts.
-Built-ins: ``format``, ``format_rec``, ``accuracy`` (per-sample ``accu_reward_method``, scored as
-VLM-R1 scores it; docs/rewards.md lists where we differ), ``repetition`` and ``length`` (DAPO
-overlong penalty); ``package.module:function`` or ``path/to/file.py:function`` loads a user function.
-:class:`RewardSet` never lets one failing completion zero the batch: a function that raises on the
-batch is re-run per sample, and a sample that still raises (or is non-finite) scores 0, counted.
+``fn(completions: list[str], samples: list[Sample], **kwargs) -> list[float]``, ``completions[i]`` answering
+``samples[i]``; ``kwargs`` come from the spec (``{"name": "length", "kwargs": {"max_len": 512}}``); a function
+declaring ``completion_lengths`` (or ``**kwargs``) also gets token counts. Built-ins: ``format``, ``format_rec``,
+``accuracy`` (per-sample ``accu_reward_method``, scored as VLM-R1 does; docs/rewards.md: where we differ),
+``repetition``, ``length`` (DAPO overlong penalty); ``package.module:function`` or ``path/to/file.py:function``
+loads a user function. :class:`RewardSet` never lets one failing completion zero the batch: a function that
+raises on the batch is re-run per sample; a sample that still raises (or is non-finite) scores 0, counted.
 """
 from __future__ import annotations
 
@@ -276,9 +275,9 @@ def coco_ap(preds: list, gts: list, iou_thrs: Sequence[float] = _COCO_THRS) -> f
 
 def _acc_od(completion: str, sample: Sample, thrs: Sequence[float] = _COCO_THRS, per_box: bool = False,
             tags: bool = True) -> float:
-    """VLM-R1's ``od_reward``, ``odLength_reward`` (``per_box``: times gold / predicted boxes if more are
-    predicted), ``map_reward`` (not ``tags``): :func:`coco_ap` of the last ```json box lists (in the
-    last ``<answer>``, 0 without), 1 when both list nothing or both answers are ``None``."""
+    """VLM-R1's ``od_reward``, ``odLength_reward`` (``per_box``: times gold / predicted boxes if more are predicted),
+    ``map_reward`` (not ``tags``): :func:`coco_ap` of the last ```json box lists (in the last ``<answer>``, 0
+    without), 1 when both list nothing or both answers are ``None``."""
     gold = gold_text(sample)
     if tags:
         found = _ANSWER_RE.findall(completion)
@@ -322,8 +321,7 @@ def format_rec_reward(completions: list[str], samples: list[Sample]) -> list[flo
 
 
 def accuracy_reward(completions: list[str], samples: list[Sample]) -> list[float]:
-    """Per-sample accuracy with ``sample.accu_reward_method``: each of ``ACCURACY_METHODS`` reads the
-    completion and the solution as VLM-R1's method of that name does (docs/rewards.md: our changes)."""
+    """Per-sample accuracy with ``sample.accu_reward_method`` (:func:`accuracy_one`)."""
     return [accuracy_one(c, s) for c, s in zip(completions, samples, strict=True)]
 
 
@@ -348,9 +346,8 @@ def repetition_penalty(text: str) -> float:
 
 def length_reward(completions: list[str], samples: list[Sample], max_len: int = 1024, cache: Optional[int] = None,
                   completion_lengths: Optional[Sequence[int]] = None) -> list[float]:
-    """DAPO's soft overlong penalty: 0 up to ``max_len - cache`` (default ``max_len // 4``), then linear
-    down to -1 at ``max_len``, -1 beyond; in tokens given ``completion_lengths`` (as RewardSet does),
-    else in characters."""
+    """DAPO's soft overlong penalty: 0 up to ``max_len - cache`` (default ``max_len // 4``), linear down to -1 at
+    ``max_len``, -1 beyond; in tokens given ``completion_lengths`` (as RewardSet does), else in characters."""
     cache = max_len // 4 if cache is None else cache
     if not 0 < cache <= max_len:
         raise ValueError(f"length reward needs 0 < cache <= max_len (got cache={cache}, max_len={max_len})")
@@ -394,9 +391,8 @@ def _parse_spec(spec: RewardSpec) -> _Entry:
 
 
 class RewardSet:
-    """Several weighted reward functions, scored together. ``specs``: names (``"accuracy"``) or dicts
-    ``{"name", "weight"=1.0, "kwargs"={}, "label"=name}``; ``label`` tells apart two entries of the same
-    function. Unknown names raise ValueError listing the known ones; user functions load here."""
+    """Weighted reward functions, scored together. ``specs``: names (``"accuracy"``) or dicts ``{"name",
+    "weight"=1.0, "kwargs"={}, "label"=name}`` (``label`` tells apart two entries of one function)."""
 
     def __init__(self, specs: Sequence[RewardSpec]):
         if isinstance(specs, (str, Mapping)):
@@ -420,9 +416,9 @@ class RewardSet:
     def score(self, completions: Sequence[str], samples: Sequence[Sample],
               completion_lengths: Optional[Sequence[int]] = None,
               ) -> tuple[torch.Tensor, list[str], list[float], dict[str, int]]:
-        """Score ``completions[i]`` against ``samples[i]`` with every function: ``(rewards [N, F] float32
-        unweighted, names, weights, errors)``, ``errors[name]`` counting the completions that function
-        failed on (they score 0). ``completion_lengths`` (tokens) reach functions that take them."""
+        """Score ``completions[i]`` against ``samples[i]`` with every function: ``(rewards [N, F] float32 unweighted,
+        names, weights, errors)``, ``errors[name]`` counting the completions that function failed on (scored
+        0). ``completion_lengths`` (tokens) reach functions that take them."""
         completions, samples = list(completions), list(samples)
         if len(completions) != len(samples):
             raise ValueError(f"{len(completions)} completions for {len(samples)} samples")
@@ -437,37 +433,31 @@ class RewardSet:
                    lengths: Optional[Sequence[int]]) -> tuple[list[float], int]:
         """One function over the batch; on failure, sample by sample so one bad row costs one 0."""
         try:
-            values = self._call(entry, completions, samples, lengths) if completions else []
-            out = [self._finite(entry, v) for v in values]
+            out = self._call(entry, completions, samples, lengths) if completions else []
         except Exception as e:  # noqa: BLE001 - user code may raise anything
             self._log(entry, e, batch=True)
-            out = [self._one(entry, c, s, None if lengths is None else [lengths[i]])
-                   for i, (c, s) in enumerate(zip(completions, samples))]
+            out = []
+            for i, (c, s) in enumerate(zip(completions, samples)):
+                try:
+                    out += self._call(entry, [c], [s], None if lengths is None else [lengths[i]])
+                except Exception as e:  # noqa: BLE001
+                    self._log(entry, e, batch=False)
+                    out.append(None)
         return [0.0 if v is None else v for v in out], sum(v is None for v in out)
 
-    def _one(self, entry: _Entry, completion: str, sample: Sample, length: Optional[list[int]]) -> Optional[float]:
-        try:
-            return self._finite(entry, self._call(entry, [completion], [sample], length)[0])
-        except Exception as e:  # noqa: BLE001
-            self._log(entry, e, batch=False)
-            return None
-
-    @staticmethod
-    def _call(entry: _Entry, completions: list[str], samples: list[Sample], lengths) -> list[float]:
+    def _call(self, entry: _Entry, completions: list[str], samples: list[Sample], lengths) -> list[Optional[float]]:
+        """``entry.fn`` on these rows as floats, None (logged) for a non-finite one."""
         kwargs = dict(entry.kwargs)
         if entry.takes_lengths and lengths is not None:
             kwargs["completion_lengths"] = list(lengths)
         values = list(entry.fn(completions, samples, **kwargs))
         if len(values) != len(completions):
             raise ValueError(f"returned {len(values)} values for {len(completions)} completion(s)")
-        return values
-
-    def _finite(self, entry: _Entry, value: Any) -> Optional[float]:
-        v = float(value)
-        if math.isfinite(v):
-            return v
-        self._log(entry, ValueError(f"non-finite reward {v}"), batch=False)
-        return None
+        values = [float(v) for v in values]
+        for v in values:
+            if not math.isfinite(v):
+                self._log(entry, ValueError(f"non-finite reward {v}"), batch=False)
+        return [v if math.isfinite(v) else None for v in values]
 
     def _log(self, entry: _Entry, err: Exception, batch: bool) -> None:
         """Warn once per function and kind of failure (the counts go to the metrics)."""
