@@ -57,6 +57,7 @@ class TrainerConfig:
     ray_address: Optional[str] = None  # None: connect to a running cluster if any (ray job), else local
     timeout_s: float = 600.0  # bound on any single Ray call (generation, update, sync)
     max_retries: int = 3  # times one chunk of prompts is retried on a replacement rollout worker
+    dynamic_sampling_rounds: int = 0  # DAPO: drop groups of equal rewards, refill with up to N more rounds; 0 = off
     max_restarts: int = 1  # times a dead learner group is restarted from the last checkpoint (0: stop with the error)
     # validation: greedy answers (one per prompt, as verl) to data.val_sources (the demo: a held-out synthetic split)
     val_every: int = 10  # steps (and the last step); 0 = off; val/* metrics
@@ -244,6 +245,7 @@ def validate(cfg: Config, here: bool = True) -> None:
     need(t.mode in ("sync", "async"), f"trainer.mode={t.mode!r}: use sync or async")
     need(t.total_steps >= 1, "trainer.total_steps must be >= 1")
     need(t.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1")
+    need(t.dynamic_sampling_rounds >= 0, "trainer.dynamic_sampling_rounds must be >= 0 (0 turns it off)")
     need(t.prompts_per_step * r.group_size >= lr.num_ranks,
          f"trainer.prompts_per_step x rollout.group_size = {t.prompts_per_step * r.group_size} rows cannot be "
          f"split over learner.num_ranks={lr.num_ranks}; raise prompts_per_step or lower num_ranks")

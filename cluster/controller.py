@@ -153,7 +153,7 @@ class Trainer:
             timings[f"time/{name}_s"] = time.perf_counter() - t0
 
         with phase("generate"):
-            rollout = self.generate()
+            rollout, sampling = self.generate()
         self.metrics.log_samples(self.step + 1, rollout, self.dataset)
         with phase("advantages"):
             batch, extra = self.advantages(rollout)
@@ -162,36 +162,66 @@ class Trainer:
         with phase("sync"):
             sync_metrics = self.sync()
         timings["time/step_s"] = time.perf_counter() - t_step
-        return {**self.step_metrics(rollout), **learner_metrics, **sync_metrics, **extra, **timings}
+        return {**self.step_metrics(rollout), **learner_metrics, **sync_metrics, **extra, **sampling, **timings}
 
-    def generate(self) -> RolloutBatch:
-        """This step's rollouts (launched by the previous step in async mode); in async mode also
-        launch the next step's, to overlap the update."""
+    def generate(self) -> tuple[RolloutBatch, dict[str, float]]:
+        """This step's rollouts (launched by the previous step in async mode), refilled by dynamic
+        sampling; in async mode also launch the next step's, to overlap the update."""
         chunks = self.pending or self.launch(self.step)
         self.pending = None
-        rollout = concat_rollouts(self.fleet.collect(chunks, f"step {self.step}: generate", self.version))
-        for reason, ids in rollout.skipped_prompts.items():
-            self.fleet.faults[f"prompts_{reason}"] += len(ids)
-            log.warning("step %d: %d prompts skipped (%s): %s", self.step, len(ids), reason, ids[:5])
+        rollout, extra = self.dynamic_sampling(self.collect(chunks))
         if self.cfg.trainer.mode == "async" and self.step + 1 < self.cfg.trainer.total_steps:
             self.pending = self.launch(self.step + 1)
         if rollout.completion_ids.shape[0] == 0:
             raise StageError(f"step {self.step}: every prompt of the batch was skipped; see the warnings above")
+        return rollout, extra
+
+    def collect(self, chunks: list[Chunk]) -> RolloutBatch:
+        rollout = concat_rollouts(self.fleet.collect(chunks, f"step {self.step}: generate", self.version))
+        for reason, ids in rollout.skipped_prompts.items():
+            self.fleet.faults[f"prompts_{reason}"] += len(ids)
+            log.warning("step %d: %d prompts skipped (%s): %s", self.step, len(ids), reason, ids[:5])
         return rollout
 
-    def launch(self, step: int) -> list[Chunk]:
-        """Draw the prompts of ``step`` and start generating them. Each chunk's seed depends only on
-        (run seed, step, chunk), so a resumed run or a retried chunk samples exactly the same."""
+    def dynamic_sampling(self, rollout: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
+        """DAPO dynamic sampling (``trainer.dynamic_sampling_rounds`` > 0): a group whose rewards are
+        all equal has no advantage, so it is dropped and a new batch of prompts is generated, up to
+        that many extra rounds, until ``prompts_per_step`` groups are kept (the surplus is dropped)."""
+        rounds, want, kept, dropped = self.cfg.trainer.dynamic_sampling_rounds, self.cfg.trainer.prompts_per_step, [], 0
+        if not rounds:
+            return rollout, {}
+        for r in range(rounds + 1):
+            if r:
+                rollout = self.collect(self.launch(self.step, r))
+            rewards = rollout.total_rewards().view(-1, rollout.group_size)
+            spread = (rewards.max(1).values > rewards.min(1).values).nonzero().flatten().tolist()
+            dropped += rewards.shape[0] - len(spread)
+            kept.append(rollout.groups(spread))
+            if sum(len(k.sample_ids) for k in kept) >= want:
+                break
+        batch = concat_rollouts(kept)
+        n = min(len(batch.sample_ids), want)
+        if not n:
+            log.warning("step %d: no group with a reward spread in %d rounds; training on the last", self.step, r + 1)
+        return batch.groups(range(n)) if n else rollout, {
+            "sampling/extra_rounds": float(r), "sampling/dropped_groups": float(dropped), "sampling/kept_groups": float(n)}
+
+    def launch(self, step: int, round_: int = 0) -> list[Chunk]:
+        """Draw the prompts of ``step`` (dynamic sampling's extra ``round_``) and start generating them.
+        Each chunk's seed depends only on (run seed, step, round, chunk), so a resumed run or a
+        retried chunk samples exactly the same."""
         self.sampler_state_undrawn = self.sampler.state_dict()  # a checkpoint meanwhile draws them again
         r, seed = self.cfg.rollout, self.cfg.trainer.seed
         sampling = [SamplingConfig(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                   max_tokens=r.max_tokens, seed=(seed * 1_000_003 + step * 1_009 + i) % 2**31)
+                                   max_tokens=r.max_tokens,
+                                   seed=(seed * 1_000_003 + step * 1_009 + round_ * 100_003 + i) % 2**31)
                     for i in range(len(self.fleet.slots))]
         return self.fleet.launch(next(self.sampler), sampling)
 
     def advantages(self, rollout: RolloutBatch) -> tuple[TrainBatch, dict[str, float]]:
+        lc = self.cfg.learner
         adv, zero_groups = group_advantages(rollout.total_rewards(), rollout.group_size,
-                                            scale_by_std=self.cfg.learner.scale_adv_by_std)
+                                            scale_by_std=lc.scale_adv_by_std, leave_one_out=lc.algorithm == "rloo")
         batch = TrainBatch.from_rollout(rollout, adv)
         if rollout.weights_version < self.version:  # off-policy: the behaviour policy is the sampler's
             batch.old_logprobs = rollout.sampling_logprobs

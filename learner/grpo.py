@@ -12,6 +12,10 @@ Per valid token ``(i, t)``::
     kl (k3)    = exp(ref_logp - logp) - (ref_logp - logp) - 1
     token_loss = pg + beta * kl
 
+GSPO (``importance_sampling_level="sequence"``, as TRL): one ratio per row,
+``exp(sum_t (logp - old_logp) m_t / L_i)``, clipped as a whole. RLOO (``leave_one_out``): the
+advantage is ``r_i - mean_{j != i} r_j`` (the group's other rewards as the baseline).
+
 Aggregations (``loss_agg``), with ``m`` the mask, ``L_i = sum_t m_it`` and ``sum`` over the rows
 and tokens this call receives:
 
@@ -65,12 +69,13 @@ def normalize_loss_agg(loss_agg: str) -> str:
 
 @torch.no_grad()
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
-                     eps: float = 1e-4) -> tuple[torch.Tensor, int]:
+                     eps: float = 1e-4, leave_one_out: bool = False) -> tuple[torch.Tensor, int]:
     """Group-relative advantages for group-major rewards: ``rewards[N]`` holds ``N / group_size`` groups,
     rows ``g*G .. g*G+G-1`` being group ``g``. Returns ``(advantages[N] float32, num_zero_std_groups)``:
 
     * ``scale_by_std=True`` (GRPO): ``(r - mean_g) / (std_g + eps)``, ``std_g`` unbiased (as TRL);
-    * ``scale_by_std=False`` (Dr. GRPO): ``r - mean_g``.
+    * ``scale_by_std=False`` (Dr. GRPO): ``r - mean_g``;
+    * ``leave_one_out`` (RLOO): ``r - mean_{g, j != i} = (r - mean_g) * G / (G - 1)`` before any scaling.
 
     A group whose rewards are all equal gets exactly 0 (no float noise from the mean) and is
     counted in ``num_zero_std_groups`` (a group of size 1 always is).
@@ -83,6 +88,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
     r = rewards.detach().to(torch.float32).view(-1, group_size)
     mean = r.mean(dim=1, keepdim=True)
     adv = r - mean
+    if leave_one_out:
+        if group_size < 2:
+            raise ValueError("a leave-one-out baseline (RLOO) needs groups of at least 2 completions")
+        adv = adv * (group_size / (group_size - 1))
     zero = (r.max(dim=1).values == r.min(dim=1).values)  # [num_groups]
     if scale_by_std:
         std = r.std(dim=1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(mean)
@@ -96,7 +105,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], adva
               epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_agg: str = "seq_mean_token_mean",
               max_len_norm: Optional[int] = None, *, global_num_seqs: Optional[float] = None,
               global_num_tokens: Optional[float] = None, importance_weights: Optional[torch.Tensor] = None,
-              loss_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              loss_scale: float = 1.0, importance_sampling_level: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped GRPO loss of one (micro-)batch; the formulas are in the module docstring.
 
     Args:
@@ -116,6 +125,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], adva
         importance_weights: optional ``[N, T]`` per-token weights (no grad) multiplying the policy-gradient
             term, e.g. truncated importance sampling between the sampler's and the learner's log-probs.
         loss_scale: multiplies the returned loss (``world_size`` under data-parallel averaging).
+        importance_sampling_level: ``"token"`` (GRPO) or ``"sequence"`` (GSPO: the row's mean log-ratio).
 
     Returns:
         ``(loss, metrics)``; ``loss`` is a scalar with grad. ``metrics`` holds detached 0-dim tensors:
@@ -143,6 +153,10 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], adva
     log_ratio = logprobs - old_logprobs.to(logprobs.dtype)
     # Masked positions may hold garbage (e.g. -inf): keep them finite so 0 * x stays 0.
     log_ratio = torch.where(m > 0, log_ratio, torch.zeros_like(log_ratio))
+    if importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)).expand(n, t)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be token or sequence, got {importance_sampling_level!r}")
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
     pg = -torch.min(ratio * adv, clipped * adv)

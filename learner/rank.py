@@ -287,7 +287,8 @@ class Learner(LearnerWeights):
                                     epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                                     loss_agg=cfg.loss_agg, max_len_norm=counts["len_norm"],
                                     global_num_seqs=counts["seqs"], global_num_tokens=counts["tokens"],
-                                    importance_weights=iw, loss_scale=self.world_size)
+                                    importance_weights=iw, loss_scale=self.world_size,
+                                    importance_sampling_level="sequence" if cfg.algorithm == "gspo" else "token")
                 if not real:
                     loss = loss * 0.0
                 # A non-finite loss on any rank: this micro-batch contributes no gradient on every

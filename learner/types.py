@@ -10,6 +10,7 @@ from PIL import Image
 from .grpo import normalize_loss_agg
 
 
+ALGORITHMS = ("grpo", "gspo", "rloo")
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
 
@@ -56,7 +57,8 @@ class LearnerConfig:
     epsilon_high: float = 0.2  # > epsilon_low: DAPO clip-higher
     num_iterations: int = 1  # μ: optimiser steps per batch
     loss_agg: str = "seq_mean_token_mean"  # | token_mean | seq_mean_token_sum_norm (or grpo/dapo/dr_grpo)
-    scale_adv_by_std: bool = True  # group advantages divided by the group's reward std
+    algorithm: str = "grpo"  # grpo | gspo (one importance ratio per sequence) | rloo (leave-one-out baseline)
+    scale_adv_by_std: Optional[bool] = None  # advantages / the group's reward std; None: yes, except for rloo
     tis_cap: Optional[float] = None  # truncated importance sampling vs sampling_logprobs (e.g. 2.0)
     compute_entropy: bool = True
 
@@ -80,6 +82,10 @@ class LearnerConfig:
             if not ok:
                 raise ValueError(msg)
         self.loss_agg = normalize_loss_agg(self.loss_agg)
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.scale_adv_by_std is None:
+            self.scale_adv_by_std = self.algorithm != "rloo"
         self.betas = tuple(self.betas)  # type: ignore[assignment]
 
     def torch_dtype(self, on_gpu: bool) -> torch.dtype:

@@ -2,8 +2,8 @@
 PIL images: picklable by Ray, nothing the learner must re-parse."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -80,6 +80,16 @@ class RolloutBatch:
         """Weighted sum over reward functions, shape [N]."""
         w = torch.tensor(self.reward_weights, dtype=torch.float32)
         return (self.rewards * w).sum(-1)
+
+    def groups(self, index: Sequence[int]) -> RolloutBatch:
+        """The batch of the prompts ``index`` (in that order) and their groups' rows."""
+        index, g = list(index), self.group_size
+        rows = torch.tensor([p * g + j for p in index for j in range(g)], dtype=torch.long)
+        per_prompt = {k: [getattr(self, k)[p] for p in index] for k in ("sample_ids", "prompts_text", "images")}
+        per_row = {k: [getattr(self, k)[i] for i in rows.tolist()] for k in ("completions_text", "finish_reasons")}
+        return replace(self, **per_prompt, **per_row, completion_ids=self.completion_ids[rows],
+                       completion_mask=self.completion_mask[rows], sampling_logprobs=self.sampling_logprobs[rows],
+                       rewards=self.rewards[rows])
 
 
 def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:

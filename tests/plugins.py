@@ -16,3 +16,8 @@ def char_variety(completions, samples, **kwargs):
     """A dense reward that differs between almost any two completions (distinct characters / 10):
     tests use it so that every GRPO group has non-zero advantages from the first step."""
     return [len(set(c)) / 10.0 for c in completions]
+
+
+def length_parity(completions, samples, **kwargs):
+    """1 for a completion of odd length, else 0: a coarse reward, so that some groups have no spread."""
+    return [float(len(c) % 2) for c in completions]

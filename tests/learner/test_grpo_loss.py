@@ -317,3 +317,65 @@ def test_all_masked_batch_is_zero_and_finite():
         assert torch.isfinite(m["ratio_min"]) and torch.isfinite(m["ratio_max"])
         loss.backward()
         assert torch.all(x.grad == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# RLOO (leave-one-out baseline) and GSPO (sequence-level ratio), against loops
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale_by_std", [False, True])
+def test_rloo_advantages_match_leave_one_out_loop(scale_by_std):
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.rand(20, generator=g)
+    rewards[5:10] = 0.7  # zero-spread group
+    adv, nz = group_advantages(rewards, 5, scale_by_std=scale_by_std, leave_one_out=True)
+    ref = []
+    for s in range(0, 20, 5):
+        grp = rewards[s:s + 5].tolist()
+        for i, r in enumerate(grp):
+            others = grp[:i] + grp[i + 1:]
+            a = r - sum(others) / len(others)
+            ref.append(a / (statistics.stdev(grp) + 1e-4) if scale_by_std and len(set(grp)) > 1 else a)
+    assert nz == 1 and torch.all(adv[5:10] == 0)
+    torch.testing.assert_close(adv, torch.tensor(ref, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        group_advantages(rewards, 1, leave_one_out=True)
+
+
+def naive_gspo_loss(lp, old, adv, mask, el, eh, agg, num_tokens=None):
+    """One ratio per row: exp(mean over the row's valid tokens of (logp - old)), clipped as a whole;
+    the row's loss -min(s A, clip(s) A) counts once per valid token."""
+    n, t = lp.shape
+    num_tokens = num_tokens or max(int(sum(sum(r) for r in mask)), 1)
+    total = lp.new_zeros(())
+    for i in range(n):
+        idx = [j for j in range(t) if mask[i][j]]
+        if not idx:
+            continue
+        s = torch.exp(sum(lp[i, j] - old[i][j] for j in idx) / len(idx))
+        sc = s if 1 - el <= s.item() <= 1 + eh else s * 0 + min(max(s.item(), 1 - el), 1 + eh)
+        row = -(s * adv[i] if (s * adv[i]).item() <= (sc * adv[i]).item() else sc * adv[i])
+        total = total + (row / n if agg == "seq_mean_token_mean" else row * len(idx) / num_tokens)
+    return total
+
+
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean"])
+@pytest.mark.parametrize("spread", [0.02, 0.6])  # inside and outside the clip range
+def test_gspo_sequence_ratio_matches_naive_value_and_grad(agg, spread):
+    lp, old, adv, mask, _ = make_batch(seed=7, spread=spread)
+    el, eh = 3e-2, 4e-2
+    x = lp.clone().requires_grad_(True)
+    loss, m = grpo_loss(x, old, adv, mask, epsilon_low=el, epsilon_high=eh, loss_agg=agg,
+                        importance_sampling_level="sequence")
+    loss.backward()
+    y = lp.clone().requires_grad_(True)
+    o, a, mk = to_lists(old, adv, mask)
+    ref = naive_gspo_loss(y, o, a, mk, el, eh, agg)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-12)
+    # a control: the token-level ratio gives another loss on the same batch
+    tok, _ = grpo_loss(lp, old, adv, mask, epsilon_low=el, epsilon_high=eh, loss_agg=agg)
+    assert abs(tok.item() - ref.item()) > 1e-6
+    assert m["ratio_min"] <= m["ratio_mean"] <= m["ratio_max"]
+    with pytest.raises(ValueError, match="token or sequence"):
+        grpo_loss(lp, old, adv, mask, importance_sampling_level="seq")
