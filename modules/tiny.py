@@ -123,45 +123,35 @@ def _qwen_text_kwargs(p: SizePreset, tok) -> dict[str, Any]:
                 pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
 
 
-def _build_qwen(family: str, p: SizePreset, tok):
+def _build_qwen(family: str, p: SizePreset, seed: int):
     import transformers as tf
 
+    tok = train_tokenizer(QWEN_SPECIAL, seed)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    head_dim = p.hidden // p.heads
+    head_dim, patch, merge = p.hidden // p.heads, 16 if family == "qwen3-vl" else 14, 2
     mrope = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]  # sums to head_dim / 2
-    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope}
-    text = _qwen_text_kwargs(p, tok)
+    text = {**_qwen_text_kwargs(p, tok), "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                              "mrope_section": mrope}}
     tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    vision = dict(num_heads=2, patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2)
     if family == "qwen2-vl":
-        vision = dict(depth=p.vision_depth, embed_dim=p.vision_hidden, hidden_size=p.hidden, num_heads=2,
-                      mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-        cfg = tf.Qwen2VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision,
-                               tie_word_embeddings=False, **tokens)
-        model_cls, proc_cls, img_cls = tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor, tf.Qwen2VLImageProcessor
-        patch = 14
-    elif family == "qwen2.5-vl":
-        vision = dict(depth=p.vision_depth + 1, hidden_size=p.vision_hidden, out_hidden_size=p.hidden,
-                      intermediate_size=2 * p.vision_hidden, num_heads=2, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=56, fullatt_block_indexes=[p.vision_depth])
-        cfg = tf.Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision,
-                                  tie_word_embeddings=False, **tokens)
-        model_cls, proc_cls, img_cls = (tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLProcessor,
-                                        tf.Qwen2VLImageProcessor)
-        patch = 14
-    else:  # qwen3-vl
-        rope3 = {**rope, "mrope_interleaved": True}
-        text3 = {**text, "head_dim": head_dim, "rope_parameters": rope3}
-        vision = dict(depth=p.vision_depth, hidden_size=p.vision_hidden, out_hidden_size=p.hidden,
-                      intermediate_size=2 * p.vision_hidden, num_heads=2, patch_size=16, spatial_merge_size=2,
-                      temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
-        cfg = tf.Qwen3VLConfig(text_config=text3, vision_config=vision, tie_word_embeddings=False, **tokens)
-        model_cls, proc_cls, img_cls = tf.Qwen3VLForConditionalGeneration, tf.Qwen3VLProcessor, tf.Qwen2VLImageProcessor
-        patch = 16
-    merge = 2
+        vision.update(depth=p.vision_depth, embed_dim=p.vision_hidden, hidden_size=p.hidden, mlp_ratio=2)
+        cfg_cls, model_cls, proc_cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor
+    else:
+        vision.update(hidden_size=p.vision_hidden, out_hidden_size=p.hidden, intermediate_size=2 * p.vision_hidden)
+    if family == "qwen2.5-vl":
+        vision.update(depth=p.vision_depth + 1, window_size=56, fullatt_block_indexes=[p.vision_depth])
+        cfg_cls, model_cls, proc_cls = (tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration,
+                                        tf.Qwen2_5_VLProcessor)
+    elif family == "qwen3-vl":
+        text.update(head_dim=head_dim, rope_parameters={**text["rope_parameters"], "mrope_interleaved": True})
+        vision.update(depth=p.vision_depth, num_position_embeddings=64, deepstack_visual_indexes=[0])
+        cfg_cls, model_cls, proc_cls = tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration, tf.Qwen3VLProcessor
+    cfg = cfg_cls(text_config=text, vision_config=vision, **tokens)
     # Small images keep tests fast: at most 16x16 merged tokens, at least one.
     size = {"shortest_edge": (patch * merge) ** 2, "longest_edge": (patch * merge) ** 2 * 16}  # pixels
-    image_processor = img_cls(patch_size=patch, merge_size=merge, temporal_patch_size=2, size=size)
+    image_processor = tf.Qwen2VLImageProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2, size=size)
     video_cls = tf.Qwen3VLVideoProcessor if family == "qwen3-vl" else tf.Qwen2VLVideoProcessor
     video_processor = video_cls(patch_size=patch, merge_size=merge, temporal_patch_size=2, size=dict(size))
     processor = proc_cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
@@ -169,21 +159,26 @@ def _build_qwen(family: str, p: SizePreset, tok):
     return cfg, model_cls, processor
 
 
-def _build_internvl(p: SizePreset, tok):
+def _build_internvl(p: SizePreset, seed: int):
+    """InternVL's processor reads ``tokenizer.start_image_token`` etc.: named extra special tokens of a
+    rebuilt tokenizer, so that they survive ``save_pretrained``."""
     import transformers as tf
 
+    tok = train_tokenizer(INTERNVL_SPECIAL, seed)
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token=tok.eos_token,
+                                     pad_token=tok.pad_token, model_max_length=tok.model_max_length,
+                                     extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                                                           "context_image_token": "<IMG_CONTEXT>",
+                                                           "video_token": "<video>"})
     image_size, patch = 56, 14
     seq_len = int((image_size // patch) ** 2 * 0.5**2)  # 4 tokens per tile
-    tok.start_image_token, tok.end_image_token = "<img>", "</img>"
-    tok.context_image_token, tok.video_token = "<IMG_CONTEXT>", "<video>"
     text = {**_qwen_text_kwargs(p, tok), "model_type": "qwen2", "head_dim": p.hidden // p.heads,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}
     vision = dict(hidden_size=p.vision_hidden, num_hidden_layers=p.vision_depth, num_attention_heads=2,
                   intermediate_size=2 * p.vision_hidden, image_size=[image_size, image_size],
                   patch_size=[patch, patch])
     cfg = tf.InternVLConfig(vision_config=vision, text_config=text, image_seq_length=seq_len,
-                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
-                            downsample_ratio=0.5, tie_word_embeddings=False)
+                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5)
     image_processor = tf.GotOcr2ImageProcessor(size={"height": image_size, "width": image_size},
                                                crop_to_patches=True, min_patches=1, max_patches=4)
     video_processor = tf.InternVLVideoProcessor(size={"height": image_size, "width": image_size})
@@ -201,23 +196,17 @@ def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, size: str 
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    p = SIZES[size]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if family == "internvl":
-        tok = train_tokenizer(INTERNVL_SPECIAL, seed)
-        tok_extra = {"start_image_token": "<img>", "end_image_token": "</img>",
-                     "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
-        tok = _with_extra_special(tok, tok_extra)
-        cfg, model_cls, processor = _build_internvl(p, tok)
+        cfg, model_cls, processor = _build_internvl(SIZES[size], seed)
     else:
-        tok = train_tokenizer(QWEN_SPECIAL, seed)
-        cfg, model_cls, processor = _build_qwen(family, p, tok)
+        cfg, model_cls, processor = _build_qwen(family, SIZES[size], seed)
     cfg.tie_word_embeddings = cfg.get_text_config().tie_word_embeddings = tied
     torch.manual_seed(seed)
     model = model_cls(cfg)
     model.generation_config.eos_token_id = cfg.get_text_config().eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -225,16 +214,6 @@ def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, size: str 
             "num_parameters": sum(t.numel() for t in model.parameters())}
     (out / "vlgrpo_tiny.json").write_text(json.dumps(meta, indent=2))
     return out
-
-
-def _with_extra_special(tok, extra: dict[str, str]):
-    """Rebuild the tokenizer with named extra special tokens (InternVL's processor reads
-    ``tokenizer.start_image_token`` etc., which must survive ``save_pretrained``)."""
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token=tok.eos_token,
-                                   pad_token=tok.pad_token, model_max_length=tok.model_max_length,
-                                   extra_special_tokens=extra)
 
 
 def warm_up_format(model_dir: str | Path, module, conversations: Sequence[list[dict[str, Any]]],
