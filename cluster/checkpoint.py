@@ -1,13 +1,12 @@
 """Atomic file writes and numbered, atomically committed checkpoint directories.
 
-Under ``OUTPUT_DIR/checkpoints``: ``step_000010/`` (committed), ``step_000010.prev-1/`` (an earlier
-checkpoint of step 10 moved aside, never deleted here), ``step_000020.tmp/`` (being written or left
-by a crash: ignored) and ``latest`` (names the newest committed one). ``begin(step)`` creates
-``step_N.tmp``, the caller fills it, ``commit(step, tmp)`` fsyncs and renames it, so a crash at any
-point leaves the previous checkpoint as the newest. Nothing committed is deleted except by
-``keep_last`` rotation among the checkpoints of the same :class:`CheckpointManager` (run); an
-existing ``step_N`` (a re-run into the same directory) and any later ``step_M`` (a timeline
-abandoned by resuming from an earlier step) are renamed to ``step_*.prev-K`` when N is committed.
+Under ``OUTPUT_DIR/checkpoints``: ``step_000010/`` (committed), ``step_000010.prev-1/`` (an earlier checkpoint
+of step 10 moved aside, never deleted here), ``step_000020.tmp/`` (being written, or left by a crash: ignored)
+and ``latest`` (names the newest committed one). ``begin(step)`` creates ``step_N.tmp``, the caller fills it,
+``commit(step, tmp)`` fsyncs and renames it: a crash at any point leaves the previous checkpoint the newest.
+Only ``keep_last`` rotation among one :class:`CheckpointManager`'s (run's) own commits deletes anything
+committed; when N is committed, an existing ``step_N`` (a re-run into the same directory) and any later
+``step_M`` (a timeline abandoned by resuming from an earlier step) are renamed to ``step_*.prev-K``.
 """
 from __future__ import annotations
 
@@ -96,11 +95,8 @@ def _json_default(x: Any) -> Any:
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     """A committed checkpoint directory: named ``step_N`` (not ``.tmp`` / ``.prev-K``) with a
     readable ``trainer_state.json`` holding a JSON object."""
-    path = Path(path)
-    if not path.is_dir() or not _STEP_RE.match(path.name):
-        return False
     try:
-        return isinstance(load_trainer_state(path), dict)
+        return bool(_STEP_RE.match(Path(path).name)) and load_trainer_state(path) is not None
     except (OSError, ValueError):
         return False
 
@@ -127,12 +123,10 @@ def move_aside(path: Path) -> Path:
 
 
 class CheckpointManager:
-    """Numbered, atomically committed checkpoints under ``OUTPUT_DIR/checkpoints``.
-
-    ``keep_last``: how many of this manager's own commits are kept (older ones are deleted at each
-    commit); ``None`` or ``<= 0`` keeps all. Checkpoints it did not commit (earlier runs, the one
-    resumed from, ``.prev-K``) are never deleted. ``fsync``: flush every file of a checkpoint to disk
-    before publishing it (durable across power loss; costs time on very large checkpoints)."""
+    """Numbered, atomically committed checkpoints under ``OUTPUT_DIR/checkpoints``. ``keep_last``: how many of
+    this manager's own commits are kept (older ones are deleted at each commit; ``None`` or ``<= 0``: all); those
+    it did not commit (earlier runs, the one resumed from, ``.prev-K``) are never deleted. ``fsync``: flush every
+    file of a checkpoint to disk before publishing it (durable across power loss; slow for very large ones)."""
 
     def __init__(self, output_dir: str | os.PathLike, keep_last: Optional[int] = 3, fsync: bool = True):
         self.root = Path(output_dir) / CHECKPOINTS_DIRNAME
@@ -207,8 +201,7 @@ class CheckpointManager:
                       and p.is_dir() and (not complete_only or is_complete_checkpoint(p)))
 
     def latest(self) -> Optional[Path]:
-        """The newest complete checkpoint (highest step with a valid ``trainer_state.json``); ``.tmp``
-        and ``.prev-K`` directories are ignored. None when there is none."""
+        """The newest complete checkpoint (highest step with a valid ``trainer_state.json``), or None."""
         ckpts = self.list_checkpoints()
         return ckpts[-1][1] if ckpts else None
 

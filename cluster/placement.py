@@ -1,13 +1,12 @@
 """Placement: where every actor goes and how each rollout worker gets its weights.
 
-``plan_layout(cfg, nodes)`` is a pure function from the run config and a cluster description to the
-placement groups (bundles), the actors (resources, planned node and GPUs) and each worker's sync
-transport, so that a layout we cannot run or sync is rejected before any actor starts, and
-``vlgrpo plan --nodes N --gpus-per-node K`` shows it for a cluster one does not have. The fleet
-starts actors from it and decides transports with the same rule (``transport``) from where the
-actors really landed. Placement mirrors Ray's PACK: the learner ranks in one group (filled node
-by node), each rollout worker in its own group (so workers come and go while the run goes on), or,
-with ``rollout.colocate``, worker ``i`` in learner rank ``i``'s GPU bundle.
+``plan_layout(cfg, nodes)``, a pure function of the run config and a cluster description, gives the placement
+groups (bundles), the actors (resources, planned node and GPUs) and each worker's sync transport: a layout we
+cannot run or sync fails before any actor starts, and ``vlgrpo plan --nodes N --gpus-per-node K`` shows it for
+a cluster one does not have. The fleet starts actors from it and picks transports by the same rule
+(``transport``) from where the actors really landed. Placement mirrors Ray's PACK: the learner ranks in one
+group (filled node by node), each rollout worker in its own group (so workers come and go while the run goes
+on), or, with ``rollout.colocate``, worker ``i`` in learner rank ``i``'s GPU bundle.
 """
 from __future__ import annotations
 
@@ -164,12 +163,10 @@ def cluster_nodes() -> list[Node]:
 
 
 def init_ray(address: Optional[str], needed_cpus: float) -> None:
-    """Connect to a running cluster (``ray job submit`` sets RAY_ADDRESS) or start a local one.
-
-    A local one binds to 127.0.0.1 and gets at least ``needed_cpus`` logical CPUs (actors are
-    mostly idle while others compute, so oversubscribing a laptop's cores is intended). Every
-    actor gets ``NCCL_CUMEM_ENABLE=0``, the value vLLM sets in its own processes: NCCL members of one
-    group must agree on it."""
+    """Connect to a running cluster (``ray job submit`` sets RAY_ADDRESS) or start a local one, on 127.0.0.1
+    with at least ``needed_cpus`` logical CPUs (actors are mostly idle while others compute: oversubscribing a
+    laptop's cores is intended). Every actor gets ``NCCL_CUMEM_ENABLE=0``, the value vLLM sets in its own
+    processes: NCCL members of one group must agree on it."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -193,10 +190,9 @@ def placement_group(bundles: list[dict[str, float]], timeout_s: float):
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         ray.util.remove_placement_group(pg)
-        raise RuntimeError(
-            f"the cluster cannot place {bundles} within {timeout_s:.0f}s; available: "
-            f"{ray.available_resources()}. Lower learner.num_ranks / rollout.num_workers or the GPUs per actor"
-        )
+        raise RuntimeError(f"the cluster cannot place {bundles} within {timeout_s:.0f}s; available: "
+                           f"{ray.available_resources()}. Lower learner.num_ranks / rollout.num_workers or the "
+                           "GPUs per actor")
     return pg
 
 

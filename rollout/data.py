@@ -1,15 +1,15 @@
 """VLM-R1 JSONL datasets, read as-is, and a deterministic resumable prompt sampler.
 
-A row: ``{"id": "42", "image": "a.jpg" | ["a.png", "b.png"] | absent, "conversations": [{"from":
-"human", "value": "<image>What is ...?"}, {"from": "gpt", "value": "answer"}], "accu_reward_method":
-"mcq", "options": [...]}`` (the last two optional). Several files combine, each with its own image
-folder and default reward method (:class:`DataSource`). A row becomes a ``Sample`` whose prompt is a
-transformers chat conversation with one ``{"type": "image"}`` item per ``<image>`` placeholder.
+A row: ``{"id": "42", "image": "a.jpg" | ["a.png", "b.png"] | absent, "conversations": [{"from": "human",
+"value": "<image>What is ...?"}, {"from": "gpt", "value": "answer"}], "accu_reward_method": "mcq", "options":
+[...]}`` (the last two optional). Several files combine, each with its own image folder and default reward
+method (:class:`DataSource`). A row becomes a ``Sample`` whose prompt is a transformers chat conversation with
+one ``{"type": "image"}`` item per ``<image>`` placeholder.
 
-Bad rows never crash loading: invalid JSON, no question, no answer, a missing, unreadable or
-corrupt image are skipped, logged and counted by reason in ``dataset.skipped``; only a file with
-no usable row is an error. Images are decoded once at load time (catching truncated files) and
-again each time a sample is built; one that fails later is counted and skipped by the sampler.
+Bad rows never crash loading: invalid JSON, no question, no answer, a missing, unreadable or corrupt image are
+skipped, logged and counted by reason in ``dataset.skipped``; only a file with no usable row is an error.
+Images are decoded at load time (catching truncated files) and again for each sample built; one that fails
+then is counted and skipped by the sampler.
 """
 from __future__ import annotations
 
@@ -46,10 +46,9 @@ class BadRow(Exception):
 
 @dataclass
 class DataSource:
-    """One JSONL file. ``image_folder`` defaults to the file's directory; ``accu_reward_method`` is
-    the default for rows that do not set their own. ``question_template`` wraps each question, like
-    VLM-R1's ``QUESTION_TEMPLATE`` (``"{question} First output the thinking process in <think>
-    </think> tags and then output the final answer in <answer> </answer> tags."``)."""
+    """One JSONL file. ``image_folder`` defaults to the file's directory; ``accu_reward_method`` is the default
+    for rows that set none; ``question_template`` wraps each question, like VLM-R1's ``QUESTION_TEMPLATE``
+    (``"{question} First output the thinking process in <think> </think> tags and then ..."``)."""
 
     path: PathLike
     image_folder: Optional[PathLike] = None
@@ -126,9 +125,13 @@ def load_image(path: Path) -> Image.Image:
         raise BadRow("unreadable_image", f"{path}: {type(e).__name__}: {e}") from e
 
 
-def parse_row(row: Any, source: DataSource, image_folder: Path, line_no: int) -> Sample:
-    """Validate one decoded JSON row and turn it into a record: its Sample without the images, which
+def parse_row(line: str, source: DataSource, image_folder: Path, line_no: int) -> Sample:
+    """Validate one JSONL line and turn it into a record: its Sample without the images, which
     are decoded here once and again from ``meta["image_paths"]`` for each draw (raises BadRow)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRow("invalid_json", str(e)) from e
     if not isinstance(row, dict):
         raise BadRow("bad_row", f"row is a {type(row).__name__}, not an object")
     question, answer = _question_and_answer(row)
@@ -198,11 +201,7 @@ def _read_source(source: DataSource) -> tuple[list[Sample], Counter]:
             if not line.strip():
                 continue
             try:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise BadRow("invalid_json", str(e)) from e
-                records.append(parse_row(row, source, folder, line_no))
+                records.append(parse_row(line, source, folder, line_no))
             except BadRow as e:
                 skipped[e.reason] += 1
                 if sum(skipped.values()) <= _MAX_WARNINGS_PER_FILE:
@@ -226,10 +225,9 @@ def load_datasets(sources: Union[DataSource, Sequence[DataSource]]) -> PromptDat
 
 
 class PromptSampler:
-    """Endless, seeded batches of Samples: each epoch is a fresh permutation of the dataset (``seed`` and
-    epoch number determine it), and a batch runs on into the next epoch rather than coming out short.
-    ``state_dict()`` / ``load_state_dict()`` resume exactly (epoch, position). Rows whose images fail to
-    decode at draw time are skipped (and counted by the dataset)."""
+    """Endless, seeded batches of Samples: each epoch a fresh permutation (of ``seed`` and the epoch number), a
+    batch running on into the next epoch rather than coming out short. ``state_dict()`` / ``load_state_dict()``
+    resume exactly (epoch, position). Rows whose images fail to decode when drawn are skipped (and counted)."""
 
     def __init__(self, dataset: PromptDataset, batch_size: int, seed: int = 0):
         if batch_size < 1:

