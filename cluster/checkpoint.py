@@ -23,9 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 CHECKPOINTS_DIRNAME = "checkpoints"
-LEARNER_DIRNAME = "learner"
 TRAINER_STATE_NAME = "trainer_state.json"
-LATEST_NAME = "latest"
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_RE = re.compile(r"^step_(\d+)\.tmp$")
@@ -144,7 +142,7 @@ class CheckpointManager:
         tmp = self._dir(step, ".tmp")
         if tmp.exists():  # left by a crash: never committed
             shutil.rmtree(tmp)
-        (tmp / LEARNER_DIRNAME).mkdir(parents=True)
+        (tmp / "learner").mkdir(parents=True)
         return tmp
 
     def commit(self, step: int, tmp_dir: str | os.PathLike) -> Path:
@@ -167,7 +165,7 @@ class CheckpointManager:
                           f"moved to {moved.name}; it is not deleted automatically")
         os.replace(tmp, final)
         _fsync(self.root)
-        atomic_write_text(self.root / LATEST_NAME, final.name + "\n")
+        atomic_write_text(self.root / "latest", final.name + "\n")
         self._committed.add(int(step))
         self._cleanup(int(step))
         return final

@@ -100,10 +100,9 @@ def check_sync_devices(backend: str, members: list[tuple[str, Any, tuple]]) -> N
             seen[node, g] = role
 
 
-def plan_layout(cfg, nodes: list[Node], num_workers: Optional[int] = None) -> Layout:
+def plan_layout(cfg, nodes: list[Node]) -> Layout:
     """Bundles, actors and transports for ``cfg`` on ``nodes`` (see the module docstring)."""
     r, lr = cfg.rollout, cfg.learner
-    n_workers = r.num_workers if num_workers is None else num_workers
     has_gpus = any(n.gpus for n in nodes)
     backend = cfg.sync.backend if cfg.sync.backend != "auto" else ("nccl" if has_gpus else "gloo")
     lg = (1.0 if has_gpus else 0.0) if lr.gpus_per_rank < 0 else float(lr.gpus_per_rank)
@@ -113,9 +112,9 @@ def plan_layout(cfg, nodes: list[Node], num_workers: Optional[int] = None) -> La
         if r.tensor_parallel_size != 1 or lg != 1 or wg not in (0, 1):
             raise PlacementError("rollout.colocate puts one TP-1 engine on each learner rank's GPU: set "
                                  "rollout.tensor_parallel_size=1 and leave learner.gpus_per_rank / rollout.gpus_per_worker at -1")
-        if n_workers > lr.num_ranks:
-            raise PlacementError(f"rollout.colocate: {n_workers} rollout workers but {lr.num_ranks} learner GPUs to "
-                                 "share; set rollout.num_workers <= learner.num_ranks")
+        if r.num_workers > lr.num_ranks:
+            raise PlacementError(f"rollout.colocate: {r.num_workers} rollout workers but {lr.num_ranks} learner GPUs "
+                                 "to share; set rollout.num_workers <= learner.num_ranks")
     if backend == "nccl" and not has_gpus:
         raise PlacementError("sync.backend=nccl but the cluster has no GPUs; use sync.backend=auto")
     free_cpu = [n.cpus or float("inf") for n in nodes]
@@ -142,7 +141,7 @@ def plan_layout(cfg, nodes: list[Node], num_workers: Optional[int] = None) -> La
     for i, (node, gpus) in enumerate(place("learners", [lbundle] * lr.num_ranks)):
         layout.actors.append(ActorPlan(f"learner {i}", "learners", i, lr.cpus_per_rank, lg * share, node, gpus))
     source = layout.actors[0]
-    for i in range(n_workers):
+    for i in range(r.num_workers):
         if colocate:
             ln = layout.of(f"learner {i}")
             a = ActorPlan(f"worker {i}", "learners", i, r.cpus_per_worker, share, ln.node, ln.gpu_ids)

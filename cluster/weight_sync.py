@@ -10,12 +10,11 @@ controller compares every bucket's checksum from both sides.
 Three transports, chosen per receiver when the group is formed (``placement.transport``):
 
 * ``broadcast`` (any node; NCCL on GPU, gloo on CPU): one ``broadcast`` per flattened bucket.
-* ``shm`` (receivers on the source's node, CPU weights): the source owns a :class:`SharedRegion` (an
-  anonymous ``memfd`` that receivers map through ``/proc/<pid>/fd/<fd>``; the kernel frees it with the last
-  user, so a crash leaves nothing). The learner keeps its live weights *in* it (``LearnerActor.share_weights``)
-  at fixed offsets (``TensorSpec.offset``, ``live``): receivers hand their engine views, one memory copy in
-  all. Other tensors (frozen ones, ZeRO-3 gathers) the source stages there, then signals "bucket k is
-  staged". A sync ends with a barrier, so the learner cannot update weights still being read.
+* ``shm`` (receivers on the source's node, CPU weights): the learner keeps its live weights in the source's
+  :class:`SharedRegion` (``LearnerActor.share_weights``) at fixed offsets (``TensorSpec.offset``, ``live``):
+  receivers hand their engine views, one memory copy in all. Other tensors (frozen ones, ZeRO-3 gathers) the
+  source stages there, then signals "bucket k is staged". A sync ends with a barrier, so the learner cannot
+  update weights still being read.
 * ``ipc`` (a receiver on the source's GPU, ``rollout.colocate``, where NCCL cannot reach it): the source
   posts each flattened bucket's CUDA IPC handle in the group's store, with the same signals, and holds the
   buckets until the end-of-sync barrier; the receiver opens them on its device.
@@ -160,9 +159,9 @@ def buffer_checksum(*bufs: torch.Tensor) -> str:
 
 
 class SharedRegion:
-    """``nbytes`` of anonymous shared memory (``memfd``) owned by this process, with a bump
-    allocator. Other processes of the same user on this node map it with :meth:`attach` through
-    ``/proc/<pid>/fd/<fd>``; the kernel frees it when the last mapping and descriptor are gone."""
+    """``nbytes`` of anonymous shared memory (``memfd``) owned by this process, with a bump allocator. Other
+    processes of the same user on this node map it with :meth:`attach` through ``/proc/<pid>/fd/<fd>``; the
+    kernel frees it when the last mapping and descriptor are gone (a crash leaves nothing behind)."""
 
     def __init__(self, nbytes: int, name: str = "vlgrpo-weights") -> None:
         nbytes = max(ALIGN, aligned(int(nbytes)))

@@ -382,8 +382,7 @@ def _parse_spec(spec: RewardSpec) -> _Entry:
         spec = {"name": spec}
     if "name" not in spec:
         raise ValueError(f"reward spec {dict(spec)!r} has no 'name'")
-    unknown = set(spec) - {"name", "weight", "kwargs", "label"}
-    if unknown:
+    if unknown := set(spec) - {"name", "weight", "kwargs", "label"}:
         raise ValueError(f"reward spec {dict(spec)!r}: unknown keys {sorted(unknown)}")
     fn = get_reward(str(spec["name"]))
     return _Entry(name=str(spec.get("label") or spec["name"]), fn=fn, weight=float(spec.get("weight", 1.0)),
@@ -400,8 +399,7 @@ class RewardSet:
         self.entries = [_parse_spec(s) for s in specs]
         if not self.entries:
             raise ValueError("RewardSet needs at least one reward function")
-        dupes = sorted({n for n in self.names if self.names.count(n) > 1})
-        if dupes:
+        if dupes := sorted({n for n in self.names if self.names.count(n) > 1}):
             raise ValueError(f"duplicate reward names {dupes}: give each a distinct 'label'")
         self._logged: set[str] = set()
 

