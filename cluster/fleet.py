@@ -73,7 +73,6 @@ class Fleet:
         self.faults: Counter = Counter()
         self._next_id = 0
 
-    # -- bounded calls ----------------------------------------------------------------------------
     def get(self, refs, stage: str, timeout: Optional[float] = None):
         timeout = timeout or self.cfg.trainer.timeout_s
         try:
@@ -91,7 +90,6 @@ class Fleet:
     def workers(self) -> list[Any]:
         return [s.actor for s in self.slots]
 
-    # -- start, replace, scale --------------------------------------------------------------------
     def start_learners(self) -> None:
         n = self.cfg.learner.num_ranks
         self.learner_pg = placement.placement_group(self.layout.groups["learners"], self.cfg.trainer.timeout_s)
@@ -190,7 +188,6 @@ class Fleet:
                 dead.append(slot)
         return dead
 
-    # -- weight sync ------------------------------------------------------------------------------
     def form_sync_group(self) -> None:
         """(Re)form the sync group: learner rank 0 + every worker. Called when membership changes."""
         if self.sync_info is not None:
@@ -262,7 +259,6 @@ class Fleet:
                 "sync/mb_per_s": mb / max(seconds, 1e-9), "sync/tensors": float(len(plan.names)),
                 "sync/full": float(full)}
 
-    # -- generation with retries ------------------------------------------------------------------
     def launch(self, samples: list[Sample], sampling: list[SamplingConfig]) -> list[Chunk]:
         """Start generating ``samples`` round-robin over the workers (chunk ``i`` with ``sampling[i]``)."""
         k = len(self.slots)
@@ -308,7 +304,6 @@ class Fleet:
             self.faults["prompts_retried"] += len(chunk.samples)
             self._submit(chunk, self.slots[-1 - i % len(self.slots)])
 
-    # -- learners ---------------------------------------------------------------------------------
     def update(self, batch: TrainBatch, stage: str) -> dict[str, float]:
         """One learner update on ``batch``, split over the ranks; rank 0's (reduced) metrics."""
         shards = batch.split(len(self.learners))

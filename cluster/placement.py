@@ -210,13 +210,8 @@ def get_free_port() -> int:
         return s.getsockname()[1]
 
 
-def node_ip_and_port() -> tuple[str, int]:
-    """This node's IP and a free port on it: run as a Ray task where a group's rank 0 will live,
-    to get a rendezvous address (the learner group's, the weight-sync group's)."""
-    return ray.util.get_node_ip_address(), get_free_port()
-
-
 def rendezvous(pg, index: int = 0) -> tuple[str, int]:
-    """``node_ip_and_port`` on the node of bundle ``index`` of placement group ``pg``."""
-    task = ray.remote(num_cpus=0)(node_ip_and_port).options(scheduling_strategy=bundle_strategy(pg, index))
-    return ray.get(task.remote())
+    """A rendezvous address (the learner group's, the weight-sync group's) on the node of bundle ``index`` of
+    placement group ``pg``, where the group's rank 0 will live: that node's IP and a free port on it."""
+    task = ray.remote(num_cpus=0)(lambda: (ray.util.get_node_ip_address(), get_free_port()))
+    return ray.get(task.options(scheduling_strategy=bundle_strategy(pg, index)).remote())

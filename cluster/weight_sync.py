@@ -94,8 +94,8 @@ class SyncPlan:
 
 
 def make_plan(specs: Sequence[TensorSpec], version: int, bucket_mb: float, verify: bool = False) -> SyncPlan:
-    """Group consecutive tensors of one dtype into buckets of at most ``bucket_mb`` (a tensor larger
-    than a bucket gets a bucket of its own). Order is preserved: the sender must yield in it."""
+    """Consecutive tensors of one dtype in buckets of at most ``bucket_mb`` (a larger tensor: a bucket of its own),
+    in order: the sender must yield in it."""
     limit, buckets, cur, cur_bytes = max(1, int(bucket_mb * 2**20)), [], [], 0
     for s in specs:
         if cur and (s.dtype != cur[0].dtype or cur_bytes + s.nbytes > limit):

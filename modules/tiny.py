@@ -189,9 +189,8 @@ def _build_internvl(p: SizePreset, seed: int):
 
 
 def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, size: str = "tiny", tied: bool = False) -> Path:
-    """Build, seed and save a tiny ``family`` model with its processor into ``out_dir`` (``tied``:
-    lm_head shares the input embeddings, as in Qwen2.5-VL-3B). Returns ``out_dir``. Deterministic
-    for a given (family, seed, size, tied)."""
+    """Build, seed and save a tiny ``family`` model with its processor into ``out_dir`` (returned), deterministic
+    in (family, seed, size, tied); ``tied``: lm_head shares the input embeddings, as in Qwen2.5-VL-3B."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     if size not in SIZES:
@@ -219,11 +218,10 @@ def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, size: str 
 def warm_up_format(model_dir: str | Path, module, conversations: Sequence[list[dict[str, Any]]],
                    images: Sequence[Sequence[Image.Image]], answers: Sequence[str], steps: int = 100,
                    batch_size: int = 16, lr: float = 1e-3, seed: int = 0) -> float:
-    """Teach a freshly built tiny model the answer *format*, not the task: reply with one answer of
-    the data and stop. Each prompt (a chat conversation and its images) is trained on the answer of
-    a random row, so it learns the answers' marginal, independent of the image: accuracy stays at
-    chance, and GRPO has to teach it to look (a real run starts from an instruction-tuned model that
-    already answers in format). Saves the model in place; returns the last loss."""
+    """Teach a freshly built tiny model the answer *format*, not the task: reply with one answer of the data and
+    stop. Each prompt (a chat conversation and its images) is trained on a random row's answer, so it learns the
+    answers' marginal, independent of the image: accuracy stays at chance and GRPO has to teach it to look (a
+    real run starts from an instruction-tuned model that answers in format). Saves in place; returns the last loss."""
     processor = module.get_processing_class().from_pretrained(model_dir)
     prompts = module.prepare_prompt(processor, [{"prompt": c} for c in conversations])
     model = module.get_model_class(str(model_dir), {}).from_pretrained(model_dir, dtype=torch.float32)

@@ -30,11 +30,6 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 
-IMAGE_PLACEHOLDER = "<image>"
-_HUMAN_ROLES = ("human", "user")
-_ANSWER_ROLES = ("gpt", "assistant")
-_MAX_WARNINGS_PER_FILE = 5
-
 
 class BadRow(Exception):
     """A row that cannot become a Sample; ``reason`` is the key counted in ``dataset.skipped``."""
@@ -80,7 +75,7 @@ class DataConfig:
 def build_prompt(question: str, num_images: int) -> list[dict[str, Any]]:
     """A one-turn user conversation: an image item per ``<image>`` placeholder, text in between; images
     beyond the placeholders are put first, placeholders beyond the images are dropped."""
-    pieces = question.split(IMAGE_PLACEHOLDER)
+    pieces = question.split("<image>")
     first = max(0, num_images - (len(pieces) - 1))
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(first)]
     for i, piece in enumerate(pieces):
@@ -96,10 +91,10 @@ def _question_and_answer(row: dict[str, Any]) -> tuple[str, str]:
     if not isinstance(conv, list):
         raise BadRow("no_question", "no 'conversations' list")
     turns = [t for t in conv if isinstance(t, dict)]
-    q_idx = next((i for i, t in enumerate(turns) if t.get("from") in _HUMAN_ROLES), None)
+    q_idx = next((i for i, t in enumerate(turns) if t.get("from") in ("human", "user")), None)
     if q_idx is None or not isinstance(turns[q_idx].get("value"), str):
         raise BadRow("no_question", "no human turn")
-    answer = next((t.get("value") for t in turns[q_idx + 1:] if t.get("from") in _ANSWER_ROLES), None)
+    answer = next((t.get("value") for t in turns[q_idx + 1:] if t.get("from") in ("gpt", "assistant")), None)
     if not isinstance(answer, str) or not answer.strip():
         raise BadRow("no_answer", "no gpt answer")
     return turns[q_idx]["value"], answer.strip()
@@ -204,7 +199,7 @@ def _read_source(source: DataSource) -> tuple[list[Sample], Counter]:
                 records.append(parse_row(line, source, folder, line_no))
             except BadRow as e:
                 skipped[e.reason] += 1
-                if sum(skipped.values()) <= _MAX_WARNINGS_PER_FILE:
+                if sum(skipped.values()) <= 5:  # warnings per file
                     logger.warning("%s:%d: skipping row (%s)", path, line_no, e)
     if skipped:
         logger.warning("%s: %d usable rows, skipped %d: %s", path, len(records), sum(skipped.values()), dict(skipped))

@@ -105,9 +105,8 @@ DEFAULT_TASK = "color"
 
 def make_dataset(task: str = DEFAULT_TASK, n: int = 1000, out_dir: Union[str, Path] = "synthetic_data", seed: int = 0,
                  image_size: int = 56) -> Path:
-    """Write ``n`` rows of ``task`` to ``out_dir/data.jsonl`` with PNGs under ``out_dir/images``
-    (paths relative to ``out_dir``, so ``out_dir`` is the image folder). Deterministic in ``seed``;
-    returns the JSONL path."""
+    """Write ``n`` rows of ``task`` to ``out_dir/data.jsonl`` (returned) with PNGs under ``out_dir/images`` (paths
+    relative to ``out_dir``, the image folder). Deterministic in ``seed``."""
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(TASKS)}")
     if n < 1:

@@ -11,12 +11,9 @@ from PIL import Image
 
 @dataclass
 class Sample:
-    """One prompt of the dataset, ready for a VLM module.
-
-    ``prompt`` is a chat conversation (transformers format, one ``{"type": "image"}`` item per image)
-    and ``images`` are the images in order. ``solution`` is the ground-truth answer text used by
-    accuracy rewards; ``accu_reward_method`` picks how it is compared (``mcq``, ``yes_no``, ...).
-    """
+    """One prompt of the dataset, ready for a VLM module: ``prompt`` a chat conversation (transformers format, one
+    ``{"type": "image"}`` item per image), ``images`` in order, ``solution`` the ground-truth answer text of
+    accuracy rewards, compared as ``accu_reward_method`` says (``mcq``, ``yes_no``, ...)."""
 
     sample_id: str
     prompt: list[dict[str, Any]]
@@ -54,9 +51,8 @@ class GenerationResult:
 
 @dataclass
 class RolloutBatch:
-    """Scored completions of a set of prompts, group-major: rows ``g*n .. g*n+n-1`` belong to
-    prompt ``g``. Everything the learner needs to rebuild model inputs with
-    ``prepare_model_inputs(prompts_text, images)`` and score completion tokens."""
+    """Scored completions of a set of prompts, group-major (rows ``g*n .. g*n+n-1`` are prompt ``g``'s): what the
+    learner needs to rebuild model inputs (``prepare_model_inputs(prompts_text, images)``) and score tokens."""
 
     sample_ids: list[str]  # per prompt
     prompts_text: list[str]  # per prompt (chat-template output)
@@ -93,8 +89,7 @@ class RolloutBatch:
 
 
 def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
-    """Join the batches of several workers (same reward functions and group size) into one,
-    re-padding completions to the longest."""
+    """Join several workers' batches (same reward functions and group size), completions re-padded to the longest."""
     if len(parts) == 1:
         return parts[0]
     width = max(p.completion_ids.shape[1] for p in parts)

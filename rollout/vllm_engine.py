@@ -100,9 +100,8 @@ class VLLMEngine(GenerationEngine):
         # vLLM reads these when the engine is built; they must be set before LLM(...).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         if not in_process:
-            # ``weights_checksum`` sends a function to the workers (``collective_rpc`` with a callable),
-            # which vLLM's msgpack carries to an engine core in another process only with pickle
-            # allowed (its sockets are local to this node; the engine core inherits the variable).
+            # ``weights_checksum`` sends the workers a function, which vLLM's msgpack carries to an engine core in
+            # another process only with pickle allowed (its sockets are local; the engine core inherits the variable).
             os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
@@ -116,8 +115,7 @@ class VLLMEngine(GenerationEngine):
             raise RuntimeError(f"vLLM {vllm.__version__} cannot reload weights from tensors (Worker.reload_weights("
                                f"weights_iterator=...) came in 0.16): pip install -U 'vllm>={'.'.join(map(str, MIN_VLLM))}'")
 
-        # A vLLM engine built earlier in this process froze vLLM's view of the environment
-        # (``enable_envs_cache``); thaw it so the settings above apply to this engine.
+        # An engine built earlier in this process froze vLLM's view of the environment: thaw it for this one.
         if hasattr(vllm_envs, "disable_envs_cache"):
             vllm_envs.disable_envs_cache()
 
@@ -126,8 +124,7 @@ class VLLMEngine(GenerationEngine):
         self.weights_version = 0
         self.processing_kwargs = dict(processing_kwargs or {})
         self.processor = load_processor(self.model_path, module, self.processing_kwargs)
-        # Image/video placeholders and vision delimiters are never sampled (as in the transformers
-        # engine): a completion holding one cannot be scored by the learner.
+        # Vision placeholders and delimiters are never sampled: a completion holding one cannot be scored.
         self.suppress_ids: list[int] = list(module.vision_token_ids(self.processor))
 
         dtype = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
@@ -182,8 +179,7 @@ class VLLMEngine(GenerationEngine):
         if sampling.seed is None or not self.per_request_seed:
             params: Any = self.sampling_params(sampling)
         else:
-            # vLLM seeds the n children of a request with seed, seed+1, ...: space the requests
-            # n apart so no two completions of one call share a random stream.
+            # vLLM seeds a request's n children with seed, seed+1, ...: requests n apart share no random stream.
             params = [self.sampling_params(sampling, sampling.seed + i * sampling.n) for i in range(len(samples))]
         outputs = self.llm.generate(requests, params, use_tqdm=False,
                                     tokenization_kwargs={"add_special_tokens": False})
