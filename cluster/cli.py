@@ -1,5 +1,5 @@
-"""The ``vlgrpo`` command line (``vlgrpo -h``). Commands import what they need when they run, so that
-``vlgrpo modules`` or a config error answers in a second, before torch, Ray or DeepSpeed load."""
+"""The ``vlgrpo`` command line (``vlgrpo -h``). Commands (exit status: their return, None: 0) import what they
+need when run, so ``vlgrpo modules`` or a config error answers in a second, before torch, Ray or DeepSpeed load."""
 from __future__ import annotations
 
 import argparse
@@ -12,24 +12,22 @@ from typing import Optional, Sequence
 from ..rollout.synthetic import TASKS
 
 
-def _cmd_modules(args) -> int:
+def _cmd_modules(args) -> None:
     from ..modules import available_modules
 
     for key, cls in available_modules().items():
         print(f"{key}\t{cls.__module__}:{cls.__qualname__}")
-    return 0
 
 
-def _cmd_tiny_model(args) -> int:
+def _cmd_tiny_model(args) -> None:
     from ..modules.tiny import build_tiny_model
 
     path = build_tiny_model(args.family, args.out_dir, seed=args.seed, size=args.size)
     meta = json.loads((path / "vlgrpo_tiny.json").read_text())
     print(json.dumps({"path": str(path), **meta}))
-    return 0
 
 
-def _cmd_make_data(args) -> int:
+def _cmd_make_data(args) -> None:
     from ..rollout.synthetic import make_dataset
     from .config import TEST_SPLIT_SEED
 
@@ -37,10 +35,9 @@ def _cmd_make_data(args) -> int:
     path = make_dataset(args.task, args.n, args.out_dir, seed=seed, image_size=args.image_size)
     print(json.dumps({"data": str(path), "image_folder": str(path.parent), "rows": args.n, "task": args.task,
                       "split": args.split}))
-    return 0
 
 
-def _cmd_eval(args) -> int:
+def _cmd_eval(args) -> Optional[int]:
     import yaml
     from tqdm import tqdm
 
@@ -80,26 +77,23 @@ def _cmd_eval(args) -> int:
                                     "images": sample.meta.get("image_paths", []), "completion": text,
                                     "rewards": dict(zip(batch.reward_names, batch.rewards[i].tolist()))}) + "\n")
     print(json.dumps(summary))
-    return 0
 
 
-def _cmd_config(args) -> int:
+def _cmd_config(args) -> None:
     from .config import describe, load_config
 
     print(describe(load_config(args.config, args.overrides)), end="")
-    return 0
 
 
-def _cmd_plan(args) -> int:
+def _cmd_plan(args) -> None:
     from .config import load_config
     from .placement import Node, plan_layout
 
     cfg = load_config(args.config, args.overrides, here=False)  # for a cluster: its files and vLLM need not be here
     print(plan_layout(cfg, [Node(args.cpus_per_node, args.gpus_per_node)] * args.nodes).text())
-    return 0
 
 
-def _cmd_train(args) -> int:
+def _cmd_train(args) -> None:
     from .config import ConfigError, load_config
     from .controller import train
 
@@ -115,15 +109,13 @@ def _cmd_train(args) -> int:
     last = history[-1] if history else {}
     print(json.dumps({"output_dir": cfg.trainer.output_dir, "steps": last.get("step"),
                       "reward/accuracy": last.get("reward/accuracy"), "reward/mean": last.get("reward/mean")}))
-    return 0
 
 
-def _cmd_scale(args) -> int:
+def _cmd_scale(args) -> None:
     from .control import request_scale
 
     path = request_scale(args.output_dir, args.rollout_workers)
     print(json.dumps({"request": str(path), "rollout_workers": args.rollout_workers}))
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
