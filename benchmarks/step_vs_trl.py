@@ -19,7 +19,9 @@ beta 0 (no reference model), epsilon 0.2, one optimiser step per generation batc
 temperature 1.0, top-p 1.0, no top-k, the same reward (vlgrpo's ``accuracy``,
 weight 1.0, called through vlgrpo's ``RewardSet`` on the TRL side too) and the same torch
 threads per process (``--threads``, default 1: TRL's single process and each vlgrpo actor get one
-torch thread). vlgrpo keeps its default ``sync.verify=true`` (checksums of every synced bucket).
+torch thread). vlgrpo keeps its default ``sync.verify=true`` (checksums of every synced bucket)
+and its default ``learner.shared_prefix=true`` (each prompt's forward once for its G rows);
+``--shared-prefix both`` also runs each mode with it off ("per-row") to compare learner times.
 
 Each side runs ``--warmup`` untimed steps, then ``--steps`` timed ones. Headline: vlgrpo (sync)
 steps/s / TRL steps/s at the largest size run.
@@ -52,6 +54,7 @@ PHASES = [
     ("backward", "learner_backward_s", "backward_s"),
     ("optimizer step", "learner_optimizer_s", "optimizer_s"),
     ("learner other (log-probs, loss, clip; TRL: + loop)", "learner_other_s", "train_other_s"),
+    ("learner step (all of the above)", "learner_step_s", None),
     ("driver blocked on learner", "driver_learner_call_s", None),
     ("weight sync", "sync_s", None),
     ("driver other", "driver_other_s", None),
@@ -78,7 +81,7 @@ def prepare(size: str, work: Path, n_data: int) -> tuple[str, str, int]:
 # ------------------------------------------------------------------------------------------------
 # the vlgrpo side
 # ------------------------------------------------------------------------------------------------
-def run_vlgrpo_side(spec: dict[str, Any], mode: str) -> dict[str, Any]:
+def run_vlgrpo_side(spec: dict[str, Any], mode: str, shared_prefix: bool = True) -> dict[str, Any]:
     from ._vlgrpo_run import run_vlgrpo
 
     t = spec["threads"]
@@ -95,7 +98,7 @@ def run_vlgrpo_side(spec: dict[str, Any], mode: str) -> dict[str, Any]:
         "learner.scale_adv_by_std=true", "learner.gradient_checkpointing=false", "learner.dtype=fp32",
         f"learner.num_threads={t}", f"rollout.num_threads={t}", "rollout.dtype=float32",
         "rollout.rewards=[{name: accuracy, weight: 1.0}]",
-        f"trainer.mode={mode}", f"trainer.seed={spec['seed']}",
+        f"trainer.mode={mode}", f"trainer.seed={spec['seed']}", f"learner.shared_prefix={str(shared_prefix).lower()}",
     ]
     return run_vlgrpo(overrides, spec["steps"], spec["warmup"])
 
@@ -270,6 +273,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process on both sides")
     ap.add_argument("--modes", default="sync,async", help="vlgrpo modes to run")
+    ap.add_argument("--shared-prefix", default="on", choices=["on", "off", "both"],
+                    help="learner.shared_prefix of the vlgrpo runs; both: each mode also per-row")
     ap.add_argument("--trl-python", default=os.environ.get("VLGRPO_TRL_PYTHON", str(ROOT / ".venv-trl" / "bin" / "python")))
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--workdir", default=None)
@@ -299,12 +304,16 @@ def main(argv: Optional[list[str]] = None) -> None:
                 "max_tokens": args.max_tokens, "lr": args.lr, "threads": args.threads, "steps": args.steps,
                 "warmup": args.warmup, "seed": 0}
         print(f"\n== size {size}: qwen2-vl, {n_params / 1e6:.2f}M params; {args.prompts} prompts x {args.group_size} "
-              f"completions, max {args.max_tokens} tokens, {args.threads} torch thread(s) per process", flush=True)
+              f"completions, max {args.max_tokens} tokens, {args.threads} torch thread(s) per process; "
+              f"learner.shared_prefix {args.shared_prefix}", flush=True)
         res: dict[str, dict] = {}
+        variants = {"on": [True], "off": [False], "both": [True, False]}[args.shared_prefix]
         for mode in modes:
-            res[f"vlgrpo {mode}"] = run_vlgrpo_side(spec, mode)
-            print(f"  vlgrpo {mode}: {res[f'vlgrpo {mode}']['step_s']:.3f} s/step "
-                  f"({time.perf_counter() - t_all:.0f}s so far)", flush=True)
+            for shared in variants:
+                label = f"vlgrpo {mode}" + (" per-row" if not shared and len(variants) > 1 else "")
+                res[label] = run_vlgrpo_side(spec, mode, shared)
+                print(f"  {label}: {res[label]['step_s']:.3f} s/step, learner {res[label]['learner_step_s']:.3f} s "
+                      f"({time.perf_counter() - t_all:.0f}s so far)", flush=True)
         if have_trl:
             res["TRL"] = run_trl_side(spec, args.trl_python)
             print(f"  TRL: {res['TRL']['step_s']:.3f} s/step ({res['TRL']['versions']}; optimizer "

@@ -10,6 +10,12 @@ and nothing else (``module.forward_inputs``). Per-token custom inputs with the p
 ``[N, P]`` shape (e.g. Qwen's ``mm_token_type_ids`` on transformers >= 5) are extended with zeros
 over the completion. The logit at position ``P - 1 + t`` scores completion token ``t``; only the
 last ``T + 1`` positions are computed when the model accepts ``logits_to_keep``.
+
+Shared prefix (``rows`` given, ``module.supports_shared_prefix``): ``inputs`` hold each distinct
+prompt once and ``rows[i]`` names row ``i``'s prompt. Each prompt (vision tower included) runs once
+with a KV cache that keeps its graph; the cache is expanded over the rows, the completions (all but
+their last token) attend to it with the full mask and the module's positions. Same log-probs and
+gradients as the per-row forward (float tolerance). Gradient checkpointing drops the cache: per row.
 """
 from __future__ import annotations
 
@@ -32,6 +38,50 @@ def build_rows_inputs(module: Any, processor: Any, prompts_text: Sequence[str], 
     inputs = module.prepare_model_inputs(processor, [prompts_text[p] for p in row_prompt_index],
                                          [list(images[p]) for p in row_prompt_index])
     return module.forward_inputs(inputs)
+
+
+def build_micro_inputs(module: Any, processor: Any, prompts_text: Sequence[str], images: Sequence[Sequence[Any]],
+                       row_prompt_index: Sequence[int], shared: bool = True
+                       ) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    """``(inputs, rows)`` of one micro-batch: with ``shared`` and a module that supports it, each distinct
+    prompt processed once and ``rows`` ``[n]`` (long) its index per row; else ``build_rows_inputs``, None."""
+    if not (shared and module.supports_shared_prefix):
+        return build_rows_inputs(module, processor, prompts_text, images, row_prompt_index), None
+    used = list(dict.fromkeys(row_prompt_index))
+    rows = torch.tensor([used.index(p) for p in row_prompt_index], dtype=torch.long)
+    return build_rows_inputs(module, processor, prompts_text, images, used), rows
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def _shared_prefix_logits(model: torch.nn.Module, module: Any, inputs: dict[str, torch.Tensor], rows: torch.Tensor,
+                          completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Logits ``[n, T, V]`` scoring the completion tokens: the ``[n_p, P]`` prompts once with a cache,
+    expanded to the ``n`` rows (``rows``), then the ``[n, T - 1]`` completion tokens over it."""
+    if not module.supports_shared_prefix:
+        raise ValueError(f"{module!r} does not support the shared-prefix forward: pass rows=None")
+    fwd, cls, t = module.forward_inputs(inputs), type(getattr(model, "module", model)), completion_ids.shape[1]
+    out = model(**fwd, use_cache=True, **({"logits_to_keep": 1} if _takes_logits_to_keep(cls) else {}))
+    rows = rows.to(out.logits.device)
+    first = out.logits[:, -1:, :].index_select(0, rows)  # the prompt's last position scores token 0
+    if t == 1:
+        return first
+    cache = getattr(out, _cache_kwarg(cls), None)
+    if cache is None or cache.get_seq_length() != fwd["input_ids"].shape[1]:
+        raise RuntimeError("the shared-prefix forward got no KV cache (gradient checkpointing drops it): "
+                           "set learner.shared_prefix=false")
+    cache.reorder_cache(rows)  # [n_p] -> [n] rows on every layer (index_select: gradients flow back)
+    prompt_mask = fwd["attention_mask"]
+    mask = torch.cat([prompt_mask.index_select(0, rows), completion_mask[:, :-1].to(prompt_mask)], dim=1)
+    kwargs = {_cache_kwarg(cls): cache, "use_cache": True}
+    pos = module.completion_position_ids(model, fwd, rows, t - 1)
+    if pos is not None:
+        kwargs["position_ids"] = pos
+    rest = model(input_ids=completion_ids[:, :-1].to(fwd["input_ids"]), attention_mask=mask, **kwargs).logits
+    return torch.cat([first, rest], dim=1)
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -94,24 +144,28 @@ def selective_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, 
 
 def per_token_logprobs(model: torch.nn.Module, module: Any, inputs: dict[str, torch.Tensor],
                        completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float = 1.0,
-                       return_entropy: bool = False, suppress_ids: Optional[Sequence[int]] = None):
+                       return_entropy: bool = False, suppress_ids: Optional[Sequence[int]] = None,
+                       rows: Optional[torch.Tensor] = None):
     """Log-probs ``[N, T]`` (float32, 0 on padding) of ``completion_ids`` given the prompt ``inputs``: the
-    left-padded ``prepare_model_inputs`` output for the N rows (one per completion; ``build_rows_inputs``).
+    left-padded ``prepare_model_inputs`` output for the N rows (one per completion; ``build_rows_inputs``),
+    or with ``rows`` ``[N]`` for the distinct prompts (shared prefix; ``build_micro_inputs``).
     With ``return_entropy=True``: ``(logprobs, entropy)``, the entropy ``[N, T]`` computed without grad.
     ``suppress_ids``: tokens the sampler never emits (the module's vision placeholders); they are
     removed from the distribution, so the log-probs are those of the policy that generated."""
-    fwd = module.append_completions(module.forward_inputs(inputs), completion_ids, completion_mask)
     t = completion_ids.shape[1]
-    kwargs: dict[str, Any] = {"use_cache": False}
-    if _takes_logits_to_keep(type(getattr(model, "module", model))):  # a DeepSpeed engine wraps the model
-        kwargs["logits_to_keep"] = t + 1
-    out = model(**fwd, **kwargs)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    logits = logits[:, -(t + 1):-1, :]  # position P-1+j predicts completion token j
+    if rows is not None:
+        logits = _shared_prefix_logits(model, module, inputs, rows, completion_ids, completion_mask)
+    else:
+        fwd = module.append_completions(module.forward_inputs(inputs), completion_ids, completion_mask)
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if _takes_logits_to_keep(type(getattr(model, "module", model))):  # a DeepSpeed engine wraps the model
+            kwargs["logits_to_keep"] = t + 1
+        out = model(**fwd, **kwargs)
+        logits = (out.logits if hasattr(out, "logits") else out[0])[:, -(t + 1):-1, :]  # P-1+j predicts token j
     if suppress_ids:
         ids = torch.as_tensor(list(suppress_ids), device=logits.device)
         logits = logits.index_fill(-1, ids, float("-inf"))
-    targets = fwd["input_ids"][:, -t:]
+    targets = completion_ids.to(logits.device, torch.long)
     lp, ent = selective_logprobs_and_entropy(logits, targets, with_entropy=return_entropy,
                                              temperature=temperature)
     mask = completion_mask.to(lp.device).bool()

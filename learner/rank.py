@@ -31,7 +31,7 @@ import torch.distributed as dist
 from ..modules import resolve_module
 from ..modules.loading import ModelConfig, checkpoint_name_map, load_model_and_processor
 from .grpo import grpo_loss, truncated_importance_weights
-from .logprobs import build_rows_inputs, per_token_logprobs
+from .logprobs import build_micro_inputs, per_token_logprobs
 from .reference import load_reference_model, wrap_reference_zero3
 from .types import LearnerConfig, MicroBatch, TrainBatch
 from .weights import LearnerWeights
@@ -184,28 +184,29 @@ class Learner(LearnerWeights):
 
     # -- batches and log-probs --------------------------------------------------------------------
     def micro_batches(self, batch: TrainBatch) -> list[MicroBatch]:
-        """``batch`` cut into ``micro_batch_size`` rows with their model inputs (prompt text and
-        images through ``module.prepare_model_inputs``), on the CPU: ``to_device`` moves one."""
+        """``batch`` cut into ``micro_batch_size`` rows with their model inputs (prompt text and images through
+        ``module.prepare_model_inputs``, once per prompt if shared), on the CPU: ``to_device`` moves one."""
         pidx, mask, out = batch.row_prompt_index(), batch.completion_mask.bool(), []
         for s in range(0, batch.num_rows, self.cfg.micro_batch_size):
             e = min(s + self.cfg.micro_batch_size, batch.num_rows)
             cols = mask[s:e].any(dim=0).nonzero()
             t = int(cols.max()) + 1 if cols.numel() else 1  # trailing all-padding columns cut
-            inputs = build_rows_inputs(self.module, self.processor, batch.prompts_text, batch.images, pidx[s:e])
+            inputs, rows = build_micro_inputs(self.module, self.processor, batch.prompts_text, batch.images, pidx[s:e],
+                                              self.cfg.shared_prefix and not self.cfg.gradient_checkpointing)
 
             def cut(x, s=s, e=e, t=t):
                 return None if x is None else x[s:e, :t]
 
             out.append(MicroBatch(inputs, cut(batch.completion_ids), cut(batch.completion_mask).bool(),
                                   batch.advantages[s:e].float(), cut(batch.old_logprobs),
-                                  cut(batch.ref_logprobs), cut(batch.sampling_logprobs)))
+                                  cut(batch.ref_logprobs), cut(batch.sampling_logprobs), rows))
         return out
 
     def to_device(self, mb: MicroBatch) -> MicroBatch:
         """``mb`` on this rank's device (floating model inputs in the model's dtype); no copy if there."""
         inputs = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in mb.inputs.items()}
         return MicroBatch(inputs, *(None if x is None else x.to(self.device)
-                                    for x in (mb.ids, mb.mask, mb.adv, mb.old, mb.ref, mb.samp)))
+                                    for x in (mb.ids, mb.mask, mb.adv, mb.old, mb.ref, mb.samp, mb.rows)))
 
     def logprobs(self, mb: MicroBatch, reference: bool = False, entropy: bool = False):
         """Per-token log-probs ``[n, t]`` of ``mb``'s completions under the policy (or the
@@ -213,7 +214,7 @@ class Learner(LearnerWeights):
         model, mb = self.ref_model if reference else (self.engine or self.model), self.to_device(mb)
         return per_token_logprobs(model, self.ref_module if reference else self.module, mb.inputs, mb.ids,
                                   mb.mask, temperature=self.cfg.temperature, return_entropy=entropy,
-                                  suppress_ids=self.suppress_ids)
+                                  suppress_ids=self.suppress_ids, rows=mb.rows)
 
     # -- the update -------------------------------------------------------------------------------
     def train_step(self, batch: TrainBatch) -> dict[str, float]:

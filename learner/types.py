@@ -36,6 +36,7 @@ class LearnerConfig:
     zero_stage: int = 2  # 0: plain torch (gradients all-reduced by hand), 2 or 3: DeepSpeed ZeRO
     micro_batch_size: int = 64  # rows per forward/backward on one rank; grad accumulation is derived
     gradient_checkpointing: bool = False
+    shared_prefix: bool = True  # each prompt's forward once per micro-batch, G rows over its KV cache (no grad ckpt)
     freeze_vision: bool = False  # freeze params matching module.get_vision_modules_keywords()
     dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "bf16" / "fp16" / "fp32"
     offload_optimizer: bool = False  # ZeRO CPU optimizer offload (builds DeepSpeed's cpu_adam op)
@@ -106,6 +107,7 @@ class MicroBatch:
     old: Optional[torch.Tensor] = None  # log-probs before this batch's first update
     ref: Optional[torch.Tensor] = None  # reference-model log-probs
     samp: Optional[torch.Tensor] = None  # the sampler's log-probs
+    rows: Optional[torch.Tensor] = None  # [n] long: each row's prompt in ``inputs`` (shared prefix); None: per row
 
 
 @dataclass

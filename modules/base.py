@@ -22,6 +22,10 @@ from PIL import Image
 class VLMModule(ABC):
     """Base class of every model family. Subclass it and register the class (see ``registry``)."""
 
+    # True where the learner may run each prompt once with a KV cache and its completions over it
+    # (``learner.logprobs``), exact given ``completion_position_ids``; False: one full forward per row.
+    supports_shared_prefix: bool = False
+
     def __init__(self) -> None:
         # Filled by post_model_init; per instance, never global.
         self.model_config: Any = None
@@ -129,6 +133,13 @@ class VLMModule(ABC):
                     and not value.is_floating_point()):
                 out[key] = torch.cat([value, value.new_zeros(comp.shape)], dim=1)
         return out
+
+    def completion_position_ids(self, model: Any, inputs: dict[str, torch.Tensor], rows: torch.Tensor,
+                                length: int) -> torch.Tensor | None:
+        """Position ids of ``length`` completion tokens per row, after the ``[n_p, P]`` prompts ``inputs``
+        (``rows`` ``[n]``: each row's prompt), as the full per-row forward gives them; None: the
+        model's default over a KV cache (``P + j``: positions that count padding, as plain LMs do)."""
+        return None
 
     _VISION_TOKEN_ATTRS = ("image_token", "video_token", "start_image_token", "end_image_token",
                            "vision_start_token", "vision_end_token")

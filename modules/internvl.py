@@ -28,6 +28,7 @@ def _image_flags_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) ->
 
 class InternVLModule(VLMModule):
     model_types = ("internvl",)
+    supports_shared_prefix = True  # 1-D positions 0..P+T-1 counting padding: the cache's default
 
     def get_vlm_key(self) -> str:
         return "internvl"

@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import torch
+
 from .base import VLMModule
 from .loading import read_model_config
 
@@ -29,6 +31,7 @@ class QwenModule(VLMModule):
     the processor between ``min_pixels`` and ``max_pixels``."""
 
     model_types = tuple(_CLASSES)
+    supports_shared_prefix = True
 
     def get_vlm_key(self) -> str:
         return "qwen"
@@ -52,6 +55,21 @@ class QwenModule(VLMModule):
 
     def get_custom_processing_keywords(self) -> list[tuple[str, str]]:
         return [("image_processor", "max_pixels"), ("image_processor", "min_pixels")]
+
+    def completion_position_ids(self, model: Any, inputs: dict[str, torch.Tensor], rows: torch.Tensor,
+                                length: int) -> torch.Tensor:
+        """``[3, n, length]`` M-RoPE positions: text after the prompt's largest position (``get_rope_index``,
+        padding skipped); without images ``P + j`` (the model's positions for text, padding counted).
+        Always explicit: the model's own guess over a cache reuses ``rope_deltas`` of an earlier call."""
+        ids = inputs["input_ids"]
+        if "image_grid_thw" in inputs:
+            extra = {k: inputs[k] for k in ("mm_token_type_ids",) if k in inputs}
+            pos, _ = getattr(model, "module", model).model.get_rope_index(
+                ids, image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"], **extra)
+            start = pos.amax(dim=(0, 2)) + 1
+        else:
+            start = torch.full((ids.shape[0],), ids.shape[1], dtype=ids.dtype, device=ids.device)
+        return (start.index_select(0, rows)[:, None] + torch.arange(length, device=ids.device)).expand(3, -1, -1)
 
     def apply_processing_kwargs(self, processing_class: Any, kwargs: dict[str, Any]) -> None:
         super().apply_processing_kwargs(processing_class, kwargs)
