@@ -32,7 +32,8 @@ from ..modules import resolve_module
 from ..modules.loading import ModelConfig, checkpoint_name_map, load_model_and_processor
 from .grpo import grpo_loss, truncated_importance_weights
 from .logprobs import build_micro_inputs, per_token_logprobs
-from .reference import load_reference_model, wrap_reference_zero3
+from .lora import apply_lora
+from .reference import AdapterDisabled, load_reference_model, wrap_reference_zero3
 from .types import LearnerConfig, MicroBatch, TrainBatch
 from .weights import LearnerWeights
 
@@ -89,6 +90,7 @@ class Learner(LearnerWeights):
             frozen = [p.requires_grad_(False) for n, p in model.named_parameters() if any(k in n for k in keys)]
             if not frozen:
                 warnings.warn(f"learner.freeze_vision: no parameter name contains any of {keys}")
+        model, self._name_map, self.peft_model = apply_lora(model, cfg.lora, self.module, self._name_map)
         if cfg.gradient_checkpointing:  # transformers >= 5 renamed it
             enable = getattr(model, "activation_checkpointing_enable", None)
             if enable is not None:
@@ -99,7 +101,9 @@ class Learner(LearnerWeights):
         self.model, self.engine, self.optimizer, self.scheduler = self._optimizer(model)
 
         self.ref_model = self.ref_module = None
-        if cfg.beta > 0:
+        if cfg.beta > 0 and self.peft_model is not None:  # LoRA: the base model is the policy, adapter off
+            self.ref_model, self.ref_module = AdapterDisabled(self.peft_model), self.module
+        elif cfg.beta > 0:
             self.ref_model, self.ref_module = load_reference_model(model_cfg, self.device, self.dtype)
             if cfg.zero_stage == 3:
                 self.ref_model = wrap_reference_zero3(self.ref_model, cfg.micro_batch_size, self.world_size,

@@ -33,3 +33,14 @@ def wrap_reference_zero3(model: torch.nn.Module, micro_batch_size: int, world_si
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
+
+
+class AdapterDisabled:
+    """A LoRA policy's reference: the policy with its adapter off, i.e. the base model, no second copy (as TRL)."""
+
+    def __init__(self, peft_model) -> None:
+        self.peft_model, self.module = peft_model, peft_model.get_base_model()  # ``module``: forward's signature
+
+    def __call__(self, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.module(**kwargs)

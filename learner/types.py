@@ -16,6 +16,19 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
 
 
 @dataclass
+class LoraConfig:
+    """``learner.lora``: LoRA adapters (peft); only they train; engines get the adapted weights merged."""
+
+    rank: int = 0  # LoRA rank r; 0: off (full fine-tuning)
+    alpha: float = 16  # the update is alpha / rank * B @ A
+    dropout: float = 0.0
+    # linear layers to adapt, by name or name suffix (outside the vision tower unless vision=true)
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+    vision: bool = False  # also adapt every linear layer of the vision tower (and projector)
+
+
+@dataclass
 class LearnerConfig:
     """The ``learner`` section of the run config: everything one learner rank needs besides the
     model (``modules.loading.ModelConfig``). Defaults follow TRL's ``GRPOConfig`` where they overlap.
@@ -38,6 +51,7 @@ class LearnerConfig:
     gradient_checkpointing: bool = False
     shared_prefix: bool = True  # each prompt's forward once per micro-batch, G rows over its KV cache (no grad ckpt)
     freeze_vision: bool = False  # freeze params matching module.get_vision_modules_keywords()
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (rank 0: full fine-tuning)
     dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "bf16" / "fp16" / "fp32"
     offload_optimizer: bool = False  # ZeRO CPU optimizer offload (builds DeepSpeed's cpu_adam op)
     num_threads: Optional[int] = None  # torch CPU threads per rank (Ray sets 1); None: cpus_per_rank
@@ -71,6 +85,10 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         for ok, msg in [(self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}"),
+                        (self.lora.rank >= 0 and self.lora.alpha > 0 and 0 <= self.lora.dropout < 1,
+                         f"lora needs rank >= 0, alpha > 0 and 0 <= dropout < 1, got {self.lora}"),
+                        (not self.lora.rank or self.zero_stage != 3,
+                         "lora.rank > 0 is not supported with zero_stage 3; set learner.zero_stage=2"),
                         (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
                         (self.num_iterations >= 1, "num_iterations must be >= 1"),
                         (self.lr_schedule in ("constant", "linear", "cosine"),

@@ -12,19 +12,25 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Optional
 
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+from .lora import lora_layers, merged
 
 _CKPT_FILE = "learner_state.pt"
 
 
 class LearnerWeights:
     """Expects ``model``, ``engine`` (DeepSpeed or None), ``optimizer``, ``scheduler``, ``cfg``,
-    ``rank``, ``processor``, ``global_step``, ``_name_map`` and ``_barrier`` from the learner."""
+    ``rank``, ``processor``, ``global_step``, ``_name_map``, ``_barrier`` and ``peft_model`` (None
+    without LoRA; its layers live in ``model``) from the learner."""
 
     def _ck(self, name: str) -> str:
         return self._name_map.get(name, name) if self._name_map else name
 
     def trainable_names(self) -> list[str]:
-        """Checkpoint (HF state_dict) names of the parameters the optimizer updates."""
+        """Checkpoint (HF state_dict) names of the tensors training changes (LoRA: the adapted weights)."""
+        if self.peft_model is not None:
+            return [self._ck(n) for n in lora_layers(self.model)]
         return [self._ck(n) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def _export_items(self) -> list[tuple[str, torch.Tensor]]:
@@ -53,8 +59,8 @@ class LearnerWeights:
 
         items = [(n, t) for n, t in self._export_items() if names is None or self._ck(n) in names]
         if self.cfg.zero_stage != 3:
-            if emit:
-                for n, t in items:
+            if emit:  # LoRA: adapted weights go out merged (new tensors)
+                for n, t in merged(self.model, items):
                     yield self._ck(n), finish(t, copy=False)
             return
         import deepspeed
@@ -95,7 +101,10 @@ class LearnerWeights:
         """In-memory names -> CPU copies (collective under ZeRO-3); empty where not ``emit``."""
         model = self.model
         if self.cfg.zero_stage != 3:
-            return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()} if emit else {}
+            sd = model.state_dict()
+            if self.peft_model is not None:  # merged, under the base names
+                sd = {n.replace(".base_layer.", "."): t for n, t in merged(model, sd.items()) if ".lora_" not in n}
+            return {n: t.detach().to("cpu", copy=True) for n, t in sd.items()} if emit else {}
         import deepspeed
 
         sd: dict[str, torch.Tensor] = {}
@@ -157,10 +166,13 @@ class LearnerWeights:
         client = {"global_step": self.global_step, "torch_rng": torch.get_rng_state(),
                   "python_rng": random.getstate()}
         if self.engine is not None:
-            self.engine.save_checkpoint(str(path), tag=f"step{self.global_step}", client_state=client)
+            self.engine.save_checkpoint(str(path), tag=f"step{self.global_step}", client_state=client,
+                                        exclude_frozen_parameters=self.peft_model is not None)
         else:
-            if self.rank == 0:
-                torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            if self.rank == 0:  # with LoRA: copies of the adapters only (the live ones may view shared memory)
+                sd = self.model.state_dict() if self.peft_model is None else \
+                    {k: v.clone() for k, v in get_peft_model_state_dict(self.peft_model).items()}
+                torch.save({"model": sd, "optimizer": self.optimizer.state_dict(),
                             "scheduler": self.scheduler.state_dict(), **client}, path / _CKPT_FILE)
             self._barrier()
         return str(path)
@@ -170,12 +182,14 @@ class LearnerWeights:
         path = Path(ckpt_dir)
         if self.engine is not None:
             load_path, client = self.engine.load_checkpoint(str(path), load_optimizer_states=True,
-                                                            load_lr_scheduler_states=True)
+                                                            load_lr_scheduler_states=True,
+                                                            load_module_strict=self.peft_model is None)
             if load_path is None:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
         else:  # weights_only: no unpickling of arbitrary objects
             client: Any = torch.load(path / _CKPT_FILE, map_location=self.device, weights_only=True)
-            self.model.load_state_dict(client["model"])
+            (self.model.load_state_dict(client["model"]) if self.peft_model is None
+             else set_peft_model_state_dict(self.peft_model, client["model"]))
             self.optimizer.load_state_dict(client["optimizer"])
             self.scheduler.load_state_dict(client["scheduler"])
         self.global_step = int(client.get("global_step", 0))
@@ -187,11 +201,13 @@ class LearnerWeights:
 
     def save_pretrained(self, out_dir: str) -> Optional[str]:
         """Collective: the current policy in Hugging Face format (model + processor) from rank 0,
-        loadable by ``from_pretrained`` and vLLM. Holds one full CPU copy on rank 0."""
+        loadable by ``from_pretrained`` and vLLM (LoRA: merged; + ``adapter/``). One full CPU copy on rank 0."""
         sd = self._gather_state_dict(self.rank == 0)
         if self.rank == 0:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             self.model.save_pretrained(out_dir, state_dict=sd)
             self.processor.save_pretrained(out_dir)
+            if self.peft_model is not None:
+                self.peft_model.save_pretrained(str(Path(out_dir) / "adapter"))
         self._barrier()
         return out_dir if self.rank == 0 else None
