@@ -1,9 +1,9 @@
 """The fleet: learner ranks and rollout worker slots on Ray, and the weight-sync group among them.
 
-Everything here is bounded (``trainer.timeout_s``, ``sync.timeout_s``) and survives a rollout
-worker that dies or hangs: it is replaced by a fresh one that first receives the current weights,
-and its prompts are generated again with the same seed (no prompt is dropped). Workers can be
-added and removed between steps (``scale``), also at a user's request (``vlgrpo scale``).
+Everything here is bounded (``trainer.timeout_s``, ``sync.timeout_s``) and survives a rollout worker that dies or
+hangs: a fresh one replaces it, first receiving the current weights, and its prompts are generated again with the
+same seed (no prompt is dropped). Workers can be added and removed between steps (``scale``), also at a user's
+request (``vlgrpo scale``).
 """
 from __future__ import annotations
 

@@ -65,12 +65,10 @@ def load_model_and_processor(model_id: str, module, dtype: torch.dtype | str = t
 
 
 def checkpoint_name_map(model: torch.nn.Module) -> Optional[dict[str, str]]:
-    """``{in-memory name: checkpoint name}`` for every tensor ``save_pretrained`` writes (tied
-    duplicates dropped, transformers' renamings reverted, e.g. Qwen2-VL's
-    ``model.language_model.layers.0...`` -> ``model.layers.0...``), in save order.
-
-    Returns None when the model's conversions are not pure renamings (tensors would be merged or
-    split on save); the caller then converts whole state dicts."""
+    """``{in-memory name: checkpoint name}`` for every tensor ``save_pretrained`` writes, in save order (tied
+    duplicates dropped, transformers' renamings reverted, e.g. Qwen2-VL's ``model.language_model.layers.0...`` ->
+    ``model.layers.0...``); None when the model's conversions are not pure renamings (tensors would be merged or
+    split on save): the caller then converts whole state dicts."""
     params = dict(model.named_parameters(remove_duplicate=False))
     persistent_buffers = {f"{mod_name}.{b_name}" if mod_name else b_name: b
                           for mod_name, mod in model.named_modules(remove_duplicate=False)

@@ -1,13 +1,11 @@
-"""Tiny, randomly initialised VLMs built from config, for tests, the demo and benchmarks.
+"""Tiny, randomly initialised VLMs built from config, for tests, the demo and benchmarks (``vlgrpo tiny-model
+--family qwen2-vl /tmp/tiny-qwen2vl``).
 
-The model hub is not needed: a byte-level BPE tokenizer is trained offline on a small corpus (with
-each family's special tokens and the words of the synthetic tasks as single tokens), wrapped in
-``PreTrainedTokenizerFast`` and combined with the family's *real* processor classes and a chat
-template in the family's format. Everything is written with ``save_pretrained`` so that it loads
-through exactly the path a hub checkpoint such as ``Qwen/Qwen2.5-VL-3B-Instruct`` takes
-(``from_pretrained`` of the model class and ``AutoProcessor``), in transformers and in vLLM.
-
-    vlgrpo tiny-model --family qwen2-vl /tmp/tiny-qwen2vl
+No model hub: a byte-level BPE tokenizer trained offline on a small corpus (each family's special tokens and the
+synthetic tasks' words as single tokens), wrapped in ``PreTrainedTokenizerFast``, with the family's *real*
+processor classes and a chat template in its format. All is written with ``save_pretrained``, so it loads through
+exactly the path of a hub checkpoint such as ``Qwen/Qwen2.5-VL-3B-Instruct`` (the model class's
+``from_pretrained`` and ``AutoProcessor``), in transformers and in vLLM.
 """
 from __future__ import annotations
 
@@ -79,20 +77,16 @@ INTERNVL_CHAT_TEMPLATE = (
 )
 
 
-def _corpus(seed: int) -> list[str]:
-    rng = random.Random(seed)
-    base = [
-        "What colour is the shape? Answer with one word: red, green, blue or yellow.",
-        "How many shapes are in the image? Answer with a number.",
-        "Is the shape on the left or on the right?",
-        "<think>The shape is red.</think><answer>red</answer>",
-        "You are a helpful assistant.",
-        "system user assistant",
-        "The quick brown fox jumps over the lazy dog. A picture of a circle, a square and a triangle.",
-        "Please think step by step and put the final answer in <answer> </answer> tags.",
-    ]
-    words = TASK_WORDS + base[0].split() + base[6].split()
-    return base + [" ".join(rng.choices(words, k=rng.randint(3, 12))) for _ in range(400)]
+_CORPUS = [  # tokenizer training text, with random sentences of its words and the task words
+    "What colour is the shape? Answer with one word: red, green, blue or yellow.",
+    "How many shapes are in the image? Answer with a number.",
+    "Is the shape on the left or on the right?",
+    "<think>The shape is red.</think><answer>red</answer>",
+    "You are a helpful assistant.",
+    "system user assistant",
+    "The quick brown fox jumps over the lazy dog. A picture of a circle, a square and a triangle.",
+    "Please think step by step and put the final answer in <answer> </answer> tags.",
+]
 
 
 def train_tokenizer(special_tokens: list[str], seed: int = 0):
@@ -106,9 +100,10 @@ def train_tokenizer(special_tokens: list[str], seed: int = 0):
     words = [w for w in TASK_WORDS if w.startswith("<")]
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - len(words), special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = _corpus(seed)
+    rng, vocab = random.Random(seed), TASK_WORDS + _CORPUS[0].split() + _CORPUS[6].split()
     # Frequent words become single tokens; repeat the task words (with the leading space variant).
-    corpus += [" ".join(TASK_WORDS)] * 200 + [" " + " ".join(TASK_WORDS)] * 200
+    corpus = (_CORPUS + [" ".join(rng.choices(vocab, k=rng.randint(3, 12))) for _ in range(400)]
+              + [" ".join(TASK_WORDS)] * 200 + [" " + " ".join(TASK_WORDS)] * 200)
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.add_tokens(words)  # the format tags: one token each
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
@@ -204,9 +199,8 @@ def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, size: str 
     cfg.tie_word_embeddings = cfg.get_text_config().tie_word_embeddings = tied
     torch.manual_seed(seed)
     model = model_cls(cfg)
-    model.generation_config.eos_token_id = cfg.get_text_config().eos_token_id
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    model.generation_config.bos_token_id = None
+    model.generation_config.update(eos_token_id=cfg.get_text_config().eos_token_id,
+                                   pad_token_id=processor.tokenizer.pad_token_id, bos_token_id=None)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     meta = {"family": family, "size": size, "seed": seed, "tied": tied,

@@ -399,17 +399,10 @@ class RewardSet:
         self.entries = [_parse_spec(s) for s in specs]
         if not self.entries:
             raise ValueError("RewardSet needs at least one reward function")
+        self.names, self.weights = [e.name for e in self.entries], [e.weight for e in self.entries]
         if dupes := sorted({n for n in self.names if self.names.count(n) > 1}):
             raise ValueError(f"duplicate reward names {dupes}: give each a distinct 'label'")
-        self._logged: set[str] = set()
-
-    @property
-    def names(self) -> list[str]:
-        return [e.name for e in self.entries]
-
-    @property
-    def weights(self) -> list[float]:
-        return [e.weight for e in self.entries]
+        self._logged: set[tuple[str, bool]] = set()  # (name, on the batch): warned once
 
     def score(self, completions: Sequence[str], samples: Sequence[Sample],
               completion_lengths: Optional[Sequence[int]] = None,
@@ -459,8 +452,7 @@ class RewardSet:
 
     def _log(self, entry: _Entry, err: Exception, batch: bool) -> None:
         """Warn once per function and kind of failure (the counts go to the metrics)."""
-        key = f"{entry.name}:{'batch' if batch else 'sample'}"
-        if key in self._logged:
+        if (key := (entry.name, batch)) in self._logged:
             return
         self._logged.add(key)
         where = "on the batch (retrying per sample)" if batch else "on a sample (scored 0)"

@@ -1,22 +1,21 @@
 """The vLLM generation engine, the production rollout path (``vllm`` is imported when an engine is built,
 so this file imports where vLLM is absent).
 
-Generation: prompts rendered with the module's ``prepare_prompt`` go as ``{"prompt": text, "multi_modal_data":
-{"image": [PIL, ...]}}``, tokenised with ``add_special_tokens=False`` as ``prepare_model_inputs`` does for the
-learner; vLLM runs the checkpoint's own HF processor, so ``module.get_non_generate_params()`` never reach it.
+Prompts rendered with the module's ``prepare_prompt`` go as ``{"prompt": text, "multi_modal_data": {"image":
+[PIL, ...]}}``, tokenised with ``add_special_tokens=False`` as ``prepare_model_inputs`` does for the learner; vLLM
+runs the checkpoint's own HF processor, so ``module.get_non_generate_params()`` never reach it. Log-probs
+(``processed_logprobs``) are the log-softmax after temperature and top-k/top-p masking: with top-k off and top-p 1
+the learner's ``log_softmax(logits / T)``, except that vision tokens (never sampled) are left out of the
+normalisation, off by ``log(1 - P(vision tokens))`` per token (~0 once trained).
 
-Log-probs (``processed_logprobs``): the log-softmax after temperature and top-k/top-p masking, with top-k off and
-top-p 1 the learner's ``log_softmax(logits / T)``, except that vision tokens (never sampled) are left out of the
-normalisation: off by ``log(1 - P(vision tokens))`` per token (~0 once trained).
-
-Weights: ``load_weights`` uses vLLM's in-place RL reload (``reload_weights(weights_iterator=...,
-is_checkpoint_format=True)``: the model's own ``load_weights`` with name mapping, q/k/v fusion, TP sharding and
-CPU repacking; a layer must get all its tensors), then ``loaded`` resets the prefix, encoder and multimodal
-processor caches. Tensors can be passed only to a vLLM in this process (``in_process``: the default on CPU, or as
-``VLLM_ENABLE_V1_MULTIPROCESSING`` says). On GPU the engine core runs in its own process (scheduling overlaps the
-model), TP > 1 with vLLM's ``mp`` executor (in a Ray actor vLLM would pick its Ray executor, which refuses the
-actor's multi-GPU bundle); their worker processes join the weight-sync group through the worker extension the
-cluster passes in ``extra_engine_kwargs`` (``worker_extension_cls``), and the caller then calls ``loaded``.
+``load_weights`` uses vLLM's in-place RL reload (``reload_weights(weights_iterator=..., is_checkpoint_format=True)``:
+the model's own ``load_weights`` with name mapping, q/k/v fusion, TP sharding and CPU repacking; a layer must get
+all its tensors), then ``loaded`` resets the prefix, encoder and multimodal processor caches. Tensors can be passed
+only to a vLLM in this process (``in_process``: the default on CPU, or as ``VLLM_ENABLE_V1_MULTIPROCESSING`` says).
+On GPU the engine core runs in its own process (scheduling overlaps the model), TP > 1 with vLLM's ``mp`` executor
+(in a Ray actor vLLM would pick its Ray executor, which refuses the actor's multi-GPU bundle); their worker
+processes join the weight-sync group through the worker extension the cluster passes in ``extra_engine_kwargs``
+(``worker_extension_cls``), and the caller then calls ``loaded``.
 """
 from __future__ import annotations
 
@@ -88,15 +87,13 @@ class VLLMEngine(GenerationEngine):
     def __init__(self, model_path: str, module: VLMModule, *, dtype: str = "auto", tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, max_model_len: int = 1024, enforce_eager: bool = False,
                  seed: int = 0, limit_images_per_prompt: int = 4, processing_kwargs: Optional[dict[str, Any]] = None,
-                 extra_engine_kwargs: Optional[dict[str, Any]] = None, in_process: Optional[bool] = None,
-                 per_request_seed: Optional[bool] = None) -> None:
+                 extra_engine_kwargs: Optional[dict[str, Any]] = None, per_request_seed: Optional[bool] = None) -> None:
         on_cpu = not torch.cuda.is_available()
         # A seed on each request makes vLLM sample those rows one by one (its slow path): on by default
         # on CPU only, where a retried chunk then gets the very same completions.
         self.per_request_seed = on_cpu if per_request_seed is None else per_request_seed
-        if in_process is None:
-            env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-            in_process = env == "0" if env is not None else on_cpu
+        env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+        in_process = env == "0" if env is not None else on_cpu
         # vLLM reads these when the engine is built; they must be set before LLM(...).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         if not in_process:
@@ -142,22 +139,16 @@ class VLLMEngine(GenerationEngine):
         self.llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - t0
         self.max_model_len = int(self.llm.llm_engine.vllm_config.model_config.max_model_len)  # what it accepts
-        self.in_process = self._check_in_process()
+        # Tensors passed to ``collective_rpc`` reach the model as the same objects only with the engine core and
+        # its one worker in this process.
+        engine, parallel = self.llm.llm_engine, self.llm.llm_engine.vllm_config.parallel_config
+        self.in_process = (type(getattr(engine, "engine_core", None)).__name__ == "InprocClient"
+                           and parallel.world_size == 1 and parallel.distributed_executor_backend in (None, "uni"))
         if not self.llm.collective_rpc(_takes_weights_iterator)[0]:  # else the first sync fails, minutes in
             raise RuntimeError(f"vLLM {vllm.__version__}: Worker.reload_weights takes no tensors (weights_iterator), "
                                "which vlgrpo's in-place weight sync needs: pip install -U vllm")
         logger.info("vLLM %s engine for %s ready in %.1fs (in_process=%s)", vllm.__version__,
                     self.model_path, self.startup_s, self.in_process)
-
-    def _check_in_process(self) -> bool:
-        """True when tensors passed to ``collective_rpc`` reach the model as the same objects:
-        engine core in this process and one worker, also in this process."""
-        engine = self.llm.llm_engine
-        core = getattr(engine, "engine_core", None)
-        if type(core).__name__ != "InprocClient":
-            return False
-        parallel = engine.vllm_config.parallel_config
-        return parallel.world_size == 1 and parallel.distributed_executor_backend in (None, "uni")
 
     def sampling_params(self, sampling: SamplingConfig, seed: Optional[int] = None):
         from vllm import SamplingParams
