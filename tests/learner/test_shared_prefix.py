@@ -17,7 +17,7 @@ from vlgrpo.modules.qwen import QwenModule
 
 from .conftest import make_batch, make_learner, weights
 
-FAMILIES = {"qwen2-vl": "qwen", "qwen2.5-vl": "qwen", "internvl": "internvl"}
+FAMILIES = {"qwen2-vl": "qwen", "qwen2.5-vl": "qwen", "qwen3-vl": "qwen", "internvl": "internvl"}
 
 
 def _load(tiny_models, family):
