@@ -4,9 +4,9 @@ Under ``OUTPUT_DIR/checkpoints``: ``step_000010/`` (committed), ``step_000010.pr
 of step 10 moved aside, never deleted here), ``step_000020.tmp/`` (being written, or left by a crash: ignored)
 and ``latest`` (names the newest committed one). ``begin(step)`` creates ``step_N.tmp``, the caller fills it,
 ``commit(step, tmp)`` fsyncs and renames it: a crash at any point leaves the previous checkpoint the newest.
-Only ``keep_last`` rotation among one :class:`CheckpointManager`'s (run's) own commits deletes anything
-committed; when N is committed, an existing ``step_N`` (a re-run into the same directory) and any later
-``step_M`` (a timeline abandoned by resuming from an earlier step) are renamed to ``step_*.prev-K``.
+Committing N renames an existing ``step_N`` (a re-run into the same directory) and any later ``step_M`` (a
+timeline abandoned by resuming from an earlier step) to ``step_*.prev-K``; only ``keep_last`` rotation (see
+:class:`CheckpointManager`) deletes.
 """
 from __future__ import annotations
 

@@ -1,25 +1,22 @@
 """Learner -> rollout weight sync: the transport, its group, and vLLM worker processes as members.
 
-The group holds learner rank 0 (group rank 0, the source) and every rollout receiver (ranks 1..W; a
-tensor-parallel vLLM engine takes one rank per worker process), on its own ``TCPStore``, apart from the
-DeepSpeed training group: rollout workers never join training collectives. The sender's ``SyncPlan`` (names,
-shapes, dtypes in buckets of up to ``bucket_mb`` of one dtype) reaches receivers through Ray before the sync,
-so nobody needs a message to allocate or unflatten. Each sync carries a version; with ``verify`` the
-controller compares every bucket's checksum from both sides.
-
-Three transports, chosen per receiver when the group is formed (``placement.transport``):
+The group, on its own ``TCPStore`` (rollout workers never join the DeepSpeed training collectives), holds learner
+rank 0 (group rank 0, the source) and every receiver (ranks 1..W; a tensor-parallel vLLM engine takes one per
+worker process). The sender's ``SyncPlan`` (names, shapes, dtypes in buckets of up to ``bucket_mb`` of one dtype)
+reaches receivers through Ray before the sync, so no message is needed to allocate or unflatten. Each sync carries
+a version; with ``verify`` the controller compares every bucket's checksum from both sides. Transports, chosen per
+receiver when the group is formed (``placement.transport``):
 
 * ``broadcast`` (any node; NCCL on GPU, gloo on CPU): one ``broadcast`` per flattened bucket.
-* ``shm`` (receivers on the source's node, CPU weights): the learner keeps its live weights in the source's
+* ``shm`` (the source's node, CPU weights): the learner keeps its live weights in the source's
   :class:`SharedRegion` (``LearnerActor.share_weights``) at fixed offsets (``TensorSpec.offset``, ``live``):
   receivers hand their engine views, one memory copy in all. Other tensors (frozen ones, ZeRO-3 gathers) the
-  source stages there, then signals "bucket k is staged". A sync ends with a barrier, so the learner cannot
-  update weights still being read.
-* ``ipc`` (a receiver on the source's GPU, ``rollout.colocate``, where NCCL cannot reach it): the source
-  posts each flattened bucket's CUDA IPC handle in the group's store, with the same signals, and holds the
-  buckets until the end-of-sync barrier; the receiver opens them on its device.
+  source stages there, then signals "bucket k is staged".
+* ``ipc`` (the source's GPU, ``rollout.colocate``, where NCCL cannot reach): the source posts each flattened
+  bucket's CUDA IPC handle in the group's store, with the same signals; the receiver opens it on its device.
 
-A transfer not done within ``sync.timeout_s`` raises (polled, the group aborted; NCCL's watchdog comes a
+``shm`` and ``ipc`` syncs end with a barrier: the learner cannot update weights still being read (nor free an IPC
+bucket). A transfer not done within ``sync.timeout_s`` raises (polled, the group aborted; NCCL's watchdog comes a
 minute later): a worker dying mid-sync fails the sync, which the fleet repeats.
 """
 from __future__ import annotations
@@ -172,15 +169,10 @@ class SharedRegion:
             os.close(self.fd)
             raise WeightSyncError(f"cannot reserve {nbytes / 2**20:.0f} MB of shared memory for weight sync ({e}); "
                                   "free memory or set sync.transport=broadcast") from e
-        self.nbytes = nbytes
+        self.nbytes, self.handle = nbytes, (os.getpid(), self.fd, nbytes)  # handle: what a receiver needs to map it
         self.tensor = torch.from_file(f"/proc/self/fd/{self.fd}", shared=True, size=nbytes, dtype=torch.uint8)
         self.base = self.tensor.data_ptr()
         self.used = 0
-
-    @property
-    def handle(self) -> tuple[int, int, int]:
-        """What a receiver needs to map the region: (pid, fd, nbytes)."""
-        return (os.getpid(), self.fd, self.nbytes)
 
     @staticmethod
     def attach(handle: Sequence[int]) -> torch.Tensor:

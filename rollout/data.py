@@ -2,14 +2,12 @@
 
 A row: ``{"id": "42", "image": "a.jpg" | ["a.png", "b.png"] | absent, "conversations": [{"from": "human",
 "value": "<image>What is ...?"}, {"from": "gpt", "value": "answer"}], "accu_reward_method": "mcq", "options":
-[...]}`` (the last two optional). Several files combine, each with its own image folder and default reward
-method (:class:`DataSource`). A row becomes a ``Sample`` whose prompt is a transformers chat conversation with
-one ``{"type": "image"}`` item per ``<image>`` placeholder.
-
-Bad rows never crash loading: invalid JSON, no question, no answer, a missing, unreadable or corrupt image are
-skipped, logged and counted by reason in ``dataset.skipped``; only a file with no usable row is an error.
-Images are decoded at load time (catching truncated files) and again for each sample built; one that fails
-then is counted and skipped by the sampler.
+[...]}`` (the last two optional); files combine, each with its own image folder and default reward method
+(:class:`DataSource`). A row becomes a ``Sample``, its prompt a chat conversation with one ``{"type": "image"}``
+item per ``<image>`` placeholder. Bad rows never crash loading: invalid JSON, no question, no answer, a missing,
+unreadable or corrupt image are skipped, logged and counted by reason in ``dataset.skipped``; only a file with no
+usable row is an error. Images are decoded at load time (catching truncated files) and again for each sample
+built; one that fails then is counted and skipped by the sampler.
 """
 from __future__ import annotations
 
