@@ -141,7 +141,6 @@ def plot_metrics(jsonl: Union[str, os.PathLike], png: Union[str, os.PathLike],
 
 class MetricsLogger(AbstractContextManager):
     """Writes each step's metrics to ``metrics.jsonl``, TensorBoard and W&B, and shows progress; a context manager.
-
     ``resume_from_step=k`` drops later records (and corrupt lines) of ``metrics.jsonl`` and ``samples.jsonl`` and
     TensorBoard events, and continues the W&B run; without it the old files go to ``*.prev-N``."""
 

@@ -70,10 +70,9 @@ class Layout:
 
 def transport(setting: str, backend: str, worker: tuple[Any, tuple], source: tuple[Any, tuple],
               who: str = "a rollout worker") -> str:
-    """How a rollout worker at ``(node, gpu ids)`` gets the weights of learner rank 0 at ``source``:
-    ``ipc`` (CUDA IPC: it shares rank 0's GPU, where NCCL cannot reach it), ``shm`` (same node, CPU
-    weights, gloo; unless ``sync.transport=broadcast``), else the ``broadcast``. With
-    ``sync.transport=shm`` anything but ``shm`` is an error."""
+    """How a rollout worker at ``(node, gpu ids)`` gets the weights of learner rank 0 at ``source``: ``ipc`` (CUDA
+    IPC: it shares rank 0's GPU, where NCCL cannot reach it), ``shm`` (same node, CPU weights, gloo; unless
+    ``sync.transport=broadcast``), else the ``broadcast``. With ``sync.transport=shm`` all but ``shm`` is an error."""
     same_node = worker[0] == source[0]
     if same_node and set(worker[1]) & set(source[1]):
         how = "ipc"

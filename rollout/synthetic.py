@@ -100,10 +100,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              ("left", "right"), "all_match", _gen_position),
     TaskSpec("which", "<image><image>Which picture shows a red shape? Answer with one word: first or second.",
              ("first", "second"), "all_match", _gen_which)]}
-DEFAULT_TASK = "color"
 
 
-def make_dataset(task: str = DEFAULT_TASK, n: int = 1000, out_dir: Union[str, Path] = "synthetic_data", seed: int = 0,
+def make_dataset(task: str = "color", n: int = 1000, out_dir: Union[str, Path] = "synthetic_data", seed: int = 0,
                  image_size: int = 56) -> Path:
     """Write ``n`` rows of ``task`` to ``out_dir/data.jsonl`` (returned) with PNGs under ``out_dir/images`` (paths
     relative to ``out_dir``, the image folder). Deterministic in ``seed``."""
