@@ -39,14 +39,6 @@ def _fsync(path: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` (before the rename that publishes it)."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for p in [os.path.join(dirpath, fn) for fn in filenames] + [dirpath]:
-            if not os.path.islink(p):
-                _fsync(p)
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically: readers see the old content or the new one, never a
     mix, and a crash (or an exception) midway leaves the old file untouched."""
@@ -157,8 +149,11 @@ class CheckpointManager:
         state = load_trainer_state(tmp)  # refuse to publish a checkpoint without its trainer state
         if "step" in state and int(state["step"]) != int(step):
             raise ValueError(f"{tmp / TRAINER_STATE_NAME} says step {state['step']}, commit was asked for {step}")
-        if self.fsync:
-            _fsync_tree(tmp)
+        if self.fsync:  # every file and directory, before the rename that publishes them
+            for dirpath, _dirnames, filenames in os.walk(tmp):
+                for p in [os.path.join(dirpath, fn) for fn in filenames] + [dirpath]:
+                    if not os.path.islink(p):
+                        _fsync(p)
         if os.path.lexists(final):
             moved = move_aside(final)
             warnings.warn(f"{final} already existed (an earlier run in this output directory?): "

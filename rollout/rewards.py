@@ -369,14 +369,6 @@ class _Entry:
     takes_lengths: bool = False
 
 
-def _accepts(fn: Callable, param: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == param or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
 def _parse_spec(spec: RewardSpec) -> _Entry:
     if isinstance(spec, str):
         spec = {"name": spec}
@@ -385,8 +377,13 @@ def _parse_spec(spec: RewardSpec) -> _Entry:
     if unknown := set(spec) - {"name", "weight", "kwargs", "label"}:
         raise ValueError(f"reward spec {dict(spec)!r}: unknown keys {sorted(unknown)}")
     fn = get_reward(str(spec["name"]))
+    try:  # does it take completion_lengths (or **kwargs)?
+        takes = any(p.name == "completion_lengths" or p.kind is inspect.Parameter.VAR_KEYWORD
+                    for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to read
+        takes = False
     return _Entry(name=str(spec.get("label") or spec["name"]), fn=fn, weight=float(spec.get("weight", 1.0)),
-                  kwargs=dict(spec.get("kwargs") or {}), takes_lengths=_accepts(fn, "completion_lengths"))
+                  kwargs=dict(spec.get("kwargs") or {}), takes_lengths=takes)
 
 
 class RewardSet:

@@ -71,16 +71,6 @@ def _takes_weights_iterator(worker: Any) -> bool:
     return any(f is not None and "weights_iterator" in inspect.signature(f).parameters for f in fns)
 
 
-def _vllm_mm_processor_kwargs(module: VLMModule, processing_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The module's processing options in the form vLLM hands to the HF processor, so that vLLM
-    and the learner's processor cut images into the same number of tokens."""
-    kwargs = dict(processing_kwargs)
-    if module.get_vlm_key() == "internvl" and "max_anyres_num" in kwargs:
-        n = int(kwargs.pop("max_anyres_num"))
-        kwargs.update(max_patches=n, crop_to_patches=n > 1)
-    return kwargs  # qwen: min_pixels / max_pixels are understood by vLLM's Qwen-VL processors
-
-
 class VLLMEngine(GenerationEngine):
     """Generate with vLLM's offline ``LLM``; load weights in place (see the module docstring)."""
 
@@ -132,7 +122,13 @@ class VLLMEngine(GenerationEngine):
                                       enforce_eager=enforce_eager, seed=seed, logprobs_mode=LOGPROBS_MODE,
                                       limit_mm_per_prompt={"image": limit_images_per_prompt},
                                       **({"distributed_executor_backend": "mp"} if tensor_parallel_size > 1 else {}))
-        if mm_kwargs := _vllm_mm_processor_kwargs(module, self.processing_kwargs):
+        # The processing options in the form vLLM hands to the HF processor, so that vLLM and the learner's processor
+        # cut images into the same number of tokens (qwen's min_pixels / max_pixels: as they are).
+        mm_kwargs = dict(self.processing_kwargs)
+        if module.get_vlm_key() == "internvl" and "max_anyres_num" in mm_kwargs:
+            n = int(mm_kwargs.pop("max_anyres_num"))
+            mm_kwargs.update(max_patches=n, crop_to_patches=n > 1)
+        if mm_kwargs:
             kwargs["mm_processor_kwargs"] = mm_kwargs
         kwargs.update(extra_engine_kwargs or {})
         t0 = time.perf_counter()
