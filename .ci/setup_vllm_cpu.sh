@@ -116,7 +116,7 @@ CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
 "${PIP[@]}" list --format=freeze --exclude-editable 2>/dev/null | grep -v -i '^vlgrpo==' > "$CONSTRAINTS"
 DEPS=(pyyaml tqdm safetensors pillow numpy tokenizers accelerate "ray[default]" ninja matplotlib levenshtein
-      pytest pytest-timeout)
+      peft pytest pytest-timeout)
 if [[ "${SKIP_DEEPSPEED:-0}" != 1 ]]; then
     DEPS+=(deepspeed)
 fi

