@@ -20,9 +20,8 @@ _CKPT_FILE = "learner_state.pt"
 
 
 class LearnerWeights:
-    """Expects ``model``, ``engine`` (DeepSpeed or None), ``optimizer``, ``scheduler``, ``cfg``,
-    ``rank``, ``processor``, ``global_step``, ``_name_map``, ``_barrier`` and ``peft_model`` (None
-    without LoRA; its layers live in ``model``) from the learner."""
+    """Expects ``model``, ``engine`` (DeepSpeed or None), ``optimizer``, ``scheduler``, ``cfg``, ``rank``,
+    ``processor``, ``global_step``, ``_name_map``, ``_barrier``, ``peft_model`` (LoRA, or None) from the learner."""
 
     def _ck(self, name: str) -> str:
         return self._name_map.get(name, name) if self._name_map else name
