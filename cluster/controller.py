@@ -187,23 +187,20 @@ class Trainer:
         """DAPO dynamic sampling (``trainer.dynamic_sampling_rounds`` > 0): a group whose rewards are
         all equal has no advantage, so it is dropped and a new batch of prompts is generated, up to
         that many extra rounds, until ``prompts_per_step`` groups are kept (the surplus is dropped)."""
-        rounds, want, kept, dropped = self.cfg.trainer.dynamic_sampling_rounds, self.cfg.trainer.prompts_per_step, [], 0
-        if not rounds:
+        t, kept, dropped = self.cfg.trainer, [], 0
+        if not t.dynamic_sampling_rounds:
             return rollout, {}
-        for r in range(rounds + 1):
-            if r:
-                rollout = self.collect(self.launch(self.step, r))
+        for r in range(t.dynamic_sampling_rounds + 1):
+            rollout = self.collect(self.launch(self.step, r)) if r else rollout
             rewards = rollout.total_rewards().view(-1, rollout.group_size)
             spread = (rewards.max(1).values > rewards.min(1).values).nonzero().flatten().tolist()
-            dropped += rewards.shape[0] - len(spread)
-            kept.append(rollout.groups(spread))
-            if sum(len(k.sample_ids) for k in kept) >= want:
+            dropped, kept = dropped + rewards.shape[0] - len(spread), kept + [rollout.groups(spread)]
+            if sum(len(k.sample_ids) for k in kept) >= t.prompts_per_step:
                 break
-        batch = concat_rollouts(kept)
-        n = min(len(batch.sample_ids), want)
-        if not n:
-            log.warning("step %d: no group with a reward spread in %d rounds; training on the last", self.step, r + 1)
-        return batch.groups(range(n)) if n else rollout, {
+        n = min(sum(len(k.sample_ids) for k in kept), t.prompts_per_step)
+        if n < t.prompts_per_step:  # none at all: the last round trains (its advantages are all 0)
+            log.warning("step %d: %d groups with a reward spread after %d extra rounds", self.step, n, r)
+        return concat_rollouts(kept).groups(range(n)) if n else rollout, {
             "sampling/extra_rounds": float(r), "sampling/dropped_groups": float(dropped), "sampling/kept_groups": float(n)}
 
     def launch(self, step: int, round_: int = 0) -> list[Chunk]:

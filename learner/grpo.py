@@ -105,34 +105,24 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], adva
               epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_agg: str = "seq_mean_token_mean",
               max_len_norm: Optional[int] = None, *, global_num_seqs: Optional[float] = None,
               global_num_tokens: Optional[float] = None, importance_weights: Optional[torch.Tensor] = None,
-              loss_scale: float = 1.0, importance_sampling_level: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              loss_scale: float = 1.0, importance_sampling_level: str = "token"
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped GRPO loss of one (micro-)batch; the formulas are in the module docstring.
 
-    Args:
-        logprobs: ``[N, T]`` log-probs of the completion tokens under the current policy (with grad).
-        old_logprobs: ``[N, T]`` log-probs before this batch's first update (no grad), or ``None``
-            for ``logprobs.detach()`` (μ = 1).
-        advantages: ``[N]`` one advantage per row.
-        mask: ``[N, T]`` 1 on tokens that count (bool or 0/1).
-        ref_logprobs: ``[N, T]`` reference-model log-probs; required when ``beta != 0``. When given
-            with ``beta == 0`` the KL is still reported (not added to the loss).
-        beta: KL coefficient (k3 estimator).
-        epsilon_low / epsilon_high: clip range ``[1 - epsilon_low, 1 + epsilon_high]``.
-        loss_agg: one of ``LOSS_AGGREGATIONS``, or its alias ``grpo`` | ``dapo`` | ``dr_grpo``.
-        max_len_norm: Dr. GRPO constant normaliser (default ``T``).
-        global_num_seqs / global_num_tokens: counts of the whole optimiser step (see module
-            docstring) so that micro-batch losses add up to the full-batch loss.
-        importance_weights: optional ``[N, T]`` per-token weights (no grad) multiplying the policy-gradient
-            term, e.g. truncated importance sampling between the sampler's and the learner's log-probs.
-        loss_scale: multiplies the returned loss (``world_size`` under data-parallel averaging).
-        importance_sampling_level: ``"token"`` (GRPO) or ``"sequence"`` (GSPO: the row's mean log-ratio).
+    ``logprobs`` ``[N, T]`` (with grad); ``old_logprobs`` ``[N, T]`` before this batch's first update (no
+    grad; ``None``: ``logprobs.detach()``, μ = 1); ``advantages`` ``[N]``; ``mask`` ``[N, T]`` 1 on tokens
+    that count (bool or 0/1). ``ref_logprobs`` ``[N, T]`` is required when ``beta`` (k3 KL coefficient)
+    != 0; given with ``beta == 0`` the KL is only reported. Clip range ``[1 - epsilon_low, 1 + epsilon_high]``.
+    ``loss_agg``: one of ``LOSS_AGGREGATIONS`` or an alias; ``max_len_norm``: Dr. GRPO's constant (default
+    ``T``); ``global_num_seqs`` / ``global_num_tokens``: the whole optimiser step's counts (module
+    docstring). ``importance_weights`` ``[N, T]`` (no grad) multiply the policy-gradient term (truncated
+    IS); ``loss_scale`` multiplies the loss (``world_size`` under data-parallel averaging);
+    ``importance_sampling_level``: ``"token"`` (GRPO) or ``"sequence"`` (GSPO).
 
-    Returns:
-        ``(loss, metrics)``; ``loss`` is a scalar with grad. ``metrics`` holds detached 0-dim tensors:
-        ``pg_loss`` and ``kl_loss`` (the two parts of ``loss`` before ``loss_scale``), token means over the
-        valid tokens of this call (``ratio_mean``, ``kl_mean``, ``clip_frac_low``, ``clip_frac_high``,
-        ``clip_frac``, ``adv_mean``), ``ratio_min``, ``ratio_max``, and the counts ``num_tokens`` /
-        ``num_seqs`` (weights for combining token means across micro-batches).
+    Returns ``(loss, metrics)``: ``loss`` a scalar with grad, ``metrics`` detached 0-dim tensors:
+    ``pg_loss`` and ``kl_loss`` (before ``loss_scale``), token means over this call's valid tokens
+    (``ratio_mean``, ``kl_mean``, ``clip_frac_low``, ``clip_frac_high``, ``clip_frac``, ``adv_mean``),
+    ``ratio_min``, ``ratio_max`` and the counts ``num_tokens`` / ``num_seqs`` (weights across micro-batches).
     """
     agg = normalize_loss_agg(loss_agg)
     if logprobs.dim() != 2:

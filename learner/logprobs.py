@@ -11,11 +11,9 @@ and nothing else (``module.forward_inputs``). Per-token custom inputs with the p
 over the completion. The logit at position ``P - 1 + t`` scores completion token ``t``; only the
 last ``T + 1`` positions are computed when the model accepts ``logits_to_keep``.
 
-Shared prefix (``rows`` given, ``module.supports_shared_prefix``): ``inputs`` hold each distinct
-prompt once and ``rows[i]`` names row ``i``'s prompt. Each prompt (vision tower included) runs once
-with a KV cache that keeps its graph; the cache is expanded over the rows, the completions (all but
-their last token) attend to it with the full mask and the module's positions. Same log-probs and
-gradients as the per-row forward (float tolerance). Gradient checkpointing drops the cache: per row.
+Shared prefix (``rows``: row ``i``'s prompt in ``inputs``, which hold each prompt once): each prompt,
+vision tower included, runs once with a KV cache that keeps its graph, and its rows' completions attend
+to it; same log-probs and gradients as the per-row forward (float tolerance).
 """
 from __future__ import annotations
 

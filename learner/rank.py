@@ -1,18 +1,10 @@
-"""One data-parallel learner rank: GRPO policy updates under DeepSpeed ZeRO (or plain torch).
-
-N ``Learner`` instances (Ray actors, started by the cluster) form one data-parallel group:
-
-* ``zero_stage`` 2 or 3: DeepSpeed ZeRO over ``torch.distributed`` (gloo on CPU with DeepSpeed's
-  CPU accelerator, NCCL on GPU); 0: plain torch, gradients all-reduced by hand (also gloo/NCCL).
-* Every rank receives its own shard of the step's batch (``TrainBatch.split``); the loss is
-  normalised with the counts of the *global* batch and scaled by ``world_size``, so the averaged
-  gradient equals the full-batch gradient whatever the sharding and micro-batching
-  (see ``learner.grpo``).
-* Ranks run the same number of forward/backward passes (ZeRO's collectives need it): a rank with
-  fewer micro-batches than the others runs its first one again with weight 0.
-
-``train_step`` is collective (call it on every rank at once), as are the weight and checkpoint
-methods of ``weights.LearnerWeights``.
+"""One data-parallel learner rank: GRPO policy updates under DeepSpeed ZeRO 2/3 (or plain torch, 0,
+gradients all-reduced by hand), over gloo on CPU and NCCL on GPU. N ``Learner`` Ray actors form one
+group; each trains on its shard of the step's batch (``TrainBatch.split``) with the loss normalised by
+the *global* counts and scaled by ``world_size``, so the averaged gradient is the full-batch gradient
+(``learner.grpo``). Ranks run the same number of forward/backward passes (ZeRO's collectives need it):
+one with fewer micro-batches runs its first again with weight 0. ``train_step`` and the weight and
+checkpoint methods (``weights.LearnerWeights``) are collective: call them on every rank at once.
 """
 from __future__ import annotations
 

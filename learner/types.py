@@ -30,14 +30,10 @@ class LoraConfig:
 
 @dataclass
 class LearnerConfig:
-    """The ``learner`` section of the run config: everything one learner rank needs besides the
-    model (``modules.loading.ModelConfig``). Defaults follow TRL's ``GRPOConfig`` where they overlap.
-
-    Optimisation counts *optimiser steps*: one ``train_step`` performs ``num_iterations``
-    optimiser steps over the same batch (each one accumulating gradients over all micro-batches).
-
-    Fields marked ``derived`` are resolved once from other sections by the run config (see
-    ``cluster.config.derived``) and recorded in ``config.yaml``; setting them by hand is rejected.
+    """The ``learner`` section of the run config: what a learner rank needs besides the model
+    (``ModelConfig``); defaults follow TRL's ``GRPOConfig`` where they overlap. One ``train_step`` takes
+    ``num_iterations`` optimiser steps over its batch, each accumulating over all micro-batches.
+    ``derived`` fields are resolved from other sections (``cluster.config.derived``), never set by hand.
     """
 
     # placement (read by the cluster)
@@ -131,13 +127,11 @@ class MicroBatch:
 @dataclass
 class TrainBatch:
     """The rows one learner rank trains on (its shard of the step's batch). Prompts are stored once
-    (``prompts_text[p]``, ``images[p]``); ``prompt_index[i]`` names row ``i``'s prompt (default:
-    group-major, equal groups). ``completion_ids`` / ``completion_mask`` ``[N, T]`` are
-    right-padded, the mask 1 on tokens that count; log-prob tensors are ``[N, T]`` float.
-    ``old_logprobs``: before this batch's first update (None: computed by the learner when μ > 1);
-    ``sampling_logprobs``: the sampler's (truncated IS, mismatch metric); ``ref_logprobs``: None
-    lets the learner's reference model compute them. ``global_num_*``: counts of the whole step
-    across ranks (None: all-reduced by the learners)."""
+    (``prompts_text[p]``, ``images[p]``); ``prompt_index[i]`` names row ``i``'s prompt (default: group-major,
+    equal groups). ``completion_ids`` / ``completion_mask`` and the float log-probs are ``[N, T]``,
+    right-padded; ``old_logprobs``/``ref_logprobs`` None: computed by the learner (μ > 1 / β > 0);
+    ``sampling_logprobs``: the sampler's (truncated IS, mismatch metric). ``global_num_*``: counts of the
+    whole step across ranks (None: all-reduced by the learners)."""
 
     prompts_text: list[str]
     images: list[list[Image.Image]]

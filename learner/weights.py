@@ -1,9 +1,7 @@
-"""A learner rank's weights and state: names, full tensors (gathered under ZeRO-3), checkpoints,
-and the Hugging Face policy. Mixed into ``rank.Learner``; knows nothing of weight sync, only what
-a sender needs: ``named_weights`` (the tensors, in order) and ``weights_meta`` (their specs).
-
-Collective methods -- call them on *every* rank at the same time: ``named_weights`` (iterate it
-to the end everywhere), ``save_checkpoint``, ``load_checkpoint``, ``save_pretrained``.
+"""A learner rank's weights and state, mixed into ``rank.Learner``: names, full tensors (gathered under
+ZeRO-3; LoRA merged), checkpoints and the Hugging Face policy. Knows nothing of weight sync, only what a
+sender needs: ``named_weights`` (the tensors, in order) and ``weights_meta`` (their specs). Collective
+(on *every* rank at once): ``named_weights`` (iterated to the end), ``save/load_checkpoint``, ``save_pretrained``.
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@ full weights and batch log-probs of a ``Learner``, and a Ray learner group (for 
 tests)."""
 from __future__ import annotations
 
+import socket
+import sys
 from typing import Any
 
 import pytest
@@ -10,6 +12,23 @@ import torch
 from PIL import Image
 
 FAMILY_MODULE = {"qwen2-vl": "qwen", "internvl": "internvl"}
+
+
+@pytest.fixture(scope="module")
+def port():
+    """A free port for this process's one-rank process group (DeepSpeed or plain torch); the env vars
+    the learner sets are restored and the group destroyed afterwards (later tests see neither)."""
+    mp = pytest.MonkeyPatch()
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        mp.setenv(k, "0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    yield free
+    ds = sys.modules.get("deepspeed.comm")  # DeepSpeed's teardown also drops its cached groups
+    if torch.distributed.is_initialized():  # (a later module's ZeRO engine would use them: "not registered")
+        (ds.destroy_process_group if ds is not None and ds.is_initialized() else torch.distributed.destroy_process_group)()
+    mp.undo()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ transformers and the adapter in peft; one short ``vlgrpo train`` run syncs less 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,22 +21,6 @@ from vlgrpo.learner.types import LearnerConfig, LoraConfig
 from .conftest import batch_logprobs, learner_configs, make_batch, weights
 
 RANK, ALPHA = 4, 8.0
-_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
-@pytest.fixture(scope="module")
-def port():
-    """A free port for this process's one-rank DeepSpeed group (env restored, group destroyed after)."""
-    mp = pytest.MonkeyPatch()
-    for k in _DIST_ENV:
-        mp.setenv(k, "0")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    yield free
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    mp.undo()
 
 
 def lora_learner(path, port, stage, **kw):

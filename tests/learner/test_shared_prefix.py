@@ -6,7 +6,6 @@ lengths (right padding); a learner step with it on and off; and the per-row fall
 from __future__ import annotations
 
 import math
-import socket
 from dataclasses import replace
 
 import pytest
@@ -137,21 +136,6 @@ def test_gradient_checkpointing_takes_the_per_row_path(tiny_models):
     with pytest.raises(RuntimeError, match="no KV cache"):  # the cache dropped by checkpointing is caught
         per_token_logprobs(learner.model, learner.module, inputs, batch.completion_ids, batch.completion_mask,
                            rows=rows)
-
-
-@pytest.fixture(scope="module")
-def port():
-    """A free port for a one-rank process group (destroyed, its env vars restored, afterwards)."""
-    mp = pytest.MonkeyPatch()
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        mp.setenv(k, "0")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    yield free
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    mp.undo()
 
 
 def test_zero3_train_step_same_with_shared_prefix_on_and_off(tiny_models, port):

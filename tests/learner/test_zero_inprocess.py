@@ -4,7 +4,6 @@ fp32 master weights / gradient accumulation train under ZeRO-2 and ZeRO-3."""
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -13,24 +12,6 @@ from safetensors import safe_open
 from .conftest import frozen_names, make_batch, make_learner
 
 deepspeed = pytest.importorskip("deepspeed")
-
-_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
-@pytest.fixture(scope="module")
-def port():
-    """A free port for this process's one-rank group; the env vars the learner sets are restored
-    and the process group destroyed afterwards (other tests in this process see neither)."""
-    mp = pytest.MonkeyPatch()
-    for k in _DIST_ENV:
-        mp.setenv(k, "0")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    yield free
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    mp.undo()
 
 
 def _zero_learner(path, port, stage, **kw):
