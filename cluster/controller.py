@@ -218,7 +218,8 @@ class Trainer:
     def advantages(self, rollout: RolloutBatch) -> tuple[TrainBatch, dict[str, float]]:
         lc = self.cfg.learner
         adv, zero_groups = group_advantages(rollout.total_rewards(), rollout.group_size,
-                                            scale_by_std=lc.scale_adv_by_std, leave_one_out=lc.algorithm == "rloo")
+                                            leave_one_out=lc.algorithm == "rloo", scale_by_std=lc.algorithm != "rloo"
+                                            if lc.scale_adv_by_std is None else lc.scale_adv_by_std)
         batch = TrainBatch.from_rollout(rollout, adv)
         if rollout.weights_version < self.version:  # off-policy: the behaviour policy is the sampler's
             batch.old_logprobs = rollout.sampling_logprobs

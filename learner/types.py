@@ -99,8 +99,6 @@ class LearnerConfig:
         self.loss_agg = normalize_loss_agg(self.loss_agg)
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        if self.scale_adv_by_std is None:
-            self.scale_adv_by_std = self.algorithm != "rloo"
         self.betas = tuple(self.betas)  # type: ignore[assignment]
 
     def torch_dtype(self, on_gpu: bool) -> torch.dtype:

@@ -1,6 +1,8 @@
-"""DAPO dynamic sampling: groups without a reward spread are dropped and the batch is refilled with
-extra generation rounds (trainer.dynamic_sampling_rounds)."""
+"""The controller's batch: DAPO dynamic sampling (groups without a reward spread dropped, the batch
+refilled with extra generation rounds: trainer.dynamic_sampling_rounds) and the advantages of each algorithm."""
 from __future__ import annotations
+
+import statistics
 
 import pytest
 import torch
@@ -73,3 +75,19 @@ def test_async_run_trains_only_on_groups_with_a_spread(tmp_path, ray_session):
         assert h["reward/zero_std_groups"] == 0.0 and h["sampling/kept_groups"] == 4.0
         assert h["learner/num_seqs"] == 8.0
     assert [h["staleness/mean"] for h in history] == [0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("overrides, scaled", [((), True), (("learner.algorithm=rloo",), False),
+                                               (("learner.algorithm=rloo", "learner.scale_adv_by_std=true"), True)])
+def test_advantages_follow_the_configured_algorithm(tmp_path, overrides, scaled):
+    """The run's advantages (what the controller sends the learners) from the config as a user writes it:
+    RLOO's leave-one-out baseline is unscaled unless scale_adv_by_std is set (it once came out scaled)."""
+    trainer = Trainer(small_run_config(tmp_path, *overrides))
+    rollout = _rollout("a", [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+    batch, _ = trainer.advantages(rollout)
+    rloo = bool(overrides)
+    g = [1.0, 0.0, 0.0]
+    expected = [r - (sum(g) - r) / 2 if rloo else r - sum(g) / 3 for r in g]
+    if scaled:
+        expected = [a / (statistics.stdev(g) + 1e-4) for a in expected]
+    torch.testing.assert_close(batch.advantages, torch.tensor(expected + [0.0] * 3))
