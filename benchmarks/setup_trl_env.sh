@@ -35,7 +35,7 @@ fi
     "$(pin transformers 'transformers>=4.57')" "$(pin tokenizers 'tokenizers>=0.20')" \
     "$(pin accelerate 'accelerate>=1.10.1')" "$(pin safetensors 'safetensors>=0.4')" \
     "$(pin huggingface_hub 'huggingface_hub')" \
-    pillow numpy pyyaml "$TRL_SPEC"
+    "$(pin levenshtein 'levenshtein>=0.21')" pillow numpy pyyaml "$TRL_SPEC"
 "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
 "$VENV/bin/python" - <<'EOF'
 import torch, transformers, trl

@@ -64,16 +64,22 @@ PHASES = [
 # ------------------------------------------------------------------------------------------------
 # shared inputs
 # ------------------------------------------------------------------------------------------------
-def prepare(size: str, work: Path, n_data: int) -> tuple[str, str, int]:
+def prepare(size: str, work: Path, n_data: int, image_size: int = 56) -> tuple[str, str, int]:
     from vlgrpo.modules.tiny import build_tiny_model
     from vlgrpo.rollout.synthetic import make_dataset
 
-    model_dir = work / f"qwen2-vl-{size}"
+    model_dir = work / f"qwen2-vl-{size}-{image_size}px"
     if not (model_dir / "config.json").exists():
         build_tiny_model("qwen2-vl", model_dir, seed=0, size=size)
-    jsonl = work / "data" / "data.jsonl"
+        if image_size > 56:  # the tiny processor caps an image at 16 tokens: let these through whole
+            from transformers import AutoProcessor
+            proc = AutoProcessor.from_pretrained(model_dir)
+            proc.image_processor.size = {"shortest_edge": proc.image_processor.size.shortest_edge,
+                                         "longest_edge": image_size * image_size}
+            proc.save_pretrained(model_dir)
+    jsonl = work / f"data-{image_size}px" / "data.jsonl"
     if not jsonl.exists():
-        make_dataset("color", n_data, work / "data", seed=0)
+        make_dataset("color", n_data, jsonl.parent, seed=0, image_size=image_size)
     meta = json.loads((model_dir / "vlgrpo_tiny.json").read_text())
     return str(model_dir), str(jsonl), int(meta["num_parameters"])
 
@@ -271,6 +277,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--image-size", type=int, default=56,
+                    help="image side in pixels: 56 = 4 image tokens a prompt; 420 = 225 (a long, VLM-like prompt)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process on both sides")
     ap.add_argument("--modes", default="sync,async", help="vlgrpo modes to run")
     ap.add_argument("--shared-prefix", default="on", choices=["on", "off", "both"],
@@ -299,7 +307,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     t_all = time.perf_counter()
     ratios: dict[str, dict[str, float]] = {}
     for size in sizes:
-        model, data, n_params = prepare(size, work, n_data=256)
+        model, data, n_params = prepare(size, work, n_data=256, image_size=args.image_size)
         spec = {"model": model, "data": data, "prompts": args.prompts, "group_size": args.group_size,
                 "max_tokens": args.max_tokens, "lr": args.lr, "threads": args.threads, "steps": args.steps,
                 "warmup": args.warmup, "seed": 0}

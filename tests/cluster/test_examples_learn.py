@@ -3,7 +3,7 @@ examples/X.yaml``): GSPO (async, sequence ratio), RLOO (leave-one-out baseline),
 clip-higher, dynamic sampling) and LoRA (adapters only, merged sync). Each run starts from the same
 warmed-up tiny model, blind (greedy held-out accuracy near chance 0.25 at step 20), and must see by
 step 60. Measured once each on 2 busy cores (val/accuracy at 20 / 40 / 60): gspo 0.34 / 0.58 / 0.95,
-rloo 0.34 / 0.58 / 0.75, dapo 0.58 / 0.58 / 0.75, lora 0.34 / 0.63 / 0.73."""
+rloo 0.34 / 0.56 / 0.75, dapo 0.58 / 0.58 / 0.75, lora 0.34 / 0.63 / 0.73."""
 from __future__ import annotations
 
 import shutil
