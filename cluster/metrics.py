@@ -36,7 +36,8 @@ _ALWAYS = 7  # and no loss panel: GRPO's loss is ~0 by construction
 _FRACTIONS = ("accuracy", "groups with no reward spread (fraction)")  # drawn on 0..1
 _REWARD_STATS = {f"reward/{s}" for s in "accuracy mean std min max median errors zero_std_groups".split()}
 _SUMMARY = (("reward/accuracy", "acc {:.3f}"), ("val/accuracy", "val acc {:.3f}"), ("policy/entropy", "entropy {:.3f}"),
-            ("reward/zero_std_groups", "flat groups {:.0%}"), ("time/step_s", "{:.2f} s/step"))  # progress, if present
+            ("reward/zero_std_groups", "flat groups {:.0%}"), ("sampling/dropped_groups", "{:.0f} flat dropped"),
+            ("time/step_s", "{:.2f} s/step"))  # progress, if present
 
 
 @dataclass
