@@ -187,17 +187,18 @@ class Trainer:
         """DAPO dynamic sampling (``trainer.dynamic_sampling_rounds`` > 0): a group whose rewards are
         all equal has no advantage, so it is dropped and a new batch of prompts is generated, up to
         that many extra rounds, until ``prompts_per_step`` groups are kept (the surplus is dropped)."""
-        t, kept, dropped = self.cfg.trainer, [], 0
+        t, kept, dropped, have = self.cfg.trainer, [], 0, 0
         if not t.dynamic_sampling_rounds:
             return rollout, {}
         for r in range(t.dynamic_sampling_rounds + 1):
             rollout = self.collect(self.launch(self.step, r)) if r else rollout
             rewards = rollout.total_rewards().view(-1, rollout.group_size)
             spread = (rewards.max(1).values > rewards.min(1).values).nonzero().flatten().tolist()
-            dropped, kept = dropped + rewards.shape[0] - len(spread), kept + [rollout.groups(spread)]
-            if sum(len(k.sample_ids) for k in kept) >= t.prompts_per_step:
+            dropped, have = dropped + rewards.shape[0] - len(spread), have + len(spread)
+            kept.append(rollout.groups(spread))
+            if have >= t.prompts_per_step:
                 break
-        n = min(sum(len(k.sample_ids) for k in kept), t.prompts_per_step)
+        n = min(have, t.prompts_per_step)
         if n < t.prompts_per_step:  # none at all: the last round trains (its advantages are all 0)
             log.warning("step %d: %d groups with a reward spread after %d extra rounds", self.step, n, r)
         return concat_rollouts(kept).groups(range(n)) if n else rollout, {

@@ -17,12 +17,12 @@ def apply_lora(model: torch.nn.Module, cfg, module, name_map):
     keys, where = module.get_vision_modules_keywords(), "" if cfg.vision else " outside the vision tower"
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
               and (cfg.vision or not any(k in n for k in keys))]
-    for t in cfg.target_modules:
-        if not any(n == t or n.endswith("." + t) for n in linear):
-            raise ValueError(f"learner.lora.target_modules: {t!r} matches no linear layer{where}; fix the list "
-                             f"(those end in {sorted({n.rsplit('.', 1)[-1] for n in linear})})")
-    targets = [n for n in linear if any(n == t or n.endswith("." + t) for t in cfg.target_modules)
-               or cfg.vision and any(k in n for k in keys)]
+    hits = {t: [n for n in linear if n == t or n.endswith("." + t)] for t in cfg.target_modules}
+    for t in [t for t, found in hits.items() if not found]:
+        raise ValueError(f"learner.lora.target_modules: {t!r} matches no linear layer{where}; fix the list "
+                         f"(those end in {sorted({n.rsplit('.', 1)[-1] for n in linear})})")
+    chosen = {n for found in hits.values() for n in found}
+    targets = [n for n in linear if n in chosen or cfg.vision and any(k in n for k in keys)]
     peft_model = get_peft_model(model, PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                                       target_modules=targets))
     renamed = {n.replace(".base_layer.", "."): n for n in model.state_dict() if ".base_layer." in n}
