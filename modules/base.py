@@ -19,6 +19,21 @@ import torch
 from PIL import Image
 
 
+class Video(list):
+    """The frames (PIL images, in time order) of one video, sampled at ``fps`` frames a second: an item of a
+    prompt's visuals next to its images."""
+
+    def __init__(self, frames: Sequence[Image.Image] = (), fps: float = 2.0) -> None:
+        super().__init__(frames)
+        self.fps = float(fps)
+
+    def metadata(self) -> dict[str, Any]:
+        """As HF video processors and vLLM read it (timestamps, Qwen2.5-VL's ``second_per_grid_ts``): every
+        frame given is used, none sampled again."""
+        return {"fps": self.fps, "duration": len(self) / self.fps, "total_num_frames": len(self),
+                "frames_indices": list(range(len(self)))}
+
+
 class VLMModule(ABC):
     """Base class of every model family. Subclass it and register the class (see ``registry``)."""
 
@@ -86,11 +101,15 @@ class VLMModule(ABC):
                              padding_side: str = "left", add_special_tokens: bool = False) -> dict[str, torch.Tensor]:
         """Tokenise prompts and process images. ``images[i]`` are the images of prompt ``i`` (may
         be empty). Returns exactly ``input_ids``, ``attention_mask`` and the custom multimodal
-        keywords that apply (all of them when any image is present). The default calls a processor
-        with a ``text=``/``images=`` call (Qwen-VL, InternVL-hf, most current VLMs) on all prompts
-        at once, the images flattened in prompt order."""
+        keywords that apply (all of them when any image is present). An item may be a ``Video``. The default
+        calls a processor with ``text=``/``images=``/``videos=`` (Qwen-VL, InternVL-hf, most current VLMs) on
+        all prompts at once, images and videos each flattened in prompt order."""
         flat = [im for per_prompt in images for im in per_prompt]
-        out = processing_class(text=list(prompts_text), images=flat or None, return_tensors=return_tensors,
+        videos = [v for v in flat if isinstance(v, Video)]
+        kw = {"videos": [list(v) for v in videos], "video_metadata": [v.metadata() for v in videos],
+              "do_sample_frames": False} if videos else {}
+        out = processing_class(text=list(prompts_text), images=[im for im in flat if not isinstance(im, Video)] or None,
+                               **kw, return_tensors=return_tensors,
                                padding=padding, padding_side=padding_side, add_special_tokens=add_special_tokens)
         return self.forward_inputs(dict(out))
 

@@ -51,7 +51,8 @@ class QwenModule(VLMModule):
         return ["visual"]
 
     def get_custom_multimodal_keywords(self) -> list[str]:
-        return ["pixel_values", "image_grid_thw", *_token_type_keyword()]
+        return ["pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
+                *_token_type_keyword()]
 
     def get_custom_processing_keywords(self) -> list[tuple[str, str]]:
         return [("image_processor", "max_pixels"), ("image_processor", "min_pixels")]
@@ -62,10 +63,11 @@ class QwenModule(VLMModule):
         padding skipped); without images ``P + j`` (the model's positions for text, padding counted).
         Always explicit: the model's own guess over a cache reuses ``rope_deltas`` of an earlier call."""
         ids = inputs["input_ids"]
-        if "image_grid_thw" in inputs:
-            extra = {k: inputs[k] for k in ("mm_token_type_ids",) if k in inputs}
+        if "image_grid_thw" in inputs or "video_grid_thw" in inputs:
+            extra = {k: inputs[k] for k in ("mm_token_type_ids", "image_grid_thw", "video_grid_thw",
+                                            "second_per_grid_ts") if k in inputs}
             pos, _ = getattr(model, "module", model).model.get_rope_index(
-                ids, image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"], **extra)
+                ids, attention_mask=inputs["attention_mask"], **extra)
             start = pos.amax(dim=(0, 2)) + 1
         else:
             start = torch.full((ids.shape[0],), ids.shape[1], dtype=ids.dtype, device=ids.device)

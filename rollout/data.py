@@ -3,8 +3,10 @@
 A row: ``{"id": "42", "image": "a.jpg" | ["a.png", "b.png"] | absent, "conversations": [{"from": "human",
 "value": "<image>What is ...?"}, {"from": "gpt", "value": "answer"}], "accu_reward_method": "mcq", "options":
 [...]}`` (the last two optional); files combine, each with its own image folder and default reward method
-(:class:`DataSource`). A row becomes a ``Sample``, its prompt a chat conversation with one ``{"type": "image"}``
-item per ``<image>`` placeholder. Bad rows never crash loading: invalid JSON, no question, no answer, a missing,
+(:class:`DataSource`). A row may also hold one ``"video"``: a video file (decoded at ``video_fps`` frames a
+second with PyAV) or a list of frame images (``"fps"`` of the row, else ``video_fps``), placed at ``<video>``.
+A row becomes a ``Sample``, its prompt a chat conversation with one ``{"type": "image"}`` item per ``<image>``
+placeholder (``{"type": "video"}`` per ``<video>``), its visuals the images then the ``Video``. Bad rows never crash loading: invalid JSON, no question, no answer, a missing,
 unreadable or corrupt image are skipped, logged and counted by reason in ``dataset.skipped``; only a file with no
 usable row is an error. Images are decoded at load time (catching truncated files) and again for each sample
 built; one that fails then is counted and skipped by the sampler.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,9 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
+from transformers.video_utils import load_video as decode_video
 
+from ..modules.base import Video
 from .rewards import ACCURACY_METHODS
 from .types import Sample
 
@@ -47,6 +52,7 @@ class DataSource:
     image_folder: Optional[PathLike] = None
     accu_reward_method: Optional[str] = None
     question_template: str = "{question}"
+    video_fps: float = 2.0
 
     def __post_init__(self) -> None:
         if "{question}" not in self.question_template:
@@ -63,23 +69,29 @@ class DataConfig:
     question_template: str = "{question}"  # default for sources without their own, e.g. VLM-R1's think/answer prompt
     synthetic_task: str = "color"
     synthetic_size: int = 512
+    video_fps: float = 2.0  # frames a second taken from video files; the fps of frame lists without their own
 
     def data_sources(self, synthetic_path: Optional[PathLike] = None) -> list[DataSource]:
         """The sources to load: the configured files, else the synthetic task written at ``synthetic_path``."""
         given = self.sources or [{"path": synthetic_path}]
-        return [DataSource(**{"question_template": self.question_template, **s}) for s in given]
+        return [DataSource(**{"question_template": self.question_template, "video_fps": self.video_fps, **s})
+                for s in given]
 
 
-def build_prompt(question: str, num_images: int) -> list[dict[str, Any]]:
-    """A one-turn user conversation: an image item per ``<image>`` placeholder, text in between; images
-    beyond the placeholders are put first, placeholders beyond the images are dropped."""
-    pieces = question.split("<image>")
-    first = max(0, num_images - (len(pieces) - 1))
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(first)]
+def build_prompt(question: str, num_images: int, num_videos: int = 0) -> list[dict[str, Any]]:
+    """A one-turn user conversation: an image (video) item per ``<image>`` (``<video>``) placeholder, text in
+    between; visuals beyond the placeholders are put first, placeholders beyond the visuals are dropped."""
+    pieces, left = re.split(r"<(image|video)>", question), {"image": num_images, "video": num_videos}
+    content: list[dict[str, Any]] = []
+    for kind in left:  # visuals without a placeholder
+        first = max(0, left[kind] - pieces[1::2].count(kind))
+        content += [{"type": kind} for _ in range(first)]
+        left[kind] -= first
     for i, piece in enumerate(pieces):
-        if 0 < i <= num_images - first:  # the i-th placeholder, while images are left
-            content.append({"type": "image"})
-        if piece.strip():
+        if i % 2 and left[piece] > 0:  # a placeholder, while visuals of its kind are left
+            content.append({"type": piece})
+            left[piece] -= 1
+        elif not i % 2 and piece.strip():
             content.append({"type": "text", "text": piece.strip()})
     return [{"role": "user", "content": content}]
 
@@ -107,6 +119,27 @@ def _image_names(row: dict[str, Any]) -> list[str]:
     raise BadRow("bad_row", f"'image' must be a string or a list of strings, got {image!r}")
 
 
+def _video_names(row: dict[str, Any]) -> Union[None, str, list[str]]:
+    video = row.get("video")
+    if video is None or (isinstance(video, str) and video) or (
+            isinstance(video, list) and video and all(isinstance(x, str) and x for x in video)):
+        return video
+    raise BadRow("bad_row", f"'video' must be a file name or a list of frame file names, got {video!r}")
+
+
+def load_video(video: Union[str, list[str]], fps: float) -> Video:
+    """A video file decoded at ``fps`` frames a second, or frame images; raises BadRow like ``load_image``."""
+    if isinstance(video, list):
+        return Video([load_image(Path(p)) for p in video], fps)
+    if not Path(video).is_file():
+        raise BadRow("missing_video", f"no file {video}")
+    try:
+        frames, _ = decode_video(video, fps=fps, backend="pyav")
+    except Exception as e:  # noqa: BLE001 - PyAV raises its own kinds
+        raise BadRow("unreadable_video", f"{video}: {type(e).__name__}: {e}") from e
+    return Video([Image.fromarray(f) for f in frames], fps)
+
+
 def load_image(path: Path) -> Image.Image:
     """Decode an image as RGB; raises BadRow ``missing_image`` / ``unreadable_image``."""
     if not path.is_file():
@@ -132,6 +165,11 @@ def parse_row(line: str, source: DataSource, image_folder: Path, line_no: int) -
     paths = [image_folder / name for name in _image_names(row)]
     sizes = [load_image(p).size for p in paths]
     meta: dict[str, Any] = {"source": str(source.path), "line": line_no, "image_paths": [str(p) for p in paths]}
+    video = _video_names(row)
+    if video is not None:
+        video = str(image_folder / video) if isinstance(video, str) else [str(image_folder / v) for v in video]
+        meta.update(video=video, video_fps=float(row.get("fps") or source.video_fps))
+        load_video(video, meta["video_fps"])
     if sizes:
         meta["image_size"] = sizes[0]
     options = row.get("options")
@@ -144,7 +182,7 @@ def parse_row(line: str, source: DataSource, image_folder: Path, line_no: int) -
         raise ValueError(f"{source.path}:{line_no}: unknown accu_reward_method {method!r}; known: "
                          f"{', '.join(sorted(ACCURACY_METHODS))}")
     sample_id = str(row["id"]) if row.get("id") is not None else f"{Path(source.path).stem}:{line_no}"
-    return Sample(sample_id, build_prompt(question, len(paths)), [], answer, method, meta)
+    return Sample(sample_id, build_prompt(question, len(paths), int(video is not None)), [], answer, method, meta)
 
 
 class PromptDataset:
@@ -166,6 +204,8 @@ class PromptDataset:
     def __getitem__(self, i: int) -> Sample:
         rec = self.records[i]
         images = [load_image(Path(p)) for p in rec.meta["image_paths"]]
+        if "video" in rec.meta:
+            images.append(load_video(rec.meta["video"], rec.meta["video_fps"]))
         prompt = json.loads(json.dumps(rec.prompt))  # callers may mutate their copy
         return Sample(rec.sample_id, prompt, images, rec.solution, rec.accu_reward_method, dict(rec.meta))
 

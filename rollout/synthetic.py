@@ -1,7 +1,8 @@
 """Synthetic visual tasks for tiny randomly initialised VLMs, written as VLM-R1 JSONL + PNG images: ``color``
 (one shape of one of four colours; answer the colour word), ``count`` (1-4 shapes; the digit, ``numeric``),
 ``position`` (one shape in the left or right half; ``left`` / ``right``) and ``which`` (two images, one red
-shape among them: ``first`` / ``second``; several images per prompt). Answers are scored by exact match
+shape among them: ``first`` / ``second``; several images per prompt) and ``motion`` (a video: one shape moving
+left or right over four frames, each frame alone uninformative; ``left`` / ``right``). Answers are scored by exact match
 (``all_match``, or ``numeric`` for counts): no partial credit. Each row carries its answer ``options``
 (``Sample.meta["options"]``); questions and options are short and fixed, so that a tiny tokenizer holds each
 option word as one token.
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 from PIL import Image, ImageDraw
+
+from ..modules.base import Video
 
 COLORS: dict[str, tuple[int, int, int]] = {"red": (230, 25, 25), "green": (30, 170, 40), "blue": (30, 60, 230),
                                            "yellow": (240, 210, 20)}
@@ -91,6 +94,21 @@ def _gen_position(rng: random.Random, size: int) -> tuple[list[Image.Image], str
     return [_image(rng, size, [(0, 0, half, size) if side == "left" else (half, 0, size, size)], 0.9)], side
 
 
+def _gen_motion(rng: random.Random, size: int, frames: int = 4) -> tuple[list[Video], str]:
+    """A shape crossing ``size // 3`` pixels in ``frames`` steps: to the right or to the left over the same
+    positions, so only the frames' order tells the direction (and reversing the video flips the answer)."""
+    answer, side = rng.choice(["left", "right"]), size // 4
+    shape, color, travel = rng.choice(SHAPES), COLORS[rng.choice(list(COLORS))], size // 3
+    x0, y0 = rng.randint(0, size - side - travel), rng.randint(0, size - side)
+    video = Video()
+    for k in range(frames):
+        x = x0 + travel * (k if answer == "right" else frames - 1 - k) // (frames - 1)
+        image = Image.new("RGB", (size, size), BACKGROUND)
+        draw_shape(ImageDraw.Draw(image), shape, (x, y0, x + side - 1, y0 + side - 1), color)
+        video.append(image)
+    return [video], answer
+
+
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("color", "<image>What colour is the shape? Answer with one word: red, green, blue or yellow.",
              tuple(COLORS), "all_match", _gen_color),
@@ -99,7 +117,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("position", "<image>Is the shape on the left or on the right? Answer with one word: left or right.",
              ("left", "right"), "all_match", _gen_position),
     TaskSpec("which", "<image><image>Which picture shows a red shape? Answer with one word: first or second.",
-             ("first", "second"), "all_match", _gen_which)]}
+             ("first", "second"), "all_match", _gen_which),
+    TaskSpec("motion", "<video>Does the shape move to the left or to the right? Answer with one word: left or right.",
+             ("left", "right"), "all_match", _gen_motion)]}
 
 
 def make_dataset(task: str = "color", n: int = 1000, out_dir: Union[str, Path] = "synthetic_data", seed: int = 0,
@@ -118,10 +138,12 @@ def make_dataset(task: str = "color", n: int = 1000, out_dir: Union[str, Path] =
     with jsonl.open("w", encoding="utf-8") as f:
         for i in range(n):
             images, answer = spec.generate(rng, image_size)
-            rel = [f"images/{task}_{i:06d}" + (f"_{k}" if k else "") + ".png" for k in range(len(images))]
-            for image, name in zip(images, rel):
+            video = images[0] if isinstance(images[0], Video) else None  # a video task: one video, its frames
+            rel = [f"images/{task}_{i:06d}" + (f"_{k}" if k else "") + ".png" for k in range(len(video or images))]
+            for image, name in zip(video or images, rel):
                 image.save(out / name)
-            row = {"id": f"{task}-{i:06d}", "image": rel[0] if len(rel) == 1 else rel,
+            visual = {"video": rel, "fps": video.fps} if video else {"image": rel[0] if len(rel) == 1 else rel}
+            row = {"id": f"{task}-{i:06d}", **visual,
                    "conversations": [{"from": "human", "value": spec.question}, {"from": "gpt", "value": answer}],
                    "accu_reward_method": spec.accu_reward_method, "options": list(spec.options)}
             f.write(json.dumps(row) + "\n")

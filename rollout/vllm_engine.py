@@ -30,7 +30,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from packaging.version import Version
 
-from ..modules.base import VLMModule
+from ..modules.base import Video, VLMModule
 from ..modules.loading import load_processor
 from .engine import GenerationEngine, tensor_checksum
 from .types import Completion, GenerationResult, Sample, SamplingConfig
@@ -120,7 +120,7 @@ class VLLMEngine(GenerationEngine):
         kwargs: dict[str, Any] = dict(model=self.model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                                       enforce_eager=enforce_eager, seed=seed, logprobs_mode=LOGPROBS_MODE,
-                                      limit_mm_per_prompt={"image": limit_images_per_prompt},
+                                      limit_mm_per_prompt={"image": limit_images_per_prompt, "video": 1},
                                       **({"distributed_executor_backend": "mp"} if tensor_parallel_size > 1 else {}))
         # The processing options in the form vLLM hands to the HF processor, so that vLLM and the learner's processor
         # cut images into the same number of tokens (qwen's min_pixels / max_pixels: as they are).
@@ -161,7 +161,7 @@ class VLLMEngine(GenerationEngine):
         if not samples:
             return []
         texts = self.module.prepare_prompt(self.processor, [{"prompt": s.prompt} for s in samples])
-        requests = [{"prompt": text, "multi_modal_data": {"image": list(s.images)}} if s.images else {"prompt": text}
+        requests = [{"prompt": text, **({"multi_modal_data": _visuals(s.images)} if s.images else {})}
                     for text, s in zip(texts, samples)]
         if sampling.seed is None or not self.per_request_seed:
             params: Any = self.sampling_params(sampling)
@@ -222,6 +222,13 @@ class VLLMEngine(GenerationEngine):
             logger.debug("vLLM distributed teardown: %s", e)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _visuals(visuals: Sequence[Any]) -> dict[str, list]:
+    """vLLM's ``multi_modal_data`` of one prompt: its images and its videos (each a list of frames)."""
+    kinds = {"image": [v for v in visuals if not isinstance(v, Video)],
+             "video": [(list(v), {**v.metadata(), "do_sample_frames": False}) for v in visuals if isinstance(v, Video)]}
+    return {k: v for k, v in kinds.items() if v}
 
 
 def _completion(out: Any) -> Completion:

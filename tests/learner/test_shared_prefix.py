@@ -156,3 +156,38 @@ def test_zero3_train_step_same_with_shared_prefix_on_and_off(tiny_models, port):
     assert m1["loss/total"] == pytest.approx(m0["loss/total"], abs=1e-6)
     for name in w0:
         torch.testing.assert_close(w1[name], w0[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl"])
+def test_shared_prefix_with_videos(tiny_models, family):
+    """Prompts with a video (Qwen's M-RoPE over time: ``video_grid_thw``, and Qwen2.5-VL's
+    ``second_per_grid_ts`` from the frame rate), with an image before it, or an image alone."""
+    from PIL import Image
+
+    from vlgrpo.modules import Video
+
+    model, module, processor = _load(tiny_models, family)
+    batch = make_batch(module, processor, num_prompts=3, group_size=2, max_len=5, seed=4)
+    frames = [Image.new("RGB", (56, 56), (40 * k, 0, 255 - 40 * k)) for k in range(6)]
+    visuals = [[Video(frames[:4], fps=2)], [batch.images[1][0], Video(frames, fps=1)], batch.images[2]]
+    kinds = [["video"], ["image", "video"], ["image"]]
+    texts = module.prepare_prompt(processor, [{"prompt": [{"role": "user", "content": [
+        *({"type": k} for k in ks), {"type": "text", "text": "Which way?"}]}]} for ks in kinds])
+    batch = replace(batch, prompts_text=texts, images=visuals)
+    pidx = batch.row_prompt_index()
+    per_row, _ = build_micro_inputs(module, processor, texts, visuals, pidx, shared=False)
+    shared, rows = build_micro_inputs(module, processor, texts, visuals, pidx)
+    assert shared["video_grid_thw"].tolist() == [[2, 4, 4], [3, 4, 4]]  # frames / temporal patch 2, 56 px / 14
+    if family == "qwen2.5-vl":  # seconds per temporal patch: 2 frames / fps
+        assert shared["second_per_grid_ts"].tolist() == [1.0, 2.0]
+    weight = torch.randn(batch.completion_ids.shape, generator=torch.Generator().manual_seed(1))
+    lp0, _, g0 = _logprobs_and_grads(model, module, per_row, None, batch, weight)
+    lp1, _, g1 = _logprobs_and_grads(model, module, shared, rows, batch, weight)
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-5, msg=name)
+    # the video counts: other frames, other log-probs
+    other = [[Video(frames[2:6], fps=2)], *visuals[1:]]
+    lp2 = per_token_logprobs(model, module, build_micro_inputs(module, processor, texts, other, pidx)[0],
+                             batch.completion_ids, batch.completion_mask, rows=rows).detach()
+    assert (lp2[:2] - lp1[:2]).abs().max() > 1e-4 and torch.equal(lp2[2:], lp1[2:])

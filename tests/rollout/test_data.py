@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlgrpo.modules import Video
 from vlgrpo.rollout.data import DataSource, PromptSampler, build_prompt, load_datasets
 from vlgrpo.rollout.rewards import RewardSet
 from vlgrpo.rollout.synthetic import COLORS, TASKS, make_dataset
@@ -88,6 +89,11 @@ def test_build_prompt_placeholders():
     assert content("<image> and <image>", 1) == [{"type": "image"}, {"type": "text", "text": "and"}]
     assert content("<image>What?", 2) == [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What?"}]
     assert content("Hi", 0) == [{"type": "text", "text": "Hi"}]
+    video = lambda q, n, v: build_prompt(q, n, v)[0]["content"]  # noqa: E731
+    assert video("<image>and<video>?", 1, 1) == [{"type": "image"}, {"type": "text", "text": "and"},
+                                                  {"type": "video"}, {"type": "text", "text": "?"}]
+    assert video("<video><image>", 1, 0) == [{"type": "image"}]  # a placeholder without its visual: dropped
+    assert video("What?", 1, 1) == [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "What?"}]
 
 
 def test_bad_rows_are_skipped_and_counted_by_reason(tmp_path, caplog):
@@ -226,13 +232,14 @@ def test_synthetic_loads_cleanly(tmp_path, task):
     spec = TASKS[task]
     rs = RewardSet(["accuracy"])
     samples = [ds[i] for i in range(len(ds))]
-    n_images = spec.question.count("<image>")
+    kinds = ["image"] * spec.question.count("<image>") + ["video"] * spec.question.count("<video>")
     for s in samples:
-        assert len(s.images) == n_images and all(im.size == (56, 56) for im in s.images)
+        assert [type(v).__name__ for v in s.images] == [{"image": "Image", "video": "Video"}[k] for k in kinds]
+        assert all(im.size == (56, 56) for v in s.images for im in (v if isinstance(v, Video) else [v]))
         assert s.accu_reward_method == spec.accu_reward_method
         assert s.meta["options"] == list(spec.options) and s.solution in spec.options
-        text = {"type": "text", "text": spec.question.replace("<image>", "")}
-        assert s.prompt[0]["content"] == [{"type": "image"}] * n_images + [text]
+        text = {"type": "text", "text": spec.question.replace("<image>", "").replace("<video>", "")}
+        assert s.prompt[0]["content"] == [{"type": k} for k in kinds] + [text]
     rewards, _, _, errors = rs.score([s.solution for s in samples], samples)
     assert rewards.min().item() == 1.0 and errors == {"accuracy": 0}
     assert len({s.solution for s in samples}) > 1  # not a constant answer
@@ -266,6 +273,51 @@ def test_synthetic_count_and_position_pixels(tmp_path):
         reds = [np.linalg.norm(np.asarray(im).astype(float)[nonwhite(im)].mean(0) - COLORS["red"]) < 1
                 for im in which[i].images]
         assert reds == ([True, False] if which[i].solution == "first" else [False, True])
+
+
+def test_synthetic_motion_only_the_frame_order_tells(tmp_path):
+    """Each frame's shape sits at positions both directions use: one frame (or all of them, unordered) cannot
+    tell the answer; reversed, a video is one of the other answer."""
+    ds = load_datasets(DataSource(make_dataset("motion", 64, tmp_path, seed=2)))
+    starts = {"left": set(), "right": set()}
+    for i in range(len(ds)):
+        s = ds[i]
+        [video] = s.images
+        assert isinstance(video, Video) and len(video) == 4 and video.fps == 2.0
+        x = [np.flatnonzero(nonwhite(f).any(0))[0] for f in video]  # the shape's left edge per frame
+        assert x == sorted(x, reverse=s.solution == "left") and len(set(x)) == 4  # it moves, one way
+        starts[s.solution].add(min(x))
+    assert {"left", "right"} == {ds[i].solution for i in range(len(ds))}
+    assert len(starts["left"] & starts["right"]) > 5  # the same positions in both directions
+
+
+def test_video_rows_file_or_frames(tmp_path):
+    """``video``: a file decoded at ``video_fps`` (PyAV), or frame images at the row's ``fps``; bad ones counted."""
+    av = pytest.importorskip("av")
+    with av.open(str(tmp_path / "clip.mp4"), "w") as out:  # 20 frames at 10 fps: 2 s
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for t in range(20):
+            a = np.full((48, 64, 3), 255, np.uint8)
+            a[10:30, 2 * t:2 * t + 12] = (230, 25, 25)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
+        out.mux(stream.encode())
+    for k in range(3):
+        write_png(tmp_path / f"f{k}.png", color=(80 * k, 0, 0))
+    (tmp_path / "bad.mp4").write_bytes(b"not a video" * 50)
+    rows = [row(None, "<video>Where?", video="clip.mp4"), row("f0.png", "<image>and<video>", video=["f0.png", "f1.png",
+            "f2.png"], fps=1), row(None, "<video>", video="absent.mp4"), row(None, "<video>", video="bad.mp4"),
+            row(None, "<video>", video=["f0.png", "absent.png"]), row(None, "<video>", video=3)]
+    ds = load_datasets(DataSource(write_jsonl(tmp_path / "d.jsonl", rows), video_fps=4))
+    assert ds.skipped == {"missing_video": 1, "unreadable_video": 1, "missing_image": 1, "bad_row": 1}
+    clip, frames = ds[0].images[0], ds[1].images
+    assert isinstance(clip, Video) and clip.fps == 4 and len(clip) == 8  # 2 s at 4 fps
+    xs = [np.flatnonzero(np.asarray(f)[20, :, 1] < 128)[0] for f in clip]  # the red shape (lossy codec)
+    assert xs == sorted(xs) and xs[-1] - xs[0] > 20  # decoded in time order, the shape moving right
+    assert clip[0].size == (64, 48) and ds[0].prompt[0]["content"][0] == {"type": "video"}
+    assert [type(v).__name__ for v in frames] == ["Image", "Video"] and frames[1].fps == 1.0
+    assert [f.getpixel((0, 0)) for f in frames[1]] == [(0, 0, 0), (80, 0, 0), (160, 0, 0)]
+    assert frames[1].metadata() == {"fps": 1.0, "duration": 3.0, "total_num_frames": 3, "frames_indices": [0, 1, 2]}
 
 
 def test_synthetic_is_deterministic(tmp_path):
