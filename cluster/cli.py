@@ -14,14 +14,12 @@ from ..rollout.synthetic import TASKS
 
 def _cmd_modules(args) -> None:
     from ..modules import available_modules
-
     for key, cls in available_modules().items():
         print(f"{key}\t{cls.__module__}:{cls.__qualname__}")
 
 
 def _cmd_tiny_model(args) -> None:
     from ..modules.tiny import build_tiny_model
-
     path = build_tiny_model(args.family, args.out_dir, seed=args.seed, size=args.size)
     meta = json.loads((path / "vlgrpo_tiny.json").read_text())
     print(json.dumps({"path": str(path), **meta}))
@@ -30,7 +28,6 @@ def _cmd_tiny_model(args) -> None:
 def _cmd_make_data(args) -> None:
     from ..rollout.synthetic import make_dataset
     from .config import TEST_SPLIT_SEED
-
     seed = args.seed + TEST_SPLIT_SEED * (args.split == "test")  # training builds its data with trainer.seed
     path = make_dataset(args.task, args.n, args.out_dir, seed=seed, image_size=args.image_size)
     print(json.dumps({"data": str(path), "image_folder": str(path.parent), "rows": args.n, "task": args.task,
@@ -40,13 +37,11 @@ def _cmd_make_data(args) -> None:
 def _cmd_eval(args) -> Optional[int]:
     import yaml
     from tqdm import tqdm
-
     from ..modules.loading import ModelConfig
     from ..rollout.data import DataSource, load_datasets
     from ..rollout.types import SamplingConfig, concat_rollouts
     from ..rollout.worker import RolloutConfig, RolloutWorker
     from .checkpoint import resolve_checkpoint
-
     model, rewards = Path(args.model), [{"name": r} for r in args.rewards.split(",")] if args.rewards else None
     if not (model / "config.json").exists():  # a run or checkpoint dir: its newest policy, the run's rewards
         try:
@@ -81,14 +76,12 @@ def _cmd_eval(args) -> Optional[int]:
 
 def _cmd_config(args) -> None:
     from .config import describe, load_config
-
     print(describe(load_config(args.config, args.overrides)), end="")
 
 
 def _cmd_plan(args) -> None:
     from .config import load_config
     from .placement import Node, plan_layout
-
     cfg = load_config(args.config, args.overrides, here=False)  # for a cluster: its files and vLLM need not be here
     print(plan_layout(cfg, [Node(args.cpus_per_node, args.gpus_per_node)] * args.nodes).text())
 
@@ -96,7 +89,6 @@ def _cmd_plan(args) -> None:
 def _cmd_train(args) -> None:
     from .config import ConfigError, load_config
     from .controller import train
-
     if args.resume and not args.config:  # continue the run it names: its own config, overrides on top
         saved = Path(args.resume) / "config.yaml"
         if not saved.exists():
@@ -113,7 +105,6 @@ def _cmd_train(args) -> None:
 
 def _cmd_scale(args) -> None:
     from .control import request_scale
-
     path = request_scale(args.output_dir, args.rollout_workers)
     print(json.dumps({"request": str(path), "rollout_workers": args.rollout_workers}))
 

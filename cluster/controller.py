@@ -245,7 +245,6 @@ class Trainer:
                 **{f"val/{n}": float(val.rewards[:, j].mean()) for j, n in enumerate(val.reward_names)}}
 
     def sync(self) -> dict[str, float]:
-        """The learners' new weights to every rollout worker."""
         return self.fleet.sync(self.version)
 
     def step_metrics(self, rollout: RolloutBatch) -> dict[str, float]:

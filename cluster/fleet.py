@@ -102,7 +102,6 @@ class Fleet:
         self.source_at = self.get(self.learners[0].where.remote(), "start learners")
 
     def start_workers(self, n: int) -> list[WorkerSlot]:
-        """Start ``n`` rollout workers and wait until each answers."""
         new = [self._start_worker() for _ in range(n)]
         for slot, h in zip(new, self.get([s.actor.health.remote() for s in new], "start rollout workers")):
             slot.node_ip, slot.gpu_ids, slot.sync_ranks = h["node_ip"], tuple(h["gpu_ids"]), h["sync_ranks"]

@@ -155,7 +155,6 @@ def plan_layout(cfg, nodes: list[Node]) -> Layout:
 
 
 def cluster_nodes() -> list[Node]:
-    """The running Ray cluster's alive nodes."""
     return [Node(float(n["Resources"].get("CPU", 0)), int(n["Resources"].get("GPU", 0)))
             for n in ray.nodes() if n.get("Alive")]
 

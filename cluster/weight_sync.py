@@ -352,7 +352,6 @@ class SyncGroup:
                 torch.cuda.ipc_collect()
 
     def views(self, bucket: list[TensorSpec], offsets: list[int]) -> list[torch.Tensor]:
-        """The bucket's tensors as views of the shared region, shaped."""
         return [_typed_view(self.region, o, s.torch_dtype, s.numel).view(s.shape) for s, o in zip(bucket, offsets)]
 
     def close(self) -> None:
@@ -397,15 +396,13 @@ def send_weights(group: SyncGroup, plan: SyncPlan, named: Iterable[tuple[str, to
                 copied += dst.numel() * dst.element_size()
             if not all(spec.live for spec in bucket):
                 group.signal(k)  # "bucket k is staged" (live buckets are ready before the sync starts)
-            if group.net_pg is not None:
-                buf = torch.cat([p.reshape(-1) for p in parts])
+            buf = torch.cat([p.reshape(-1) for p in parts]) if group.net_pg is not None else None
         else:
             parts = [t.reshape(-1).to(group.device, s.torch_dtype) for s, t in zip(bucket, tensors)]
             buf = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
             if group.ipc:
                 group.share(buf, k)
-        if group.net_pg is not None:
-            group.broadcast(buf)
+        group.broadcast(buf)  # none without broadcast receivers
         if plan.verify:
             checksums.append(buffer_checksum(*parts))
     group.done()

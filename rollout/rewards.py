@@ -321,7 +321,6 @@ def format_rec_reward(completions: list[str], samples: list[Sample]) -> list[flo
 
 
 def accuracy_reward(completions: list[str], samples: list[Sample]) -> list[float]:
-    """Per-sample accuracy with ``sample.accu_reward_method`` (:func:`accuracy_one`)."""
     return [accuracy_one(c, s) for c, s in zip(completions, samples, strict=True)]
 
 
