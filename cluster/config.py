@@ -283,9 +283,10 @@ def validate(cfg: Config, here: bool = True) -> None:
         need(not here or not src.get("image_folder") or Path(src["image_folder"]).is_dir(),
              f"data.{i}.image_folder={src.get('image_folder')!r} is not a folder; fix it or leave it "
              "out (images are then looked up next to the JSONL file)")
-        unknown = set(src) - {"path", "image_folder", "accu_reward_method", "question_template"}
+        unknown = set(src) - {"path", "image_folder", "accu_reward_method", "question_template", "video_fps"}
         need(not unknown, f"data.{i} has unknown keys {sorted(unknown)}; allowed: path, image_folder, "
-                          "accu_reward_method, question_template")
+                          "accu_reward_method, question_template, video_fps")
+    need(cfg.data.video_fps > 0, f"data.video_fps={cfg.data.video_fps}: frames a second taken from videos, > 0")
     need("{question}" in cfg.data.question_template,
          f"data.question_template={cfg.data.question_template!r} must contain '{{question}}'")
     if not cfg.data.sources:

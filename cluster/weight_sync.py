@@ -1,24 +1,5 @@
-"""Learner -> rollout weight sync: the transport, its group, and vLLM worker processes as members.
-
-The group, on its own ``TCPStore`` (rollout workers never join the DeepSpeed training collectives), holds learner
-rank 0 (group rank 0, the source) and every receiver (ranks 1..W; a tensor-parallel vLLM engine takes one per
-worker process). The sender's ``SyncPlan`` (names, shapes, dtypes in buckets of up to ``bucket_mb`` of one dtype)
-reaches receivers through Ray before the sync, so no message is needed to allocate or unflatten. Each sync carries
-a version; with ``verify`` the controller compares every bucket's checksum from both sides. Transports, chosen per
-receiver when the group is formed (``placement.transport``):
-
-* ``broadcast`` (any node; NCCL on GPU, gloo on CPU): one ``broadcast`` per flattened bucket.
-* ``shm`` (the source's node, CPU weights): the learner keeps its live weights in the source's
-  :class:`SharedRegion` (``LearnerActor.share_weights``) at fixed offsets (``TensorSpec.offset``, ``live``):
-  receivers hand their engine views, one memory copy in all. Other tensors (frozen ones, ZeRO-3 gathers) the
-  source stages there, then signals "bucket k is staged".
-* ``ipc`` (the source's GPU, ``rollout.colocate``, where NCCL cannot reach): the source posts each flattened
-  bucket's CUDA IPC handle in the group's store, with the same signals; the receiver opens it on its device.
-
-``shm`` and ``ipc`` syncs end with a barrier: the learner cannot update weights still being read (nor free an IPC
-bucket). A transfer not done within ``sync.timeout_s`` raises (polled, the group aborted; NCCL's watchdog comes a
-minute later): a worker dying mid-sync fails the sync, which the fleet repeats.
-"""
+"""Learner -> rollout weight sync: the transport (``broadcast``, ``shm``, ``ipc``), its group, and vLLM worker
+processes as members; versioned buckets, checksummed with ``verify``. Design: docs/design.md#weight-sync."""
 from __future__ import annotations
 
 import hashlib

@@ -1,20 +1,5 @@
-"""Per-token log-probs of completion tokens under a VLM, from the module's own model inputs.
-
-The sequence fed to the model is ``[left-padded prompt | right-padded completion]``:
-
-    input_ids      = cat(prompt input_ids, completion_ids)
-    attention_mask = cat(prompt attention_mask, completion_mask)
-    + the module's custom multimodal keywords (``pixel_values``, ``image_grid_thw``, ...)
-
-and nothing else (``module.forward_inputs``). Per-token custom inputs with the prompt's
-``[N, P]`` shape (e.g. Qwen's ``mm_token_type_ids`` on transformers >= 5) are extended with zeros
-over the completion. The logit at position ``P - 1 + t`` scores completion token ``t``; only the
-last ``T + 1`` positions are computed when the model accepts ``logits_to_keep``.
-
-Shared prefix (``rows``: row ``i``'s prompt in ``inputs``, which hold each prompt once): each prompt,
-vision tower included, runs once with a KV cache that keeps its graph, and its rows' completions attend
-to it; same log-probs and gradients as the per-row forward (float tolerance).
-"""
+"""Per-token log-probs of completion tokens under a VLM, from the module's own model inputs, per row or with each
+prompt once per micro-batch (shared prefix). Design: docs/design.md#log-probs-and-the-shared-prefix."""
 from __future__ import annotations
 
 import functools

@@ -99,11 +99,11 @@ class VLMModule(ABC):
     def prepare_model_inputs(self, processing_class: Any, prompts_text: Sequence[str],
                              images: Sequence[Sequence[Image.Image]], return_tensors: str = "pt", padding: bool = True,
                              padding_side: str = "left", add_special_tokens: bool = False) -> dict[str, torch.Tensor]:
-        """Tokenise prompts and process images. ``images[i]`` are the images of prompt ``i`` (may
-        be empty). Returns exactly ``input_ids``, ``attention_mask`` and the custom multimodal
-        keywords that apply (all of them when any image is present). An item may be a ``Video``. The default
-        calls a processor with ``text=``/``images=``/``videos=`` (Qwen-VL, InternVL-hf, most current VLMs) on
-        all prompts at once, images and videos each flattened in prompt order."""
+        """Tokenise prompts and process images. ``images[i]`` are the images of prompt ``i`` (may be empty; an item may
+        be a ``Video``). Returns exactly ``input_ids``, ``attention_mask`` and the custom multimodal keywords that
+        apply (the image ones when any image is present, the video ones with a video). The default calls a processor
+        with ``text=``/``images=``/``videos=`` (Qwen-VL, InternVL-hf, most current VLMs) on all prompts at once,
+        images and videos each flattened in prompt order."""
         flat = [im for per_prompt in images for im in per_prompt]
         videos = [v for v in flat if isinstance(v, Video)]
         kw = {"videos": [list(v) for v in videos], "video_metadata": [v.metadata() for v in videos],

@@ -1,8 +1,8 @@
 """Synthetic visual tasks for tiny randomly initialised VLMs, written as VLM-R1 JSONL + PNG images: ``color``
 (one shape of one of four colours; answer the colour word), ``count`` (1-4 shapes; the digit, ``numeric``),
 ``position`` (one shape in the left or right half; ``left`` / ``right``) and ``which`` (two images, one red
-shape among them: ``first`` / ``second``; several images per prompt) and ``motion`` (a video: one shape moving
-left or right over four frames, each frame alone uninformative; ``left`` / ``right``). Answers are scored by exact match
+shape among them: ``first`` / ``second``; several images per prompt) and ``flash`` (a video of four frames: a
+shape alternating between two colours; the last frame's colour word, which only the frames' order tells). Answers are scored by exact match
 (``all_match``, or ``numeric`` for counts): no partial credit. Each row carries its answer ``options``
 (``Sample.meta["options"]``); questions and options are short and fixed, so that a tiny tokenizer holds each
 option word as one token.
@@ -94,19 +94,17 @@ def _gen_position(rng: random.Random, size: int) -> tuple[list[Image.Image], str
     return [_image(rng, size, [(0, 0, half, size) if side == "left" else (half, 0, size, size)], 0.9)], side
 
 
-def _gen_motion(rng: random.Random, size: int, frames: int = 4) -> tuple[list[Video], str]:
-    """A shape crossing ``size // 3`` pixels in ``frames`` steps: to the right or to the left over the same
-    positions, so only the frames' order tells the direction (and reversing the video flips the answer)."""
-    answer, side = rng.choice(["left", "right"]), size // 4
-    shape, color, travel = rng.choice(SHAPES), COLORS[rng.choice(list(COLORS))], size // 3
-    x0, y0 = rng.randint(0, size - side - travel), rng.randint(0, size - side)
+def _gen_flash(rng: random.Random, size: int, frames: int = 4) -> tuple[list[Video], str]:
+    """One shape flashing between two colours, frame by frame; the answer is the last frame's. Both colours
+    fill half the frames, so only their order tells (reversed, a video answers the other colour)."""
+    first, last = rng.sample(list(COLORS), 2)
+    image = _image(rng, size, [(0, 0, size, size)], color=first)
+    mask = Image.eval(image.convert("L"), lambda v: 255 * (v < 250)).convert("1")  # the shape's pixels
     video = Video()
     for k in range(frames):
-        x = x0 + travel * (k if answer == "right" else frames - 1 - k) // (frames - 1)
-        image = Image.new("RGB", (size, size), BACKGROUND)
-        draw_shape(ImageDraw.Draw(image), shape, (x, y0, x + side - 1, y0 + side - 1), color)
-        video.append(image)
-    return [video], answer
+        video.append(image if k % 2 == frames % 2 else Image.composite(
+            Image.new("RGB", image.size, COLORS[last]), image, mask))
+    return [video], last
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
@@ -118,8 +116,8 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              ("left", "right"), "all_match", _gen_position),
     TaskSpec("which", "<image><image>Which picture shows a red shape? Answer with one word: first or second.",
              ("first", "second"), "all_match", _gen_which),
-    TaskSpec("motion", "<video>Does the shape move to the left or to the right? Answer with one word: left or right.",
-             ("left", "right"), "all_match", _gen_motion)]}
+    TaskSpec("flash", "<video>The shape flashes. What colour is it in the last frame? Answer with one word: red, "
+             "green, blue or yellow.", tuple(COLORS), "all_match", _gen_flash)]}
 
 
 def make_dataset(task: str = "color", n: int = 1000, out_dir: Union[str, Path] = "synthetic_data", seed: int = 0,

@@ -1,22 +1,5 @@
-"""The vLLM generation engine, the production rollout path (``vllm`` is imported when an engine is built,
-so this file imports where vLLM is absent).
-
-Prompts rendered with the module's ``prepare_prompt`` go as ``{"prompt": text, "multi_modal_data": {"image":
-[PIL, ...]}}``, tokenised with ``add_special_tokens=False`` as ``prepare_model_inputs`` does for the learner; vLLM
-runs the checkpoint's own HF processor, so ``module.get_non_generate_params()`` never reach it. Log-probs
-(``processed_logprobs``) are the log-softmax after temperature and top-k/top-p masking: with top-k off and top-p 1
-the learner's ``log_softmax(logits / T)``, except that vision tokens (never sampled) are left out of the
-normalisation, off by ``log(1 - P(vision tokens))`` per token (~0 once trained).
-
-``load_weights`` uses vLLM's in-place RL reload (``reload_weights(weights_iterator=..., is_checkpoint_format=True)``:
-the model's own ``load_weights`` with name mapping, q/k/v fusion, TP sharding and CPU repacking; a layer must get
-all its tensors), then ``loaded`` resets the prefix, encoder and multimodal processor caches. Tensors can be passed
-only to a vLLM in this process (``in_process``: the default on CPU, or as ``VLLM_ENABLE_V1_MULTIPROCESSING`` says).
-On GPU the engine core runs in its own process (scheduling overlaps the model), TP > 1 with vLLM's ``mp`` executor
-(in a Ray actor vLLM would pick its Ray executor, which refuses the actor's multi-GPU bundle); their worker
-processes join the weight-sync group through the worker extension the cluster passes in ``extra_engine_kwargs``
-(``worker_extension_cls``), and the caller then calls ``loaded``.
-"""
+"""The vLLM generation engine, the production rollout path (``vllm`` is imported when an engine is built, so this
+file imports where vLLM is absent); weights reload in place. Design: docs/design.md#the-vllm-engine."""
 from __future__ import annotations
 
 import gc

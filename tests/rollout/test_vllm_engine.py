@@ -20,11 +20,11 @@ vllm = pytest.importorskip("vllm")
 
 from PIL import Image, ImageDraw  # noqa: E402
 
-from vlgrpo.modules import get_module  # noqa: E402
+from vlgrpo.modules import Video, get_module  # noqa: E402
 from vlgrpo.modules.loading import load_model_and_processor  # noqa: E402
 from vlgrpo.modules.tiny import build_tiny_model  # noqa: E402
 from vlgrpo.rollout.types import Sample, SamplingConfig  # noqa: E402
-from vlgrpo.rollout.vllm_engine import VLLMEngine, tensor_checksum  # noqa: E402
+from vlgrpo.rollout.vllm_engine import VLLMEngine, _visuals, tensor_checksum  # noqa: E402
 
 FAMILIES = {"qwen2-vl": "qwen", "internvl": "internvl"}
 LOGPROB_TOL = 1e-4  # fp32 on both sides
@@ -106,7 +106,7 @@ def hf_prompt_ids(hf, prompt_text, images):
 
 
 def vllm_prompt_ids(engine, prompt_text, images):
-    out = engine.llm.generate([{"prompt": prompt_text, "multi_modal_data": {"image": list(images)}}],
+    out = engine.llm.generate([{"prompt": prompt_text, "multi_modal_data": _visuals(images)}],
                               engine.sampling_params(SamplingConfig(n=1, temperature=0.0, max_tokens=1)),
                               use_tqdm=False, tokenization_kwargs={"add_special_tokens": False})
     return list(out[0].prompt_token_ids)
@@ -164,6 +164,43 @@ def test_request_seeds_are_optional_and_the_length_limit_is_the_engines(engine, 
     monkeypatch.setattr(engine, "per_request_seed", False)
     out = engine.generate(SAMPLES[:2], SamplingConfig(n=2, max_tokens=3, seed=5))
     assert not isinstance(calls[-1], list) and calls[-1].seed is None and [len(r.completions) for r in out] == [2, 2]
+
+
+def _video_samples(frames: int = 4, fps: float = 2.0) -> list[Sample]:
+    """A video alone, and an image then a video; the shape moves right."""
+    video = Video([_image("red", (56, 56)) for _ in range(frames)], fps=fps)
+    for k, f in enumerate(video):
+        ImageDraw.Draw(f).rectangle((6 * k, 40, 6 * k + 10, 50), fill=(0, 0, 255))
+    prompt = lambda *kinds: [{"role": "user", "content": [*({"type": k} for k in kinds),  # noqa: E731
+                                                          {"type": "text", "text": "Which way?"}]}]
+    return [Sample("video", prompt("video"), [video], "right"),
+            Sample("image-video", prompt("image", "video"), [_image("blue"), video], "right")]
+
+
+def test_video_prompts_match_transformers(engine, hf, family):
+    """Videos go to vLLM as (frames, metadata): the same prompt tokens and log-probs as the learner's processor
+    and forward (Qwen2-VL; the InternVL module takes images only)."""
+    if family != "qwen2-vl":
+        pytest.skip("video: the qwen module")
+    samples = _video_samples()
+    results = engine.generate(samples, SamplingConfig(n=2, temperature=0.7, max_tokens=12, seed=3))
+    worst = 0.0
+    for s, res in zip(samples, results):
+        ids = vllm_prompt_ids(engine, res.prompt_text, s.images)
+        pad = engine.tokenizer().convert_tokens_to_ids("<|video_pad|>")
+        assert ids == hf_prompt_ids(hf, res.prompt_text, s.images) and ids.count(pad) == 8  # 2 x 4 x 4 patches / 4
+        for c in res.completions:
+            worst = max(worst, _max_diff(c.logprobs, hf_logprobs(hf, res.prompt_text, s.images, c.token_ids, 0.7)))
+    assert worst < LOGPROB_TOL, worst
+    # the frames reach vLLM: with a still video (the first frame four times) its greedy token scores as
+    # transformers scores it with that video, and the two videos score it differently
+    still = Sample("still", samples[0].prompt, [Video([samples[0].images[0][0]] * 4)], "")
+    for x in (samples[0], still):
+        [res] = engine.generate([x], SamplingConfig(n=1, temperature=0.0, max_tokens=1))
+        c = res.completions[0]
+        lp = {y.sample_id: hf_logprobs(hf, res.prompt_text, y.images, c.token_ids, 0.0)[0].item()
+              for y in (samples[0], still)}
+        assert abs(c.logprobs[0] - lp[x.sample_id]) < LOGPROB_TOL and abs(lp["video"] - lp["still"]) > 1e-3, lp
 
 
 def test_empty_batch(engine):
