@@ -1,13 +1,5 @@
-"""Atomic file writes and numbered, atomically committed checkpoint directories.
-
-Under ``OUTPUT_DIR/checkpoints``: ``step_000010/`` (committed), ``step_000010.prev-1/`` (an earlier checkpoint
-of step 10 moved aside, never deleted here), ``step_000020.tmp/`` (being written, or left by a crash: ignored)
-and ``latest`` (names the newest committed one). ``begin(step)`` creates ``step_N.tmp``, the caller fills it,
-``commit(step, tmp)`` fsyncs and renames it: a crash at any point leaves the previous checkpoint the newest.
-Committing N renames an existing ``step_N`` (a re-run into the same directory) and any later ``step_M`` (a
-timeline abandoned by resuming from an earlier step) to ``step_*.prev-K``; only ``keep_last`` rotation (see
-:class:`CheckpointManager`) deletes.
-"""
+"""Atomic file writes and numbered, atomically committed checkpoint directories; nothing committed is deleted
+except by ``keep_last`` rotation. Layout and crash rules: docs/design.md#checkpoints."""
 from __future__ import annotations
 
 import contextlib

@@ -69,7 +69,8 @@ def _cmd_eval(args) -> Optional[int]:
             for i, text in enumerate(batch.completions_text):
                 sample = by_id[batch.sample_ids[i // batch.group_size]]
                 f.write(json.dumps({"id": sample.sample_id, "prompt": batch.prompts_text[i // batch.group_size],
-                                    "images": sample.meta.get("image_paths", []), "completion": text,
+                                    "images": sample.meta.get("image_paths", []), "video": sample.meta.get("video"),
+                                    "completion": text,
                                     "rewards": dict(zip(batch.reward_names, batch.rewards[i].tolist()))}) + "\n")
     print(json.dumps(summary))
 

@@ -1,14 +1,6 @@
-"""One config tree for a run: each section is its component's own dataclass (``model``:
-``ModelConfig``, ``data``: ``DataConfig``, ``rollout``: ``RolloutConfig``, ``learner``:
-``LearnerConfig``, ``sync``: ``SyncConfig``, ``metrics``: ``MetricsConfig``, ``trainer`` here),
-loaded from YAML with dotted CLI overrides:
-
-    vlgrpo train --config run.yaml rollout.num_workers=4 learner.zero_stage=3 trainer.total_steps=50
-
-Unknown keys are rejected, derived values resolved once (``derived``), and ``config.yaml`` in the
-output dir records exactly what ran. Every error names the field and the fix, before any actor
-starts.
-"""
+"""One config tree for a run, each section its component's own dataclass, loaded from YAML with dotted CLI
+overrides; unknown keys rejected, derived values resolved once, ``config.yaml`` recording what ran, every error
+naming the field and the fix before any actor starts. Design: docs/design.md#the-config-tree."""
 from __future__ import annotations
 
 import ast

@@ -225,7 +225,7 @@ class MetricsLogger(AbstractContextManager):
             return
         records = {r.sample_id: r for r in dataset.records}
         rows = [{"step": step, "split": split, "prompt": batch.prompts_text[i // g], "completion": said[i],
-                 "answer": r.solution, "images": r.meta["image_paths"],
+                 "answer": r.solution, "images": r.meta["image_paths"], "video": r.meta.get("video"),
                  "rewards": dict(zip(batch.reward_names, batch.rewards[i].tolist()))}
                 for i in range(0, n, max(1, n // k))[:k] for r in [records[batch.sample_ids[i // g]]]]
         with open(self.samples_path, "a", encoding="utf-8") as f:

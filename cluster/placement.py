@@ -1,13 +1,5 @@
-"""Placement: where every actor goes and how each rollout worker gets its weights.
-
-``plan_layout(cfg, nodes)``, a pure function of the run config and a cluster description, gives the placement
-groups (bundles), the actors (resources, planned node and GPUs) and each worker's sync transport: a layout we
-cannot run or sync fails before any actor starts, and ``vlgrpo plan --nodes N --gpus-per-node K`` shows it for
-a cluster one does not have. The fleet starts actors from it and picks transports by the same rule
-(``transport``) from where the actors really landed. Placement mirrors Ray's PACK: the learner ranks in one
-group (filled node by node), each rollout worker in its own group (so workers come and go while the run goes
-on), or, with ``rollout.colocate``, worker ``i`` in learner rank ``i``'s GPU bundle.
-"""
+"""Placement: where every actor goes and how each rollout worker gets its weights, as a pure function of the config
+and a cluster description (``vlgrpo plan``). Design: docs/design.md#placement."""
 from __future__ import annotations
 
 import json

@@ -2,16 +2,11 @@
 prompt once per micro-batch (shared prefix). Design: docs/design.md#log-probs-and-the-shared-prefix."""
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any, Optional, Sequence
 
 import torch
 
-
-@functools.lru_cache(maxsize=None)
-def _takes_logits_to_keep(cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+from ..modules.base import takes_logits_to_keep
 
 
 def build_rows_inputs(module: Any, processor: Any, prompts_text: Sequence[str], images: Sequence[Sequence[Any]],
@@ -35,35 +30,20 @@ def build_micro_inputs(module: Any, processor: Any, prompts_text: Sequence[str],
     return build_rows_inputs(module, processor, prompts_text, images, used), rows
 
 
-@functools.lru_cache(maxsize=None)
-def _cache_kwarg(cls: type) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
 def _shared_prefix_logits(model: torch.nn.Module, module: Any, inputs: dict[str, torch.Tensor], rows: torch.Tensor,
                           completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Logits ``[n, T, V]`` scoring the completion tokens: the ``[n_p, P]`` prompts once with a cache,
     expanded to the ``n`` rows (``rows``), then the ``[n, T - 1]`` completion tokens over it."""
-    if not module.supports_shared_prefix:
-        raise ValueError(f"{module!r} does not support the shared-prefix forward: pass rows=None")
-    fwd, cls, t = module.forward_inputs(inputs), type(getattr(model, "module", model)), completion_ids.shape[1]
-    out = model(**fwd, use_cache=True, **({"logits_to_keep": 1} if _takes_logits_to_keep(cls) else {}))
-    rows = rows.to(out.logits.device)
-    first = out.logits[:, -1:, :].index_select(0, rows)  # the prompt's last position scores token 0
+    first, kwargs = module.prefill_shared(model, inputs, rows)  # the prompt's last position scores token 0
+    t, prompt_mask = completion_ids.shape[1], inputs["attention_mask"]
+    rows = rows.to(prompt_mask.device)
     if t == 1:
         return first
-    cache = getattr(out, _cache_kwarg(cls), None)
-    if cache is None or cache.get_seq_length() != fwd["input_ids"].shape[1]:
-        raise RuntimeError("the shared-prefix forward got no KV cache (gradient checkpointing drops it): "
-                           "set learner.shared_prefix=false")
-    cache.reorder_cache(rows)  # [n_p] -> [n] rows on every layer (index_select: gradients flow back)
-    prompt_mask = fwd["attention_mask"]
     mask = torch.cat([prompt_mask.index_select(0, rows), completion_mask[:, :-1].to(prompt_mask)], dim=1)
-    kwargs = {_cache_kwarg(cls): cache, "use_cache": True}
-    pos = module.completion_position_ids(model, fwd, rows, t - 1)
+    pos = module.completion_position_ids(model, module.forward_inputs(inputs), rows, t - 1)
     if pos is not None:
         kwargs["position_ids"] = pos
-    rest = model(input_ids=completion_ids[:, :-1].to(fwd["input_ids"]), attention_mask=mask, **kwargs).logits
+    rest = model(input_ids=completion_ids[:, :-1].to(inputs["input_ids"]), attention_mask=mask, **kwargs).logits
     return torch.cat([first, rest], dim=1)
 
 
@@ -141,7 +121,7 @@ def per_token_logprobs(model: torch.nn.Module, module: Any, inputs: dict[str, to
     else:
         fwd = module.append_completions(module.forward_inputs(inputs), completion_ids, completion_mask)
         kwargs: dict[str, Any] = {"use_cache": False}
-        if _takes_logits_to_keep(type(getattr(model, "module", model))):  # a DeepSpeed engine wraps the model
+        if takes_logits_to_keep(type(getattr(model, "module", model))):  # a DeepSpeed engine wraps the model
             kwargs["logits_to_keep"] = t + 1
         out = model(**fwd, **kwargs)
         logits = (out.logits if hasattr(out, "logits") else out[0])[:, -(t + 1):-1, :]  # P-1+j predicts token j

@@ -1,22 +1,25 @@
-"""The VLM Module interface: everything model-family specific lives behind 11 functions, defined below in
-VLM-R1's order (``get_vlm_key``, ``get_model_class``, ``post_model_init``, ``is_embeds_input``,
-``get_processing_class``, ``get_vision_modules_keywords``, ``get_custom_multimodal_keywords``,
-``get_non_generate_params``, ``get_custom_processing_keywords``, ``prepare_prompt``, ``prepare_model_inputs``),
-adopted from VLM-R1 (``assets/add_new_model.md``) with two changes callers may rely on: a module
-instance holds what ``post_model_init`` learned about one (model, processor) pair (no global state;
-``get_module`` makes one per model), and ``prepare_model_inputs`` takes the images *per prompt* and
-returns exactly ``input_ids``, ``attention_mask`` and the ``get_custom_multimodal_keywords()`` that
-apply, so the learner passes it straight to ``forward``; rollout drops ``get_non_generate_params()``.
-Call order everywhere: ``get_model_class`` -> ``from_pretrained`` -> ``get_processing_class()
-.from_pretrained`` -> ``post_model_init`` -> ``prepare_prompt`` -> ``prepare_model_inputs``.
-"""
+"""The VLM Module interface: everything model-family specific lives behind VLM-R1's 11 functions, defined below in
+its order, with two changes callers may rely on (per-instance state; images per prompt, exact forward keys).
+Call order and contract: docs/design.md#the-vlm-module-interface."""
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
 import torch
 from PIL import Image
+
+
+@functools.lru_cache(maxsize=None)
+def takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 class Video(list):
@@ -159,6 +162,22 @@ class VLMModule(ABC):
         (``rows`` ``[n]``: each row's prompt), as the full per-row forward gives them; None: the
         model's default over a KV cache (``P + j``: positions that count padding, as plain LMs do)."""
         return None
+
+    def prefill_shared(self, model: Any, inputs: dict[str, torch.Tensor], rows: torch.Tensor
+                       ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Run the ``[n_p, P]`` prompts ``inputs`` once with a KV cache (which keeps its graph) and expand it to the
+        ``n`` rows (``rows`` ``[n]``: each row's prompt): the logits ``[n, 1, V]`` of each row's last prompt position
+        and the kwargs (the cache) that continue the rows over it, with ``completion_position_ids``."""
+        if not self.supports_shared_prefix:
+            raise ValueError(f"{self!r} does not support the shared-prefix forward: pass rows=None")
+        fwd, cls = self.forward_inputs(inputs), type(getattr(model, "module", model))
+        out = model(**fwd, use_cache=True, **({"logits_to_keep": 1} if takes_logits_to_keep(cls) else {}))
+        cache, rows = getattr(out, _cache_kwarg(cls), None), rows.to(out.logits.device)
+        if cache is None or cache.get_seq_length() != fwd["input_ids"].shape[1]:
+            raise RuntimeError("the shared-prefix forward got no KV cache (gradient checkpointing drops it): "
+                               "set learner.shared_prefix=false")
+        cache.reorder_cache(rows)  # [n_p] -> [n] rows on every layer (index_select: gradients flow back)
+        return out.logits[:, -1:, :].index_select(0, rows), {_cache_kwarg(cls): cache, "use_cache": True}
 
     _VISION_TOKEN_ATTRS = ("image_token", "video_token", "start_image_token", "end_image_token",
                            "vision_start_token", "vision_end_token")

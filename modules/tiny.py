@@ -1,12 +1,5 @@
-"""Tiny, randomly initialised VLMs built from config, for tests, the demo and benchmarks (``vlgrpo tiny-model
---family qwen2-vl /tmp/tiny-qwen2vl``).
-
-No model hub: a byte-level BPE tokenizer trained offline on a small corpus (each family's special tokens and the
-synthetic tasks' words as single tokens), wrapped in ``PreTrainedTokenizerFast``, with the family's *real*
-processor classes and a chat template in its format. All is written with ``save_pretrained``, so it loads through
-exactly the path of a hub checkpoint such as ``Qwen/Qwen2.5-VL-3B-Instruct`` (the model class's
-``from_pretrained`` and ``AutoProcessor``), in transformers and in vLLM.
-"""
+"""Tiny, randomly initialised VLMs built from config (no model hub) for tests, the demo and benchmarks, saved with
+``save_pretrained`` so they load exactly as a hub checkpoint does. Design: docs/design.md#tiny-models."""
 from __future__ import annotations
 
 import json

@@ -1,16 +1,5 @@
-"""VLM-R1 JSONL datasets, read as-is, and a deterministic resumable prompt sampler.
-
-A row: ``{"id": "42", "image": "a.jpg" | ["a.png", "b.png"] | absent, "conversations": [{"from": "human",
-"value": "<image>What is ...?"}, {"from": "gpt", "value": "answer"}], "accu_reward_method": "mcq", "options":
-[...]}`` (the last two optional); files combine, each with its own image folder and default reward method
-(:class:`DataSource`). A row may also hold one ``"video"``: a video file (decoded at ``video_fps`` frames a
-second with PyAV) or a list of frame images (``"fps"`` of the row, else ``video_fps``), placed at ``<video>``.
-A row becomes a ``Sample``, its prompt a chat conversation with one ``{"type": "image"}`` item per ``<image>``
-placeholder (``{"type": "video"}`` per ``<video>``), its visuals the images then the ``Video``. Bad rows never crash loading: invalid JSON, no question, no answer, a missing,
-unreadable or corrupt image are skipped, logged and counted by reason in ``dataset.skipped``; only a file with no
-usable row is an error. Images are decoded at load time (catching truncated files) and again for each sample
-built; one that fails then is counted and skipped by the sampler.
-"""
+"""VLM-R1 JSONL datasets, read as-is (images, several per prompt, and videos), bad rows skipped and counted, and a
+deterministic resumable prompt sampler. Row format and rules: docs/design.md#datasets."""
 from __future__ import annotations
 
 import json

@@ -1,15 +1,18 @@
-"""The transformers ``generate`` engine: the CPU default and the fallback where vLLM is absent.
+"""The transformers engine: the CPU default and the fallback where vLLM is absent.
 
 Same contract as the vLLM engine: prompts rendered with the module's ``prepare_prompt``, inputs
 built with ``prepare_model_inputs`` minus ``get_non_generate_params``; log-probs of the sampled
 tokens are ``log_softmax(logits / temperature)`` over the vocabulary without the vision
 placeholder tokens (which are never sampled), before top-p/top-k: what the learner computes too.
+With a ``supports_shared_prefix`` module each prompt is processed and prefilled once and its G rows
+are sampled over copies of its KV cache (our decoding loop); otherwise each row is a ``generate`` row.
 """
 from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
 
 import torch
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from ..modules.base import VLMModule
 from ..modules.loading import checkpoint_name_map, load_model_and_processor
@@ -43,17 +46,27 @@ class TransformersEngine(GenerationEngine):
         texts = self.module.prepare_prompt(self.processor, [{"prompt": s.prompt} for s in samples])
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        # Each prompt is repeated n times as its own row: robust for every family's image layout.
-        rows = [(i, texts[i], samples[i].images) for i in range(len(samples)) for _ in range(sampling.n)]
+        # Shared prefix: chunks of whole groups, each prompt once; else each prompt repeated n times as its own
+        # ``generate`` row (robust for every family's image layout).
+        rows, shared = [i for i in range(len(samples)) for _ in range(sampling.n)], self.module.supports_shared_prefix
+        step = sampling.n * max(1, self.max_batch_size // sampling.n) if shared else self.max_batch_size
         completions: list[list[Completion]] = [[] for _ in samples]
-        for start in range(0, len(rows), self.max_batch_size):
-            chunk = rows[start:start + self.max_batch_size]
-            for (i, _, _), comp in zip(chunk, self._generate_rows(chunk, sampling)):
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
+            run = self._decode_shared if shared else self._generate_rows
+            for i, comp in zip(chunk, self._completions(*run([texts[i] for i in chunk], [samples[i].images for i in
+                                                                                         chunk], sampling))):
                 completions[i].append(comp)
         return [GenerationResult(prompt_text=t, completions=c) for t, c in zip(texts, completions)]
 
-    def _generate_rows(self, rows, sampling: SamplingConfig) -> list[Completion]:
-        inputs = self.module.prepare_model_inputs(self.processor, [r[1] for r in rows], [r[2] for r in rows])
+    def _scores(self, logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+        """The distribution sampled from: ``logits / temperature`` (raw when greedy), vision tokens removed."""
+        scores = logits.float() / (sampling.temperature if sampling.temperature > 0 else 1.0)
+        scores[..., self.suppress_ids] = float("-inf")
+        return scores
+
+    def _generate_rows(self, texts, images, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self.module.prepare_model_inputs(self.processor, texts, images)
         inputs = {k: v.to(self.device) for k, v in self.module.generate_inputs(inputs).items()}
         greedy = sampling.temperature <= 0
         out = self.model.generate(**inputs, max_new_tokens=sampling.max_tokens, do_sample=not greedy,
@@ -62,20 +75,46 @@ class TransformersEngine(GenerationEngine):
                                   top_k=None if greedy or sampling.top_k <= 0 else sampling.top_k,
                                   eos_token_id=self.eos_ids, suppress_tokens=self.suppress_ids or None,
                                   pad_token_id=self.pad_id, return_dict_in_generate=True, output_logits=True)
-        prompt_len = inputs["input_ids"].shape[1]
-        seqs = out.sequences[:, prompt_len:]
-        logits = torch.stack(out.logits, dim=1).float()  # [B, T, V] raw logits
-        if not greedy:
-            logits = logits / sampling.temperature
-        if self.suppress_ids:  # the distribution actually sampled from: vision tokens removed
-            logits[..., self.suppress_ids] = float("-inf")
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
-        tok = self.tokenizer()
+        seqs = out.sequences[:, inputs["input_ids"].shape[1]:]
+        logprobs = torch.log_softmax(self._scores(torch.stack(out.logits, dim=1), sampling), dim=-1)
+        return seqs, logprobs.gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
+
+    def _decode_shared(self, texts, images, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole groups: each prompt processed and run once, its ``n`` rows sampled token by token over copies of
+        its cache (``generate`` cannot continue from an expanded cache for Qwen or InternVL), at the learner's
+        positions (``completion_position_ids``)."""
+        inputs = self.module.prepare_model_inputs(self.processor, texts[::sampling.n], images[::sampling.n])
+        inputs = {k: v.to(self.device) for k, v in self.module.generate_inputs(inputs).items()}
+        rows = torch.arange(len(texts) // sampling.n, device=self.device).repeat_interleave(sampling.n)
+        logits, kwargs = self.module.prefill_shared(self.model, inputs, rows)
+        pos = self.module.completion_position_ids(self.model, inputs, rows, sampling.max_tokens)
+        mask, greedy = inputs["attention_mask"].index_select(0, rows), sampling.temperature <= 0
+        warpers = [] if greedy else ([TopKLogitsWarper(sampling.top_k)] if sampling.top_k > 0 else []) + (
+            [TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1 else [])
+        eos, done, tokens, logps = torch.tensor(self.eos_ids, device=self.device), rows < 0, [], []
+        for t in range(sampling.max_tokens):
+            scores = self._scores(logits[:, -1], sampling)
+            logps.append(torch.log_softmax(scores, -1))
+            for warp in warpers:
+                scores = warp(None, scores)
+            tok = scores.argmax(-1) if greedy else torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+            logps[-1] = logps[-1].gather(-1, tok[:, None]).squeeze(1)
+            tokens.append(torch.where(done, self.pad_id, tok))
+            done = done | torch.isin(tok, eos)
+            if bool(done.all()) or t + 1 == sampling.max_tokens:
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            step = {"position_ids": pos[..., t:t + 1]} if pos is not None else {}  # token t, fed back
+            logits = self.model(input_ids=tok[:, None], attention_mask=mask, **kwargs, **step).logits
+        return torch.stack(tokens, 1), torch.stack(logps, 1)
+
+    def _completions(self, seqs: torch.Tensor, logprobs: torch.Tensor) -> list[Completion]:
+        """Rows of sampled tokens (cut after the first EOS) and their log-probs."""
         result = []
-        for row_ids, row_lp in zip(seqs.tolist(), logprobs.tolist()):
-            end = next((j + 1 for j, t in enumerate(row_ids) if t in self.eos_ids), None)
-            ids = row_ids[:end] if end else row_ids
-            result.append(Completion(ids, row_lp[:len(ids)], tok.decode(ids, skip_special_tokens=True),
+        for ids, lps in zip(seqs.tolist(), logprobs.tolist()):
+            end = next((j + 1 for j, x in enumerate(ids) if x in self.eos_ids), None)
+            ids = ids[:end] if end else ids
+            result.append(Completion(ids, lps[:len(ids)], self.tokenizer().decode(ids, skip_special_tokens=True),
                                      "stop" if end else "length"))
         return result
 

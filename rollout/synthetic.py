@@ -1,11 +1,11 @@
-"""Synthetic visual tasks for tiny randomly initialised VLMs, written as VLM-R1 JSONL + PNG images: ``color``
-(one shape of one of four colours; answer the colour word), ``count`` (1-4 shapes; the digit, ``numeric``),
-``position`` (one shape in the left or right half; ``left`` / ``right``) and ``which`` (two images, one red
-shape among them: ``first`` / ``second``; several images per prompt) and ``flash`` (a video of four frames: a
-shape alternating between two colours; the last frame's colour word, which only the frames' order tells). Answers are scored by exact match
-(``all_match``, or ``numeric`` for counts): no partial credit. Each row carries its answer ``options``
-(``Sample.meta["options"]``); questions and options are short and fixed, so that a tiny tokenizer holds each
-option word as one token.
+"""Synthetic visual tasks for tiny randomly initialised VLMs, written as VLM-R1 JSONL + PNG images: ``color`` (one
+shape of one of four colours; answer the colour word), ``count`` (1-4 shapes; the digit, ``numeric``), ``position``
+(one shape in the left or right half; ``left`` / ``right``) and ``which`` (two images, one red shape among them:
+``first`` / ``second``; several images per prompt) and ``flash`` (a video of four frames: a shape alternating
+between two colours; the last frame's colour word, which only the frames' order tells). Answers are scored by exact
+match (``all_match``, or ``numeric`` for counts): no partial credit. Each row carries its answer ``options``
+(``Sample.meta["options"]``); questions and options are short and fixed, so that a tiny tokenizer holds each option
+word as one token.
 """
 from __future__ import annotations
 

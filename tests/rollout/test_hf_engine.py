@@ -186,22 +186,53 @@ def test_logprobs_match_forward_pass(eos_engine, temperature):
     assert worst < LOGPROB_TOL, f"engine log-probs differ from a forward pass by {worst:.2e} (T={temperature})"
 
 
-def test_logprobs_match_when_rows_are_chunked(eos_engine, monkeypatch):
-    """Rows split over several ``generate`` calls (max_batch_size) stay with their prompts."""
-    calls = []
-    orig = eos_engine.model.generate
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return orig(*args, **kwargs)
-
+def test_each_prompt_processed_and_prefilled_once_and_chunks_keep_groups(eos_engine, monkeypatch):
+    """Shared prefix: the processor sees each prompt once (not G times); with ``max_batch_size`` 2 < G rows a
+    chunk holds one prompt and its G rows; log-probs still those of a separate forward pass."""
+    seen = []
+    prepare = eos_engine.module.prepare_model_inputs
+    monkeypatch.setattr(eos_engine.module, "prepare_model_inputs",
+                        lambda proc, texts, images, **kw: seen.append(len(texts)) or prepare(proc, texts, images, **kw))
     monkeypatch.setattr(eos_engine, "max_batch_size", 2)
-    monkeypatch.setattr(eos_engine.model, "generate", spy)
     results = eos_engine.generate(SAMPLES, SamplingConfig(n=G, temperature=1.0, max_tokens=6, seed=5))
-    assert calls == [2, 2, 2, 2, 1]  # 3 prompts x G=3 rows, 2 per call
-    assert [len(r.completions) for r in results] == [G] * len(SAMPLES)
+    assert seen == [1, 1, 1] and [len(r.completions) for r in results] == [G] * len(SAMPLES)
     worst, _ = max_logprob_diff(eos_engine, eos_engine.model, SAMPLES, results, 1.0)
     assert worst < LOGPROB_TOL
+
+
+def test_per_row_generate_for_modules_without_shared_prefix(eos_engine, monkeypatch):
+    """A module that does not declare ``supports_shared_prefix`` gets a ``generate`` row per completion, in
+    chunks of ``max_batch_size`` rows, with the same log-prob contract."""
+    calls, orig = [], eos_engine.model.generate
+    monkeypatch.setattr(type(eos_engine.module), "supports_shared_prefix", False)
+    monkeypatch.setattr(eos_engine, "max_batch_size", 2)
+    monkeypatch.setattr(eos_engine.model, "generate", lambda *a, **kw: calls.append(kw["input_ids"].shape[0]) or orig(*a, **kw))
+    results = eos_engine.generate(SAMPLES, SamplingConfig(n=G, temperature=0.7, max_tokens=6, seed=5))
+    assert calls == [2, 2, 2, 2, 1]  # 3 prompts x G=3 rows, 2 per call
+    worst, _ = max_logprob_diff(eos_engine, eos_engine.model, SAMPLES, results, 0.7)
+    assert worst < LOGPROB_TOL
+
+
+@pytest.mark.parametrize("top_k, top_p", [(2, 1.0), (-1, 0.3)])
+def test_top_k_and_top_p_sample_only_inside_the_cut(eos_engine, top_k, top_p):
+    """Every sampled token is among the ``top_k`` best, or inside the ``top_p`` nucleus, of a separate forward
+    pass's distribution at its position; the reported log-prob stays the one before the cut."""
+    sampling = SamplingConfig(n=6, temperature=1.0, top_k=top_k, top_p=top_p, max_tokens=8, seed=9)
+    results, vision = eos_engine.generate(SAMPLES, sampling), eos_engine.module.vision_token_ids(eos_engine.processor)
+    checked = 0
+    for s, res in zip(SAMPLES, results):
+        toks = [c.token_ids for c in res.completions]
+        logits, ids = reference_logits(eos_engine.module, eos_engine.model, eos_engine.processor, res.prompt_text,
+                                       s.images, toks, eos_engine.pad_id)
+        logits[..., vision] = float("-inf")
+        probs = logits.softmax(-1)
+        for r, t in enumerate(toks):
+            for j, tok in enumerate(t):
+                above = probs[r, j] > probs[r, j, tok]  # tokens more likely than the sampled one
+                assert int(above.sum()) < top_k if top_k > 0 else float(probs[r, j][above].sum()) < top_p
+                checked += 1
+    assert checked >= 15
+    assert max_logprob_diff(eos_engine, eos_engine.model, SAMPLES, results, 1.0)[0] < LOGPROB_TOL
 
 
 # -- finish reasons, seeds, vision tokens ----------------------------------------------------------
@@ -258,28 +289,34 @@ def test_vision_tokens_never_sampled(model_dir, monkeypatch):
 
 
 # -- what reaches generate -------------------------------------------------------------------------
-def test_non_generate_params_never_reach_generate(engine, monkeypatch):
+@pytest.mark.parametrize("shared", [True, False])
+def test_non_generate_params_never_reach_generate(engine, monkeypatch, shared):
+    monkeypatch.setattr(type(engine.module), "supports_shared_prefix", shared)
     module = engine.module
     texts = module.prepare_prompt(engine.processor, [{"prompt": s.prompt} for s in SAMPLES])
     full = module.prepare_model_inputs(engine.processor, texts, [s.images for s in SAMPLES])
     calls = []
-    orig = engine.model.generate
+    orig = engine.model.forward if shared else engine.model.generate
 
     def spy(*args, **kwargs):
         assert not args
         calls.append(dict(kwargs))
         return orig(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "generate", spy)
+    if shared:  # the prefill: the model's forward with the prompts, each once
+        monkeypatch.setattr(engine.model, "forward", spy)
+    else:
+        monkeypatch.setattr(engine.model, "generate", spy)
     engine.generate(SAMPLES, SamplingConfig(n=2, max_tokens=2, seed=0))
-    assert len(calls) == 1
+    assert len(calls) == (2 if shared else 1)  # shared: the prefill, then one decoding step
     kw = calls[0]
     expected = set(full) - set(module.get_non_generate_params())
     assert expected <= set(kw)
     assert not set(module.get_non_generate_params()) & set(kw)
-    assert kw["input_ids"].shape[0] == 2 * len(SAMPLES)  # each prompt repeated n times
-    assert kw["pixel_values"].shape[0] == 2 * full["pixel_values"].shape[0]
-    assert set(kw["suppress_tokens"]) == set(module.vision_token_ids(engine.processor))
+    assert kw["input_ids"].shape[0] == (1 if shared else 2) * len(SAMPLES)  # each prompt once, or repeated n times
+    assert kw["pixel_values"].shape[0] == (1 if shared else 2) * full["pixel_values"].shape[0]
+    if not shared:
+        assert set(kw["suppress_tokens"]) == set(module.vision_token_ids(engine.processor))
     if module.get_vlm_key() == "internvl":
         assert "image_flags" in full, "the learner's inputs carry image_flags..."
         assert "image_flags" not in kw, "...generate must not receive them"
