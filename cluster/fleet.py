@@ -283,7 +283,9 @@ class Fleet:
                 continue
             chunk = waiting[ready[0]]
             try:
-                chunk.result = ray.get(ready[0])
+                chunk.result = ray.get(ready[0])  # without images (rollout.worker): the driver has them already
+                images = {s.sample_id: s.images for s in chunk.samples}
+                chunk.result.images = [images[i] for i in chunk.result.sample_ids]
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 self._retry([chunk], type(e).__name__, stage, version)
             except ray.exceptions.RayTaskError as e:

@@ -131,7 +131,7 @@ class RolloutWorker:
             logps[i, :n] = torch.tensor(c.logprobs, dtype=torch.float32)
         return RolloutBatch(
             sample_ids=[s.sample_id for s in samples], prompts_text=[r.prompt_text for r in results],
-            images=[list(s.images) for s in samples], completion_ids=ids, completion_mask=mask,
+            images=[[] for _ in samples], completion_ids=ids, completion_mask=mask,  # the caller has the images
             sampling_logprobs=logps, rewards=scores, reward_names=list(names), reward_weights=list(weights),
             completions_text=[c.text for c in comps], finish_reasons=[c.finish_reason for c in comps],
             weights_version=version, group_size=sampling.n,

@@ -114,13 +114,13 @@ def hand_length_reward(n: int, max_len=8, cache=4) -> float:
 
 
 @torch.no_grad()
-def reference_logprobs(worker: RolloutWorker, batch: RolloutBatch) -> torch.Tensor:
-    """What the learner computes: the prompts rebuilt from the batch (text + images), completions
+def reference_logprobs(worker: RolloutWorker, batch: RolloutBatch, samples) -> torch.Tensor:
+    """What the learner computes: the prompts rebuilt from the batch's text and the samples' images, completions
     appended with the module, one forward, log_softmax at T=1 without the vision tokens, gathered at the batch's tokens."""
     eng = worker.engine
     g = batch.group_size
     inputs = eng.module.prepare_model_inputs(eng.processor, [t for t in batch.prompts_text for _ in range(g)],
-                                             [ims for ims in batch.images for _ in range(g)])
+                                             [s.images for s in samples for _ in range(g)])
     full = eng.module.append_completions(inputs, batch.completion_ids, batch.completion_mask)
     L, T = inputs["input_ids"].shape[1], batch.completion_ids.shape[1]
     logits = eng.model(**full).logits[:, L - 1:L - 1 + T].float()
@@ -138,7 +138,7 @@ def check_batch(batch: RolloutBatch, samples, worker: RolloutWorker, group_size:
     assert batch.sample_ids == [s.sample_id for s in samples]
     assert len(batch.prompts_text) == len(samples) and batch.group_size == group_size
     assert batch.prompts_text == worker.module.prepare_prompt(worker.processor, [{"prompt": s.prompt} for s in samples])
-    assert [[im.size for im in ims] for ims in batch.images] == [[im.size for im in s.images] for s in samples]
+    assert batch.images == [[] for _ in samples]  # not sent back: the caller has them (the fleet puts them back)
     ids, mask, lps = batch.completion_ids, batch.completion_mask, batch.sampling_logprobs
     assert ids.dtype == torch.long and mask.dtype == torch.bool and lps.dtype == torch.float32
     lengths = mask.sum(1)
@@ -182,7 +182,7 @@ def test_batch_shapes_padding_and_rewards(worker, dataset):
     assert torch.allclose(batch.total_rewards(), (batch.rewards * w).sum(-1))
 
     # The sampling log-probs are those the learner recomputes from the batch alone.
-    ref = reference_logprobs(worker, batch)
+    ref = reference_logprobs(worker, batch, samples)
     diff = (ref - batch.sampling_logprobs)[batch.completion_mask].abs().max().item()
     assert diff < LOGPROB_TOL, f"sampling log-probs differ from a forward over the batch by {diff:.2e}"
 
@@ -340,7 +340,7 @@ def test_ray_actor_returns_batch_with_rewards(ray_session, actor, worker, eos_we
     assert batch.weights_version == 5
     assert batch.timings["worker"] == 3.0
     assert torch.equal(batch.rewards, expected_rewards(batch, samples))
-    diff = (reference_logprobs(worker, batch) - batch.sampling_logprobs)[batch.completion_mask].abs().max().item()
+    diff = (reference_logprobs(worker, batch, samples) - batch.sampling_logprobs)[batch.completion_mask].abs().max().item()
     assert diff < LOGPROB_TOL
 
 
