@@ -204,7 +204,10 @@ def test_node_loss_mid_run(cluster, node_loss_run):
     assert all(r["sync/shm_workers"] == WORKERS for r in after), after  # all on A now, in the new group
     last = rows[-1]
     assert last.get("faults/worker_replaced", 0) >= CPUS_B, last  # both of B's workers
-    assert last.get("faults/prompts_retried", 0) >= 1, last
+    # B's workers die with their chunk of step 81 in flight (generated again on A) or just after returning it
+    # (found dead at the next weight sync). Since generation prefills each prompt once a chunk takes ~0.1 s,
+    # shorter than the kill: the second case happened in a run today; tests/faults covers the retry itself.
+    assert last.get("faults/prompts_retried", 0) >= 1 or re.search(r"rollout worker\(s\) (died|lost)", run["log"]), last
     assert "faults/recovery_s" in last, f"no faults/recovery_s in the metrics: {sorted(last)}"
     assert last["faults/recovery_s"] > 0, last
     assert c.alive_nodes() == 1
