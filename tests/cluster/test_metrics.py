@@ -350,7 +350,7 @@ def test_samples_every_n_steps_to_jsonl_and_tensorboard(tmp_path):
     assert [(r["step"], r["split"], r["completion"]) for r in rows] == [
         (2, "train", "say 0"), (2, "train", "say 4"), (4, "train", "say 0"), (4, "train", "say 4"), (4, "val", "a|b\nc")]
     assert rows[1] == {"step": 2, "split": "train", "prompt": "<|im_start|>user p2?", "completion": "say 4",
-                       "answer": "ans2", "images": [str(tmp_path / "2.png")],
+                       "answer": "ans2", "images": [str(tmp_path / "2.png")], "video": None,
                        "rewards": {"accuracy": 0.0, "format": 1.0}}
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
