@@ -45,7 +45,8 @@ def test_a_short_run_validates_logs_samples_and_plots(tmp_path):
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert sorted((r["step"], r["split"]) for r in rows) == [(2, "train")] * 3 + [(2, "val")] * 3
     for r in rows:
-        assert set(r) == {"step", "split", "prompt", "completion", "answer", "images", "rewards"}
+        assert set(r) == {"step", "split", "prompt", "completion", "answer", "images", "video", "rewards"}
+        assert r["video"] is None  # an image task
         assert "colour" in r["prompt"].lower() or "color" in r["prompt"].lower()
         assert r["answer"] in TASKS["color"].options and list(r["rewards"]) == ["accuracy"]
         assert r["images"] and all(Path(p).is_file() for p in r["images"])
