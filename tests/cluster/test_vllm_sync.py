@@ -233,12 +233,14 @@ def test_multiprocess_engine_receives_through_its_worker(model_dir, hf, moved, m
 
 # -- the actor on Ray ---------------------------------------------------------------------------
 def _check_logprobs(batch, model) -> None:
+    """Against transformers on ``SAMPLES`` (the batch's prompts, in order)."""
+    assert batch.sample_ids == [s.sample_id for s in SAMPLES] and batch.images == [[] for _ in SAMPLES]
     G = batch.group_size
     worst, compared = 0.0, 0
     for row in range(batch.completion_ids.shape[0]):
         p = row // G
         ids = batch.completion_ids[row][batch.completion_mask[row]].tolist()
-        ref = hf_logprobs(model, batch.prompts_text[p], batch.images[p], ids, 1.0)
+        ref = hf_logprobs(model, batch.prompts_text[p], SAMPLES[p].images, ids, 1.0)  # the batch comes without them
         worst, compared = max(worst, _max_diff(batch.sampling_logprobs[row][: len(ids)].tolist(), ref)), \
             compared + len(ids)
     assert compared >= 8 and worst < LOGPROB_TOL, f"log-probs differ from transformers by {worst:.2e}"
