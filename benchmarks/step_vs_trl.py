@@ -17,14 +17,17 @@ warm-up), max grad norm 1.0, loss ``grpo`` (per-sequence token mean, then mean o
 beta 0 (no reference model), epsilon 0.2, one optimiser step per generation batch
 (``num_iterations=1``, one micro-batch of prompts x group rows), std-scaled group advantages,
 temperature 1.0, top-p 1.0, no top-k, the same reward (vlgrpo's ``accuracy``,
-weight 1.0, called through vlgrpo's ``RewardSet`` on the TRL side too) and the same torch
-threads per process (``--threads``, default 1: TRL's single process and each vlgrpo actor get one
-torch thread). vlgrpo keeps its default ``sync.verify=true`` (checksums of every synced bucket)
+weight 1.0, called through vlgrpo's ``RewardSet`` on the TRL side too) and the same cores: by default
+(``--threads 0``) TRL's single process gets all the machine's cores as torch threads and vlgrpo its own
+allotment (``placement.thread_shares``: sync, each phase all of the node's cores; async, split between
+the learner and the worker); ``--threads N`` sets N torch threads per process on both sides instead. vlgrpo keeps its default ``sync.verify=true`` (checksums of every synced bucket)
 and its default ``learner.shared_prefix=true`` (each prompt's forward once for its G rows);
 ``--shared-prefix both`` also runs each mode with it off ("per-row") to compare learner times.
 
-Each side runs ``--warmup`` untimed steps, then ``--steps`` timed ones. Headline: vlgrpo (sync)
-steps/s / TRL steps/s at the largest size run.
+Each side runs ``--warmup`` untimed steps, then ``--steps`` timed ones. Also printed: learner tokens/s
+(prompt + completion tokens of every row, as a per-row learner runs them, per second of learner step) and
+the prompt tokens the shared prefix saves a step. Headline (``RESULT``): vlgrpo's best mode steps/s / TRL
+steps/s at the largest size run.
 """
 from __future__ import annotations
 
@@ -84,6 +87,18 @@ def prepare(size: str, work: Path, n_data: int, image_size: int = 56) -> tuple[s
     return str(model_dir), str(jsonl), int(meta["num_parameters"])
 
 
+def prompt_tokens(model: str, data: str) -> int:
+    """Tokens of the first prompt (text and image) as the model sees it."""
+    from vlgrpo.modules import get_module
+    from vlgrpo.modules.loading import load_processor
+    from vlgrpo.rollout.data import DataSource, load_datasets
+
+    module, sample = get_module("qwen"), load_datasets([DataSource(data)])[0]
+    proc = load_processor(model, module)
+    text = module.prepare_prompt(proc, [{"prompt": sample.prompt}])
+    return int(module.prepare_model_inputs(proc, text, [sample.images])["input_ids"].shape[1])
+
+
 # ------------------------------------------------------------------------------------------------
 # the vlgrpo side
 # ------------------------------------------------------------------------------------------------
@@ -102,7 +117,7 @@ def run_vlgrpo_side(spec: dict[str, Any], mode: str, shared_prefix: bool = True)
         "learner.weight_decay=0.0", "learner.grad_clip=1.0", "learner.loss_agg=grpo", "learner.beta=0.0",
         "learner.epsilon_low=0.2", "learner.epsilon_high=0.2", "learner.num_iterations=1",
         "learner.scale_adv_by_std=true", "learner.gradient_checkpointing=false", "learner.dtype=fp32",
-        f"learner.num_threads={t}", f"rollout.num_threads={t}", "rollout.dtype=float32",
+        *([f"learner.num_threads={t}", f"rollout.num_threads={t}"] if t else []), "rollout.dtype=float32",
         "rollout.rewards=[{name: accuracy, weight: 1.0}]",
         f"trainer.mode={mode}", f"trainer.seed={spec['seed']}", f"learner.shared_prefix={str(shared_prefix).lower()}",
     ]
@@ -124,7 +139,7 @@ def trl_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from vlgrpo.rollout.rewards import RewardSet
     from vlgrpo.rollout.types import Sample
 
-    torch.set_num_threads(spec["threads"])
+    torch.set_num_threads(spec["threads"] or os.cpu_count() or 1)
     torch.manual_seed(spec["seed"])
     data = load_datasets([DataSource(spec["data"])])
     rows = []
@@ -279,7 +294,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--image-size", type=int, default=56,
                     help="image side in pixels: 56 = 4 image tokens a prompt; 420 = 225 (a long, VLM-like prompt)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process on both sides")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per process on both sides; 0: equal "
+                    "cores, TRL all of them, vlgrpo its own allotment")
     ap.add_argument("--modes", default="sync,async", help="vlgrpo modes to run")
     ap.add_argument("--shared-prefix", default="on", choices=["on", "off", "both"],
                     help="learner.shared_prefix of the vlgrpo runs; both: each mode also per-row")
@@ -311,8 +327,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         spec = {"model": model, "data": data, "prompts": args.prompts, "group_size": args.group_size,
                 "max_tokens": args.max_tokens, "lr": args.lr, "threads": args.threads, "steps": args.steps,
                 "warmup": args.warmup, "seed": 0}
+        n_prompt = prompt_tokens(model, data)
+        threads = f"{args.threads} torch thread(s) per process" if args.threads else (
+            f"equal cores ({os.cpu_count()}): TRL {os.cpu_count()} threads, vlgrpo its allotment")
         print(f"\n== size {size}: qwen2-vl, {n_params / 1e6:.2f}M params; {args.prompts} prompts x {args.group_size} "
-              f"completions, max {args.max_tokens} tokens, {args.threads} torch thread(s) per process; "
+              f"completions, max {args.max_tokens} tokens, {n_prompt}-token prompts; {threads}; "
               f"learner.shared_prefix {args.shared_prefix}", flush=True)
         res: dict[str, dict] = {}
         variants = {"on": [True], "off": [False], "both": [True, False]}[args.shared_prefix]
@@ -337,9 +356,16 @@ def main(argv: Optional[list[str]] = None) -> None:
             rows.append(row)
         rows.append(["steps/s"] + [1.0 / res[c]["step_s"] for c in cols])
         rows.append(["completion tokens / step"] + [res[c].get("completion_tokens", float("nan")) for c in cols])
+        rows_n = args.prompts * args.group_size
+        learner_s = {c: res[c]["learner_step_s"] if c != "TRL" else
+                     res[c]["forward_s"] + res[c]["backward_s"] + res[c]["optimizer_s"] for c in cols}
+        rows.append(["learner tokens/s (prompt + completion, per row)"] + [
+            (rows_n * n_prompt + res[c].get("completion_tokens", 0.0)) / max(learner_s[c], 1e-9) for c in cols])
         print(table(["phase (mean s per step)"] + cols, rows,
                     title=f"size {size} ({n_params / 1e6:.2f}M params): mean over {args.steps} steps after "
                           f"{args.warmup} warm-up; '-' = no such phase on that side"), flush=True)
+        print(f"  the shared prefix saves {args.prompts * (args.group_size - 1) * n_prompt} prompt tokens a step in the "
+              f"learner and as many in the transformers engine ({args.prompts} prompt passes instead of {rows_n})")
         if "TRL" in res:
             ratios[size] = {m: res["TRL"]["step_s"] / res[f"vlgrpo {m}"]["step_s"] for m in modes}
             print("  vlgrpo steps/s / TRL steps/s: " + ", ".join(f"{m} {v:.3f}" for m, v in ratios[size].items()),
@@ -353,7 +379,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     for size, r in ratios.items():
         print(f"size {size}: vlgrpo/TRL steps/s = " + ", ".join(f"{m} {v:.3f}" for m, v in r.items()))
     head = sizes[-1]
-    mode = "sync" if "sync" in ratios[head] else modes[0]
+    mode = max(ratios[head], key=ratios[head].get)  # vlgrpo's best mode
     result(f"step_vs_trl_{head}_vlgrpo_{mode}_over_trl", ratios[head][mode])
 
 

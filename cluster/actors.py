@@ -11,6 +11,7 @@ import time
 from typing import Any, Optional
 
 import ray
+import torch
 
 from . import placement
 from ..learner.rank import Learner
@@ -26,7 +27,13 @@ log = logging.getLogger("vlgrpo")
 VLLM_EXTENSION = {"worker_extension_cls": "vlgrpo.cluster.weight_sync.WeightSyncExtension"}
 
 
-class SyncedLearner(Learner):
+class Threads:
+    def set_threads(self, n: int) -> None:
+        """This process's torch threads (the fleet's allotment, ``placement.thread_shares``)."""
+        torch.set_num_threads(n)
+
+
+class SyncedLearner(Threads, Learner):
     """A learner rank; rank 0 is also the source (group rank 0) of the weight-sync group."""
 
     sync_group: Optional[SyncGroup] = None
@@ -108,7 +115,7 @@ class SyncedLearner(Learner):
         return report
 
 
-class SyncedWorker(RolloutWorker):
+class SyncedWorker(Threads, RolloutWorker):
     """A rollout worker that receives weights from the sync group."""
 
     def __init__(self, cfg: RolloutConfig, model: ModelConfig, worker_id: int, seed: int) -> None:

@@ -72,6 +72,7 @@ class Fleet:
         self.sync_info: Optional[SyncGroupInfo] = None
         self.faults: Counter = Counter()
         self._next_id = 0
+        self.threads: list[int] = []  # torch threads of learners + workers, as last allotted
 
     def get(self, refs, stage: str, timeout: Optional[float] = None):
         timeout = timeout or self.cfg.trainer.timeout_s
@@ -99,7 +100,8 @@ class Fleet:
                                               scheduling_strategy=placement.bundle_strategy(self.learner_pg, r))
                          .remote(self.cfg.learner, self.cfg.model, r, n, addr, port) for r, a in enumerate(plans)]
         self.call(self.learners, "ping", stage="start learners")
-        self.source_at = self.get(self.learners[0].where.remote(), "start learners")
+        self.learners_at = self.call(self.learners, "where", stage="start learners")
+        self.source_at = self.learners_at[0]
 
     def start_workers(self, n: int) -> list[WorkerSlot]:
         new = [self._start_worker() for _ in range(n)]
@@ -189,6 +191,7 @@ class Fleet:
 
     def form_sync_group(self) -> None:
         """(Re)form the sync group: learner rank 0 + every worker. Called when membership changes."""
+        self.allot_threads()
         if self.sync_info is not None:
             source = self.learners[0].leave_sync_group.remote()
             refs, gone = [(slot, slot.actor.leave_sync_group.remote()) for slot in self.slots], []
@@ -221,6 +224,21 @@ class Fleet:
         if self.backend == "nccl" and len(set(envs)) > 1:  # NCCL members that disagree on it fail or hang in the first broadcast
             raise StageError(f"NCCL_CUMEM_ENABLE differs in the weight-sync group ({sorted(set(envs), key=str)}): set one value "
                              "for every process (vlgrpo sets 0, as vLLM does, unless the job's env_vars set it)")
+
+    def allot_threads(self) -> None:
+        """Give every actor its torch threads (``placement.thread_shares``) and state them when they change."""
+        actors = [("learner", ip) for ip, _ in self.learners_at] + [("worker", s.node_ip) for s in self.slots]
+        cores, mode = placement.node_cores(), self.cfg.trainer.mode
+        threads = placement.thread_shares(mode, actors, cores, {"learner": self.cfg.learner.num_threads,
+                                                                "worker": self.cfg.rollout.num_threads})
+        if threads != self.threads:
+            self.get([a.set_threads.remote(n) for a, n in zip(self.learners + self.workers, threads)], "set threads")
+            self.threads = threads
+            log.info("cores (%s mode: %s): %s; torch threads: learners %s, rollout workers %s", mode,
+                     "each phase runs alone on all its node's cores" if mode == "sync" else "learners and workers run "
+                     "at once and split their node's cores", ", ".join(f"node {ip}: {cores.get(ip, 1)} cores" for ip in
+                                                                         dict.fromkeys(ip for _, ip in actors)),
+                     threads[:len(self.learners)], threads[len(self.learners):])
 
     def sync(self, version: int, full: bool = False) -> dict[str, float]:
         """Send the learner's weights to every worker as ``version``. A worker that died meanwhile

@@ -151,6 +151,23 @@ def cluster_nodes() -> list[Node]:
             for n in ray.nodes() if n.get("Alive")]
 
 
+def node_cores() -> dict[str, int]:
+    """Each live node's cores (its Ray CPUs; on the driver's node at most the cores there, as a local cluster may
+    count more CPUs than it has)."""
+    here = ray.util.get_node_ip_address()
+    return {n["NodeManagerAddress"]: int(n["Resources"].get("CPU", 1)) if n["NodeManagerAddress"] != here else
+            min(int(n["Resources"].get("CPU", 1)), os.cpu_count() or 1) for n in ray.nodes() if n.get("Alive")}
+
+
+def thread_shares(mode: str, actors: list[tuple[str, str]], cores: dict[str, int],
+                  fixed: dict[str, Optional[int]]) -> list[int]:
+    """torch threads of each ``(kind, node)`` actor (kind ``learner`` or ``worker``). ``sync`` runs one phase at a
+    time: a node's learners share all its cores while they train, its workers while they generate. ``async``
+    overlaps the phases: all actors of a node share its cores. A set ``fixed[kind]`` wins."""
+    return [fixed.get(kind) or max(1, cores.get(node, 1) // sum(n == node and (mode == "async" or k == kind)
+                                                                 for k, n in actors)) for kind, node in actors]
+
+
 def init_ray(address: Optional[str], needed_cpus: float) -> None:
     """Connect to a running cluster (``ray job submit`` sets RAY_ADDRESS) or start a local one, on 127.0.0.1
     with at least ``needed_cpus`` logical CPUs (actors are mostly idle while others compute: oversubscribing a

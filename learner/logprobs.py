@@ -18,6 +18,19 @@ def build_rows_inputs(module: Any, processor: Any, prompts_text: Sequence[str], 
     return module.forward_inputs(inputs)
 
 
+def micro_cuts(row_prompt_index: Sequence[int], size: int) -> list[tuple[int, int]]:
+    """``(start, end)`` rows of micro-batches of at most ``size`` rows; one that starts at a group's first row ends
+    at a group's last where a whole group fits, so no group is cut (it would run its shared prompt twice)."""
+    p, cuts, s = row_prompt_index, [], 0
+    while s < len(p):
+        e = g = min(s + size, len(p))
+        while (s == 0 or p[s - 1] != p[s]) and s < g < len(p) and p[g - 1] == p[g]:
+            g -= 1
+        cuts.append((s, g if g > s else e))
+        s = cuts[-1][1]
+    return cuts
+
+
 def build_micro_inputs(module: Any, processor: Any, prompts_text: Sequence[str], images: Sequence[Sequence[Any]],
                        row_prompt_index: Sequence[int], shared: bool = True
                        ) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ..modules import resolve_module
 from ..modules.loading import ModelConfig, checkpoint_name_map, load_model_and_processor
 from .grpo import grpo_loss, truncated_importance_weights
-from .logprobs import build_micro_inputs, per_token_logprobs
+from .logprobs import build_micro_inputs, micro_cuts, per_token_logprobs
 from .lora import apply_lora
 from .reference import AdapterDisabled, load_reference_model, wrap_reference_zero3
 from .types import LearnerConfig, MicroBatch, TrainBatch
@@ -180,11 +180,10 @@ class Learner(LearnerWeights):
 
     # -- batches and log-probs --------------------------------------------------------------------
     def micro_batches(self, batch: TrainBatch) -> list[MicroBatch]:
-        """``batch`` cut into ``micro_batch_size`` rows with their model inputs (prompt text and images through
+        """``batch`` cut into ``micro_batch_size`` rows (whole groups where they fit) with their model inputs (prompt text and images through
         ``module.prepare_model_inputs``, once per prompt if shared), on the CPU: ``to_device`` moves one."""
         pidx, mask, out = batch.row_prompt_index(), batch.completion_mask.bool(), []
-        for s in range(0, batch.num_rows, self.cfg.micro_batch_size):
-            e = min(s + self.cfg.micro_batch_size, batch.num_rows)
+        for s, e in micro_cuts(pidx, self.cfg.micro_batch_size):
             cols = mask[s:e].any(dim=0).nonzero()
             t = int(cols.max()) + 1 if cols.numel() else 1  # trailing all-padding columns cut
             inputs, rows = build_micro_inputs(self.module, self.processor, batch.prompts_text, batch.images, pidx[s:e],

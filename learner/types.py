@@ -50,7 +50,7 @@ class LearnerConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (rank 0: full fine-tuning)
     dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU; or "bf16" / "fp16" / "fp32"
     offload_optimizer: bool = False  # ZeRO CPU optimizer offload (builds DeepSpeed's cpu_adam op)
-    num_threads: Optional[int] = None  # torch CPU threads per rank (Ray sets 1); None: cpus_per_rank
+    num_threads: Optional[int] = None  # torch threads per rank; None: the node's cores (sync), split (async)
 
     # optimiser and schedule
     lr: float = 5e-4  # the demo's tiny model; a 3B-7B VLM wants ~1e-6

@@ -37,6 +37,11 @@ class Video(list):
                 "frames_indices": list(range(len(self)))}
 
 
+def split_visuals(visuals: Sequence[Any]) -> tuple[list[Image.Image], list[Video]]:
+    """``(images, videos)`` of a list of visuals, each in order."""
+    return [v for v in visuals if not isinstance(v, Video)], [v for v in visuals if isinstance(v, Video)]
+
+
 class VLMModule(ABC):
     """Base class of every model family. Subclass it and register the class (see ``registry``)."""
 
@@ -107,11 +112,10 @@ class VLMModule(ABC):
         apply (the image ones when any image is present, the video ones with a video). The default calls a processor
         with ``text=``/``images=``/``videos=`` (Qwen-VL, InternVL-hf, most current VLMs) on all prompts at once,
         images and videos each flattened in prompt order."""
-        flat = [im for per_prompt in images for im in per_prompt]
-        videos = [v for v in flat if isinstance(v, Video)]
+        flat, videos = split_visuals([im for per_prompt in images for im in per_prompt])
         kw = {"videos": [list(v) for v in videos], "video_metadata": [v.metadata() for v in videos],
               "do_sample_frames": False} if videos else {}
-        out = processing_class(text=list(prompts_text), images=[im for im in flat if not isinstance(im, Video)] or None,
+        out = processing_class(text=list(prompts_text), images=flat or None,
                                **kw, return_tensors=return_tensors,
                                padding=padding, padding_side=padding_side, add_special_tokens=add_special_tokens)
         return self.forward_inputs(dict(out))
@@ -172,12 +176,13 @@ class VLMModule(ABC):
             raise ValueError(f"{self!r} does not support the shared-prefix forward: pass rows=None")
         fwd, cls = self.forward_inputs(inputs), type(getattr(model, "module", model))
         out = model(**fwd, use_cache=True, **({"logits_to_keep": 1} if takes_logits_to_keep(cls) else {}))
-        cache, rows = getattr(out, _cache_kwarg(cls), None), rows.to(out.logits.device)
+        key = _cache_kwarg(cls)
+        cache, rows = getattr(out, key, None), rows.to(out.logits.device)
         if cache is None or cache.get_seq_length() != fwd["input_ids"].shape[1]:
             raise RuntimeError("the shared-prefix forward got no KV cache (gradient checkpointing drops it): "
                                "set learner.shared_prefix=false")
         cache.reorder_cache(rows)  # [n_p] -> [n] rows on every layer (index_select: gradients flow back)
-        return out.logits[:, -1:, :].index_select(0, rows), {_cache_kwarg(cls): cache, "use_cache": True}
+        return out.logits[:, -1:, :].index_select(0, rows), {key: cache, "use_cache": True}
 
     _VISION_TOKEN_ATTRS = ("image_token", "video_token", "start_image_token", "end_image_token",
                            "vision_start_token", "vision_end_token")

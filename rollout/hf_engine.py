@@ -110,11 +110,11 @@ class TransformersEngine(GenerationEngine):
 
     def _completions(self, seqs: torch.Tensor, logprobs: torch.Tensor) -> list[Completion]:
         """Rows of sampled tokens (cut after the first EOS) and their log-probs."""
-        result = []
+        result, tok = [], self.tokenizer()
         for ids, lps in zip(seqs.tolist(), logprobs.tolist()):
             end = next((j + 1 for j, x in enumerate(ids) if x in self.eos_ids), None)
             ids = ids[:end] if end else ids
-            result.append(Completion(ids, lps[:len(ids)], self.tokenizer().decode(ids, skip_special_tokens=True),
+            result.append(Completion(ids, lps[:len(ids)], tok.decode(ids, skip_special_tokens=True),
                                      "stop" if end else "length"))
         return result
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from packaging.version import Version
 
-from ..modules.base import Video, VLMModule
+from ..modules.base import VLMModule, split_visuals
 from ..modules.loading import load_processor
 from .engine import GenerationEngine, tensor_checksum
 from .types import Completion, GenerationResult, Sample, SamplingConfig
@@ -209,8 +209,8 @@ class VLLMEngine(GenerationEngine):
 
 def _visuals(visuals: Sequence[Any]) -> dict[str, list]:
     """vLLM's ``multi_modal_data`` of one prompt: its images and its videos (each a list of frames)."""
-    kinds = {"image": [v for v in visuals if not isinstance(v, Video)],
-             "video": [(list(v), {**v.metadata(), "do_sample_frames": False}) for v in visuals if isinstance(v, Video)]}
+    images, videos = split_visuals(visuals)
+    kinds = {"image": images, "video": [(list(v), {**v.metadata(), "do_sample_frames": False}) for v in videos]}
     return {k: v for k, v in kinds.items() if v}
 
 

@@ -35,7 +35,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     max_model_len: int = 2048  # prompt + completion tokens; longer prompts are skipped and counted
     enforce_eager: bool = False
-    num_threads: int = 1  # torch CPU threads per worker (Ray sets 1)
+    num_threads: Optional[int] = None  # torch threads per worker; None: its share of the node (see learner's)
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     group_size: int = 8  # G completions per prompt
     temperature: float = 1.0
@@ -73,7 +73,7 @@ class RolloutWorker:
 
     def __init__(self, cfg: RolloutConfig, model: ModelConfig, worker_id: int = 0, seed: int = 0,
                  extra_engine_kwargs: Optional[dict[str, Any]] = None) -> None:
-        if cfg.num_threads > 0:
+        if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         torch.manual_seed(seed)  # sampling of the transformers engine is reproducible per worker
         self.worker_id = worker_id

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vlgrpo.cluster.config import ConfigError, load_config
-from vlgrpo.cluster.placement import Node, PlacementError, check_sync_devices, plan_layout, transport
+from vlgrpo.cluster.placement import Node, PlacementError, check_sync_devices, plan_layout, thread_shares, transport
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,3 +111,14 @@ def test_plan_command_prints_the_layout_and_one_line_errors():
     bad = subprocess.run(run + ["learner.num_ranks=17"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("vlgrpo: config error: the cluster")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_thread_shares_give_each_phase_its_node_in_sync_mode_and_split_it_in_async():
+    one = [("learner", "a"), ("worker", "a")]
+    assert thread_shares("sync", one, {"a": 2}, {}) == [2, 2]  # one phase runs at a time: each gets both cores
+    assert thread_shares("async", one, {"a": 2}, {}) == [1, 1]  # both run at once: split
+    two = [("learner", "a"), ("learner", "a"), ("worker", "a"), ("worker", "b"), ("worker", "b"), ("worker", "b")]
+    assert thread_shares("sync", two, {"a": 16, "b": 8}, {}) == [8, 8, 16, 2, 2, 2]
+    assert thread_shares("async", two, {"a": 16, "b": 8}, {}) == [5, 5, 5, 2, 2, 2]
+    assert thread_shares("async", [("learner", "a")] + [("worker", "a")] * 3, {"a": 2}, {}) == [1] * 4  # >= 1
+    assert thread_shares("sync", one, {"a": 8}, {"worker": 3, "learner": None}) == [8, 3]  # a set value wins

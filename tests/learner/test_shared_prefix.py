@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from vlgrpo.learner.logprobs import build_micro_inputs, per_token_logprobs
+from vlgrpo.learner.logprobs import build_micro_inputs, micro_cuts, per_token_logprobs
 from vlgrpo.modules.qwen import QwenModule
 
 from .conftest import make_batch, make_learner, weights
@@ -87,18 +87,18 @@ def test_one_token_completions_and_partial_groups(tiny_models):
 
 @pytest.mark.parametrize("family", ["qwen2-vl", "internvl"])
 def test_train_step_same_with_shared_prefix_on_and_off(tiny_models, family):
-    """micro_batch_size 4 with groups of 3: micro-batches hold part of a group; reference model (β > 0)
+    """micro_batch_size 2 with groups of 3: micro-batches hold part of a group; reference model (β > 0)
     and old log-probs (μ = 2) take the same path. ``adam_eps`` 1: the update is ~linear in the gradient
     (Adam would blow float noise of ~0 gradients up to ±lr)."""
     out = {}
     for shared in (True, False):
         learner = make_learner(tiny_models[family], family, shared_prefix=shared,
-                               micro_batch_size=4, beta=0.04, num_iterations=2, lr=1e-2, adam_eps=1.0)
+                               micro_batch_size=2, beta=0.04, num_iterations=2, lr=1e-2, adam_eps=1.0)
         batch = make_batch(learner.module, learner.processor, num_prompts=3, group_size=3, seed=2)
         micros = learner.micro_batches(batch)
         assert [None if mb.rows is None else mb.rows.tolist() for mb in micros] == (
-            [[0, 0, 0, 1], [0, 0, 1, 1], [0]] if shared else [None] * 3)
-        assert [mb.inputs["input_ids"].shape[0] for mb in micros] == ([2, 2, 1] if shared else [4, 4, 1])
+            [[0, 0], [0, 1], [0, 0], [0, 0], [0]] if shared else [None] * 5)
+        assert [mb.inputs["input_ids"].shape[0] for mb in micros] == ([1, 2, 1, 1, 1] if shared else [2, 2, 2, 2, 1])
         out[shared] = learner.train_step(batch), weights(learner)
     (m1, w1), (m0, w0) = out[True], out[False]
     for key in ("loss/total", "loss/kl", "policy/kl", "policy/entropy", "optim/grad_norm"):
@@ -107,6 +107,23 @@ def test_train_step_same_with_shared_prefix_on_and_off(tiny_models, family):
     for name in w0:
         torch.testing.assert_close(w1[name], w0[name], atol=1e-6, rtol=1e-5, msg=name)
     print(f"{family}: max |dw| {max((w1[n] - w0[n]).abs().max() for n in w0):.2e}")
+
+
+@pytest.mark.parametrize("groups,size", [([3, 3, 3], 4), ([8, 8, 8], 20), ([2, 3, 1, 4], 5), ([3, 3, 3], 2), ([5], 5)])
+def test_micro_batches_cut_whole_groups_where_they_fit(groups, size):
+    """Each prompt's rows land in one micro-batch when a group fits (else fixed-size cuts, as before): the rows
+    are covered in order, no micro-batch exceeds ``size``, and the learner runs each prompt once a step."""
+    pidx = [p for p, g in enumerate(groups) for _ in range(g)]
+    cuts = micro_cuts(pidx, size)
+    assert [r for s, e in cuts for r in range(s, e)] == list(range(len(pidx)))
+    assert all(0 < e - s <= size for s, e in cuts)
+    prompt_runs = sum(len(set(pidx[s:e])) for s, e in cuts)
+    if max(groups) <= size:
+        assert prompt_runs == len(groups)
+    else:
+        assert cuts == [(s, min(s + size, len(pidx))) for s in range(0, len(pidx), size)]
+    if (groups, size) == ([3, 3, 3], 4):
+        assert cuts == [(0, 3), (3, 6), (6, 9)]  # fixed cuts of 4 would run prompts 0 and 1 twice (5 runs)
 
 
 def test_a_module_without_support_takes_the_per_row_path(tiny_models):
