@@ -113,7 +113,6 @@ def _cmd_scale(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlgrpo", description="GRPO for vision-language models on Ray")
     sub = p.add_subparsers(dest="command", required=True)
-
     t = sub.add_parser("train", help="train a policy (no --config: tiny model on a synthetic task, on CPU)")
     t.add_argument("--resume", help="output dir or checkpoint dir to continue from")
     g = sub.add_parser("config", help="print every config option with its value and help (YAML for --config)")
@@ -126,7 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("--config", help="YAML config (see examples/); omitted: the embedded default")
         x.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.num_workers=4 learner.lr=1e-6")
         x.set_defaults(fn=fn)
-
     e = sub.add_parser("eval", help="roll out over a dataset with the configured rewards; prints one JSON line")
     e.add_argument("--model", required=True, help="a model dir, or a run / checkpoint dir (its newest policy)")
     e.add_argument("--data", required=True, help="VLM-R1 JSONL file")
@@ -141,7 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--completions", help="write every completion with its prompt, images and rewards (JSONL)")
     e.add_argument("--seed", type=int, default=0, help="sampling seed")
     e.set_defaults(fn=_cmd_eval)
-
     d = sub.add_parser("make-data", help="write a synthetic visual task as VLM-R1 JSONL + images")
     d.add_argument("--task", default="color", choices=sorted(TASKS), help="which synthetic task (see README)")
     d.add_argument("--n", type=int, default=256, help="number of rows")
@@ -150,19 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, default=56, help="image side in pixels")
     d.add_argument("out_dir", help="folder for data.jsonl and images/")
     d.set_defaults(fn=_cmd_make_data)
-
     m = sub.add_parser("tiny-model", help="build a tiny random VLM (+ processor) and save_pretrained it")
     m.add_argument("--family", required=True, choices=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl"], help="model")
     m.add_argument("--size", default="tiny", choices=["micro", "tiny", "small"], help="width and depth preset")
     m.add_argument("--seed", type=int, default=0, help="initialisation seed")
     m.add_argument("out_dir", help="folder to save the model and processor in")
     m.set_defaults(fn=_cmd_tiny_model)
-
     c = sub.add_parser("scale", help="ask a running job to change its number of rollout workers (between steps)")
     c.add_argument("--output-dir", required=True, help="trainer.output_dir of the running job")
     c.add_argument("--rollout-workers", type=int, required=True, help="the number of rollout workers wanted")
     c.set_defaults(fn=_cmd_scale)
-
     s = sub.add_parser("modules", help="list registered VLM modules (key and class)")
     s.set_defaults(fn=_cmd_modules)
     return p

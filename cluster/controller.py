@@ -1,15 +1,5 @@
-"""The driver: sets a run up and runs the GRPO step loop. One step, as named phases:
-
-    generate    rollout workers turn the step's prompts into G scored completions each
-    advantages  group-relative advantages of the rewards -> the learners' batch
-    update      one GRPO update on the learner ranks (DeepSpeed ZeRO)
-    sync        the new weights to every rollout worker (shared memory / broadcast, verified)
-
-``trainer.mode: sync`` is on-policy. ``async`` is one-step off-policy: the prompts of step t+1 are
-generated (with the weights of version t) while the learner updates on step t; staleness is
-recorded per step and the clipped objective uses the sampler's log-probs as the behaviour policy.
-The fleet (``fleet.Fleet``) owns the actors, their faults and the weight-sync group.
-"""
+"""The driver: sets a run up and runs the GRPO step loop (generate, advantages, update, sync; ``trainer.mode`` sync
+or one-step off-policy async); the fleet owns the actors. Design: docs/design.md#the-step-loop."""
 from __future__ import annotations
 
 import contextlib

@@ -1,53 +1,5 @@
-"""GRPO objective: group-relative advantages and the clipped policy-gradient loss.
-
-Pure torch, no distributed code. The learner actor calls these per micro-batch.
-
-Notation: N completions (rows), T completion tokens per row (right-padded), ``mask[N, T]`` is 1 on
-real completion tokens (prompt and padding tokens are never part of these tensors or are masked).
-
-Per valid token ``(i, t)``::
-
-    ratio      = exp(logp - old_logp)
-    pg         = -min(ratio * A_i, clip(ratio, 1 - eps_low, 1 + eps_high) * A_i)
-    kl (k3)    = exp(ref_logp - logp) - (ref_logp - logp) - 1
-    token_loss = pg + beta * kl
-
-GSPO (``importance_sampling_level="sequence"``, as TRL): one ratio per row,
-``exp(sum_t (logp - old_logp) m_t / L_i)``, clipped as a whole. RLOO (``leave_one_out``): the
-advantage is ``r_i - mean_{j != i} r_j`` (the group's other rewards as the baseline).
-
-Aggregations (``loss_agg``), with ``m`` the mask, ``L_i = sum_t m_it`` and ``sum`` over the rows
-and tokens this call receives:
-
-``"seq_mean_token_mean"`` (original GRPO, alias ``"grpo"``)
-    ``sum_i [sum_t token_loss_it m_it / max(L_i, 1)] / num_seqs``; every row counts once, a row
-    without valid tokens contributes 0 but still counts in ``num_seqs`` (as in TRL).
-``"token_mean"`` (DAPO, alias ``"dapo"``)
-    ``sum_it token_loss_it m_it / num_tokens``: every valid token of the (global) batch weighs the same.
-``"seq_mean_token_sum_norm"`` (Dr. GRPO, alias ``"dr_grpo"``)
-    ``sum_it token_loss_it m_it / (num_seqs * max_len_norm)`` with a constant ``max_len_norm``
-    (the generation budget ``max_tokens``; defaults to ``T`` of this call).
-
-Micro-batches and data-parallel ranks
--------------------------------------
-By default ``num_seqs`` / ``num_tokens`` are those of the tensors passed in, so the result is the
-loss of that batch alone. When one optimiser step is computed from several pieces (gradient
-accumulation over micro-batches, and/or data-parallel ranks), pass the counts of the *whole* step:
-
-* ``global_num_seqs``: number of rows in the full batch (all micro-batches of all ranks),
-* ``global_num_tokens``: number of valid tokens (``mask.sum()``) in the full batch,
-* ``max_len_norm``: the same constant for every piece (Dr. GRPO).
-
-Then every aggregation is a plain sum over pieces divided by a constant, hence
-``sum(grpo_loss(piece, global_*)) == grpo_loss(full batch)`` exactly, and so are the gradients.
-Under data parallelism the gradients are *averaged* over ``world_size`` ranks, so a rank
-multiplies its micro-batch loss by ``world_size`` (``loss_scale=world_size``) to make the
-all-reduced gradient equal the full-batch gradient (``learner.rank`` does this).
-
-``num_iterations`` (μ) > 1: pass the log-probs recorded before the first update of this batch as
-``old_logprobs`` (computed once by the learner, or by the sampler). With μ = 1 leave it ``None``:
-the ratio is then ``exp(logp - logp.detach()) == 1`` with the right gradient (as in TRL).
-"""
+"""GRPO objective: group-relative advantages and the clipped policy-gradient loss; pure torch, called per
+micro-batch by the learner. Formulas, aggregations, micro-batch counts: docs/design.md#the-grpo-loss."""
 from __future__ import annotations
 
 from typing import Optional
@@ -107,23 +59,22 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], adva
               global_num_tokens: Optional[float] = None, importance_weights: Optional[torch.Tensor] = None,
               loss_scale: float = 1.0, importance_sampling_level: str = "token"
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped GRPO loss of one (micro-)batch; the formulas are in the module docstring.
+    """Clipped GRPO loss of one (micro-)batch (formulas: docs/design.md#the-grpo-loss).
 
-    ``logprobs`` ``[N, T]`` (with grad); ``old_logprobs`` ``[N, T]`` before this batch's first update (no
-    grad; ``None``: ``logprobs.detach()``, μ = 1); ``advantages`` ``[N]``; ``mask`` ``[N, T]`` 1 on tokens
-    that count (bool or 0/1). ``ref_logprobs`` ``[N, T]`` is required when ``beta`` (k3 KL coefficient)
-    != 0; given with ``beta == 0`` the KL is only reported. Clip range ``[1 - epsilon_low, 1 + epsilon_high]``.
-    ``loss_agg``: one of ``LOSS_AGGREGATIONS`` or an alias; ``max_len_norm``: Dr. GRPO's constant (default
-    ``T``); ``global_num_seqs`` / ``global_num_tokens``: the whole optimiser step's counts (module
-    docstring). ``importance_weights`` ``[N, T]`` (no grad) multiply the policy-gradient term (truncated
-    IS); ``loss_scale`` multiplies the loss (``world_size`` under data-parallel averaging);
-    ``importance_sampling_level``: ``"token"`` (GRPO) or ``"sequence"`` (GSPO).
+    ``logprobs`` ``[N, T]`` (with grad); ``old_logprobs`` ``[N, T]`` before this batch's first update (no grad;
+    ``None``: ``logprobs.detach()``, μ = 1); ``advantages`` ``[N]``; ``mask`` ``[N, T]`` 1 on tokens that count
+    (bool or 0/1). ``ref_logprobs`` ``[N, T]`` is required when ``beta`` (k3 KL coefficient) != 0; given with
+    ``beta == 0`` the KL is only reported. Clip range ``[1 - epsilon_low, 1 + epsilon_high]``. ``loss_agg``: one
+    of ``LOSS_AGGREGATIONS`` or an alias; ``max_len_norm``: Dr. GRPO's constant (default ``T``);
+    ``global_num_seqs`` / ``global_num_tokens``: the whole optimiser step's counts (design notes).
+    ``importance_weights`` ``[N, T]`` (no grad) multiply the policy-gradient term (truncated IS); ``loss_scale``
+    multiplies the loss (``world_size`` under data-parallel averaging); ``importance_sampling_level``:
+    ``"token"`` (GRPO) or ``"sequence"`` (GSPO).
 
-    Returns ``(loss, metrics)``: ``loss`` a scalar with grad, ``metrics`` detached 0-dim tensors:
-    ``pg_loss`` and ``kl_loss`` (before ``loss_scale``), token means over this call's valid tokens
-    (``ratio_mean``, ``kl_mean``, ``clip_frac_low``, ``clip_frac_high``, ``clip_frac``, ``adv_mean``),
-    ``ratio_min``, ``ratio_max`` and the counts ``num_tokens`` / ``num_seqs`` (weights across micro-batches).
-    """
+    Returns ``(loss, metrics)``: ``loss`` a scalar with grad, ``metrics`` detached 0-dim tensors: ``pg_loss`` and
+    ``kl_loss`` (before ``loss_scale``), token means over this call's valid tokens (``ratio_mean``, ``kl_mean``,
+    ``clip_frac_low``, ``clip_frac_high``, ``clip_frac``, ``adv_mean``), ``ratio_min``, ``ratio_max`` and the
+    counts ``num_tokens`` / ``num_seqs`` (weights across micro-batches)."""
     agg = normalize_loss_agg(loss_agg)
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [N, T], got {tuple(logprobs.shape)}")
@@ -175,8 +126,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], adva
         # seq_mean_token_sum_norm
         return xm.sum() / (num_seqs * (float(max_len_norm) if max_len_norm is not None else float(t)))
 
-    pg_loss = aggregate(pg)
-    loss = pg_loss
+    loss = pg_loss = aggregate(pg)
     kl_loss = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     if kl is not None and beta != 0.0:
         kl_loss = beta * aggregate(kl)
@@ -187,22 +137,17 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], adva
     with torch.no_grad():
         valid = m > 0
         denom = num_tokens_local.clamp(min=1.0)
-
-        def tmean(x: torch.Tensor) -> torch.Tensor:
-            return (x * m).sum() / denom
-
+        tmean = lambda x: (x * m).sum() / denom  # noqa: E731 - token mean over this call's valid tokens
         adv_b = adv.expand_as(ratio)
         low = ((ratio < 1.0 - epsilon_low) & (adv_b < 0)).to(m.dtype)
         high = ((ratio > 1.0 + epsilon_high) & (adv_b > 0)).to(m.dtype)
         has_valid = bool(valid.any())
-        metrics = {
-            "pg_loss": pg_loss.detach(), "kl_loss": kl_loss.detach(), "ratio_mean": tmean(ratio),
-            "ratio_min": ratio[valid].min() if has_valid else ratio.new_ones(()),
-            "ratio_max": ratio[valid].max() if has_valid else ratio.new_ones(()),
-            "clip_frac_low": tmean(low), "clip_frac_high": tmean(high), "clip_frac": tmean(low + high),
-            "adv_mean": tmean(adv_b), "num_tokens": num_tokens_local.detach(),
-            "num_seqs": torch.tensor(float(n), device=logprobs.device),
-        }
+        metrics = {"pg_loss": pg_loss.detach(), "kl_loss": kl_loss.detach(), "ratio_mean": tmean(ratio),
+                   "ratio_min": ratio[valid].min() if has_valid else ratio.new_ones(()),
+                   "ratio_max": ratio[valid].max() if has_valid else ratio.new_ones(()),
+                   "clip_frac_low": tmean(low), "clip_frac_high": tmean(high), "clip_frac": tmean(low + high),
+                   "adv_mean": tmean(adv_b), "num_tokens": num_tokens_local.detach(),
+                   "num_seqs": torch.tensor(float(n), device=logprobs.device)}
         if kl is not None:
             metrics["kl_mean"] = tmean(kl)
     return loss, metrics

@@ -49,11 +49,9 @@ class LearnerWeights:
         if self._name_map is None:  # conversions that merge/split tensors: whole state dict
             yield from ((n, t) for n, t in self._named_weights_converted(emit, device) if names is None or n in names)
             return
-
         def finish(t: torch.Tensor, copy: bool) -> torch.Tensor:
             t = t.detach() if device is None else t.detach().to(device)
             return t.clone() if copy else t
-
         items = [(n, t) for n, t in self._export_items() if names is None or self._ck(n) in names]
         if self.cfg.zero_stage != 3:
             if emit:  # LoRA: adapted weights go out merged (new tensors)
@@ -61,7 +59,6 @@ class LearnerWeights:
                     yield self._ck(n), finish(t, copy=False)
             return
         import deepspeed
-
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0
         for i, (n, t) in enumerate(items):
@@ -89,7 +86,6 @@ class LearnerWeights:
             return
         from transformers.core_model_loading import revert_weight_conversion
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
         sd = revert_weight_conversion(self.model, remove_tied_weights_from_state_dict(sd, self.model))
         for k, v in sd.items():
             yield k, (v.to(device) if device is not None else v)
@@ -103,7 +99,6 @@ class LearnerWeights:
                 sd = {n.replace(".base_layer.", "."): t for n, t in merged(model, sd.items()) if ".lora_" not in n}
             return {n: t.detach().to("cpu", copy=True) for n, t in sd.items()} if emit else {}
         import deepspeed
-
         sd: dict[str, torch.Tensor] = {}
         params = dict(model.named_parameters(remove_duplicate=False))
         for n in model.state_dict().keys():
@@ -145,13 +140,11 @@ class LearnerWeights:
         if not all(hasattr(opt, a) for a in ("bit16_groups_flat", "parallel_partitioned_bit16_groups",
                                              "get_data_parallel_partitions", "_update_model_bit16_weights")):
             return [], lambda: None
-
         def repoint() -> None:
             opt.parallel_partitioned_bit16_groups[:] = [opt.get_data_parallel_partitions(flat, i)
                                                         for i, flat in enumerate(opt.bit16_groups_flat)]
             for i in range(len(opt.bit16_groups_flat)):
                 opt._update_model_bit16_weights(i)
-
         return list(opt.bit16_groups_flat), repoint
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -160,8 +153,7 @@ class LearnerWeights:
         RNG): DeepSpeed's own sharded format, or ``learner_state.pt`` from rank 0 at stage 0."""
         path = Path(ckpt_dir)
         path.mkdir(parents=True, exist_ok=True)
-        client = {"global_step": self.global_step, "torch_rng": torch.get_rng_state(),
-                  "python_rng": random.getstate()}
+        client = {"global_step": self.global_step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
         if self.engine is not None:
             self.engine.save_checkpoint(str(path), tag=f"step{self.global_step}", client_state=client,
                                         exclude_frozen_parameters=self.peft_model is not None)

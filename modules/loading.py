@@ -34,7 +34,6 @@ def read_model_config(model_id: str) -> dict[str, Any]:
             raise FileNotFoundError(f"{model_id} has no config.json: is it a Hugging Face model directory?")
         return json.loads(cfg.read_text())
     from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(model_id).to_dict()
     except OSError as e:  # no such repo, or no network and not in the local cache
@@ -78,7 +77,6 @@ def checkpoint_name_map(model: torch.nn.Module) -> Optional[dict[str, str]]:
           for name, t in {**params, **persistent_buffers}.items()}
     try:
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
         sd = remove_tied_weights_from_state_dict(sd, model)
     except Exception as e:  # pragma: no cover - non-HF model or older transformers
         warnings.warn(f"could not drop tied weights with transformers ({e}); keeping all names")

@@ -35,8 +35,7 @@ VOCAB_SIZE = 512
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
-INTERNVL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
-                    "<video>"]
+INTERNVL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
 
 # Words that must be single tokens: answers of the synthetic tasks and the reasoning format tags.
 TASK_WORDS = ["red", "green", "blue", "yellow", "left", "right", "first", "second", "yes", "no", "one", "two",
@@ -64,7 +63,6 @@ def train_tokenizer(special_tokens: list[str], seed: int = 0):
     """A byte-level BPE with ``VOCAB_SIZE`` entries; the specials get ids 0..len-1 in order."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -91,7 +89,6 @@ def _qwen_text_kwargs(p: SizePreset, tok) -> dict[str, Any]:
 
 def _build_qwen(family: str, p: SizePreset, seed: int):
     import transformers as tf
-
     tok = train_tokenizer(QWEN_SPECIAL, seed)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
     head_dim, patch, merge = p.hidden // p.heads, 16 if family == "qwen3-vl" else 14, 2
@@ -129,7 +126,6 @@ def _build_internvl(p: SizePreset, seed: int):
     """InternVL's processor reads ``tokenizer.start_image_token`` etc.: named extra special tokens of a
     rebuilt tokenizer, so that they survive ``save_pretrained``."""
     import transformers as tf
-
     tok = train_tokenizer(INTERNVL_SPECIAL, seed)
     tok = tf.PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token=tok.eos_token,
                                      pad_token=tok.pad_token, model_max_length=tok.model_max_length,
