@@ -9,6 +9,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -121,6 +122,14 @@ class VLMModule(ABC):
         return self.forward_inputs(dict(out))
 
     # -- helpers shared by all families (not part of the 11) -------------------------------------
+    def collate_inputs(self, per_prompt: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+        """The ``prepare_model_inputs`` of several prompts from each one's own: per-token tensors (shaped as
+        ``input_ids``) left-padded, the others (pixels, grids: flat over a batch's visuals) joined in order."""
+        width, keys = max(x["input_ids"].shape[1] for x in per_prompt), dict.fromkeys(k for x in per_prompt for k in x)
+        tokens = {k for k in keys if all(k in x and x[k].shape == x["input_ids"].shape for x in per_prompt)}
+        return {k: torch.cat([F.pad(x[k], (width - x[k].shape[1], 0), value=pad_id if k == "input_ids" else 0)
+                              if k in tokens else x[k] for x in per_prompt if k in x]) for k in keys}
+
     def apply_processing_kwargs(self, processing_class: Any, kwargs: dict[str, Any]) -> None:
         """Set the family's custom processing keywords (e.g. ``max_pixels``) on the processor.
         Unknown keys are an error naming the allowed ones."""

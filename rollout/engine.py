@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import torch
 
@@ -27,8 +27,11 @@ class GenerationEngine(ABC):
     processor: Any  # that module's processing class, loaded for the checkpoint
 
     @abstractmethod
-    def generate(self, samples: Sequence[Sample], sampling: SamplingConfig) -> list[GenerationResult]:
-        """One ``GenerationResult`` per sample, each with ``sampling.n`` completions."""
+    def generate(self, samples: Sequence[Sample], sampling: SamplingConfig,
+                 prompt_inputs: Optional[Sequence[dict]] = None) -> list[GenerationResult]:
+        """One ``GenerationResult`` per sample, each with ``sampling.n`` completions. ``prompt_inputs``: each
+        sample's ``prepare_model_inputs`` where the caller has them (an engine that runs the model in this process
+        uses them instead of running the processor again)."""
 
     @abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> int:

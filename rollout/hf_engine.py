@@ -42,8 +42,10 @@ class TransformersEngine(GenerationEngine):
         self.suppress_ids = module.vision_token_ids(self.processor)
 
     @torch.no_grad()
-    def generate(self, samples: Sequence[Sample], sampling: SamplingConfig) -> list[GenerationResult]:
+    def generate(self, samples: Sequence[Sample], sampling: SamplingConfig,
+                 prompt_inputs: Optional[Sequence[dict]] = None) -> list[GenerationResult]:
         texts = self.module.prepare_prompt(self.processor, [{"prompt": s.prompt} for s in samples])
+        pre = list(prompt_inputs or [None] * len(samples))
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         # Shared prefix: chunks of whole groups, each prompt once; else each prompt repeated n times as its own
@@ -54,8 +56,8 @@ class TransformersEngine(GenerationEngine):
         for start in range(0, len(rows), step):
             chunk = rows[start:start + step]
             run = self._decode_shared if shared else self._generate_rows
-            for i, comp in zip(chunk, self._completions(*run([texts[i] for i in chunk], [samples[i].images for i in
-                                                                                         chunk], sampling))):
+            outs = run([texts[i] for i in chunk], [samples[i].images for i in chunk], [pre[i] for i in chunk], sampling)
+            for i, comp in zip(chunk, self._completions(*outs)):
                 completions[i].append(comp)
         return [GenerationResult(prompt_text=t, completions=c) for t, c in zip(texts, completions)]
 
@@ -65,9 +67,14 @@ class TransformersEngine(GenerationEngine):
         scores[..., self.suppress_ids] = float("-inf")
         return scores
 
-    def _generate_rows(self, texts, images, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = self.module.prepare_model_inputs(self.processor, texts, images)
-        inputs = {k: v.to(self.device) for k, v in self.module.generate_inputs(inputs).items()}
+    def _inputs(self, texts, images, pre) -> dict[str, torch.Tensor]:
+        """Model inputs of these prompts: the caller's per-prompt ones joined, else the processor's."""
+        inputs = self.module.collate_inputs(pre, self.tokenizer().pad_token_id) if all(p is not None for p in pre) \
+            else self.module.prepare_model_inputs(self.processor, texts, images)
+        return {k: v.to(self.device) for k, v in self.module.generate_inputs(inputs).items()}
+
+    def _generate_rows(self, texts, images, pre, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self._inputs(texts, images, pre)
         greedy = sampling.temperature <= 0
         out = self.model.generate(**inputs, max_new_tokens=sampling.max_tokens, do_sample=not greedy,
                                   temperature=None if greedy else sampling.temperature,
@@ -79,12 +86,11 @@ class TransformersEngine(GenerationEngine):
         logprobs = torch.log_softmax(self._scores(torch.stack(out.logits, dim=1), sampling), dim=-1)
         return seqs, logprobs.gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
 
-    def _decode_shared(self, texts, images, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_shared(self, texts, images, pre, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole groups: each prompt processed and run once, its ``n`` rows sampled token by token over copies of
         its cache (``generate`` cannot continue from an expanded cache for Qwen or InternVL), at the learner's
         positions (``completion_position_ids``)."""
-        inputs = self.module.prepare_model_inputs(self.processor, texts[::sampling.n], images[::sampling.n])
-        inputs = {k: v.to(self.device) for k, v in self.module.generate_inputs(inputs).items()}
+        inputs = self._inputs(texts[::sampling.n], images[::sampling.n], pre[::sampling.n])
         rows = torch.arange(len(texts) // sampling.n, device=self.device).repeat_interleave(sampling.n)
         logits, kwargs = self.module.prefill_shared(self.model, inputs, rows)
         pos = self.module.completion_position_ids(self.model, inputs, rows, sampling.max_tokens)

@@ -140,7 +140,8 @@ class VLLMEngine(GenerationEngine):
                               logprobs=0,  # only the sampled token's log-prob
                               logit_bias={i: float("-inf") for i in self.suppress_ids} or None)
 
-    def generate(self, samples: Sequence[Sample], sampling: SamplingConfig) -> list[GenerationResult]:
+    def generate(self, samples: Sequence[Sample], sampling: SamplingConfig,
+                 prompt_inputs=None) -> list[GenerationResult]:  # unused: vLLM processes the prompts itself
         if not samples:
             return []
         texts = self.module.prepare_prompt(self.processor, [{"prompt": s.prompt} for s in samples])

@@ -88,27 +88,29 @@ class RolloutWorker:
         self.context_len = getattr(self.engine, "max_model_len", None) or min(
             int(text_cfg.get("max_position_embeddings") or cfg.max_model_len), cfg.max_model_len)
 
-    def _prompt_fits(self, samples: Sequence[Sample], sampling: SamplingConfig) -> tuple[list[Sample], list[str]]:
-        """Split off prompts (text + image tokens) that leave no room for ``max_tokens`` in the
-        engine's context (``rollout.max_model_len``, at most the model's positions)."""
+    def _prompt_fits(self, samples: Sequence[Sample], sampling: SamplingConfig) -> tuple[list, list[str], list]:
+        """Split off prompts (text + image tokens) that leave no room for ``max_tokens`` in the engine's context
+        (``rollout.max_model_len``, at most the model's positions); the model inputs of those kept, for the engine."""
         limit = self.context_len - sampling.max_tokens
         texts = self.module.prepare_prompt(self.processor, [{"prompt": s.prompt} for s in samples])
-        keep, skipped = [], []
+        keep, skipped, kept_inputs = [], [], []
         patch = getattr(getattr(self.processor, "image_processor", None), "patch_size", None)
         for s, text in zip(samples, texts):
             inputs = self.module.prepare_model_inputs(self.processor, [text], [s.images])
             if s.images and patch and "image_grid_thw" in inputs:  # the first image's model-input (w, h), for `iou`
                 _, h, w = inputs["image_grid_thw"][0].tolist()
                 s.meta["input_size"] = (w * patch, h * patch)
-            (keep if inputs["input_ids"].shape[1] <= limit else skipped).append(s)
-        return keep, [s.sample_id for s in skipped]
+            fits = inputs["input_ids"].shape[1] <= limit
+            (keep if fits else skipped).append(s)
+            kept_inputs += [inputs] * fits
+        return keep, [s.sample_id for s in skipped], kept_inputs
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, samples: Sequence[Sample], sampling: SamplingConfig) -> RolloutBatch:
         t0 = time.perf_counter()
         version = self.engine.weights_version
-        samples, too_long = self._prompt_fits(samples, sampling)
-        results = self.engine.generate(samples, sampling) if samples else []
+        samples, too_long, inputs = self._prompt_fits(samples, sampling)  # the processor runs once a prompt here
+        results = self.engine.generate(samples, sampling, inputs) if samples else []
         t1 = time.perf_counter()
         comps = [c for r in results for c in r.completions]
         rows = [s for s, r in zip(samples, results) for _ in r.completions]

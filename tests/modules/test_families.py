@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlgrpo.modules import resolve_module
+from vlgrpo.modules import Video, resolve_module
 from vlgrpo.modules.loading import load_model_and_processor
 
 from ..conftest import FAMILIES
@@ -61,6 +61,27 @@ def test_inputs_forward_backward(loaded, image_set):
     assert vision and language
     assert any(grads[n] is not None and grads[n].abs().sum() > 0 for n in vision), "no gradient reached vision"
     assert any(grads[n] is not None and grads[n].abs().sum() > 0 for n in language)
+
+
+def test_prompts_processed_one_by_one_and_joined_equal_the_processor_batch(loaded):
+    """``collate_inputs`` (how the rollout worker hands its length check's inputs to the engine) gives, tensor for
+    tensor, what the processor gives for the whole batch: a text-only prompt, images of different sizes, two in
+    one prompt and (Qwen2/2.5-VL) a video."""
+    family, module, _, processor = loaded
+    visuals, examples = [*IMAGE_SETS["sizes_and_two"], []], []
+    if family in ("qwen2-vl", "qwen2.5-vl"):
+        visuals.append([Video([Image.new("RGB", (56, 56), c) for c in ("red", "blue", "red", "blue")], fps=2)])
+    for v in visuals:
+        examples.append(_example(len(v), "What colour is the shape?"))
+        if any(isinstance(x, Video) for x in v):
+            examples[-1]["prompt"][0]["content"][0] = {"type": "video"}
+    texts = module.prepare_prompt(processor, examples)
+    batch = module.prepare_model_inputs(processor, texts, visuals)
+    joined = module.collate_inputs([module.prepare_model_inputs(processor, [t], [v]) for t, v in zip(texts, visuals)],
+                                   module.tokenizer(processor).pad_token_id)
+    assert set(joined) == set(batch) and "pixel_values" in batch
+    for key in batch:
+        assert torch.equal(joined[key], batch[key]), key
 
 
 def test_generate_without_non_generate_params(loaded):

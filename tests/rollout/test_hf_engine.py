@@ -200,6 +200,24 @@ def test_each_prompt_processed_and_prefilled_once_and_chunks_keep_groups(eos_eng
     assert worst < LOGPROB_TOL
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_callers_prompt_inputs_replace_the_processor(eos_engine, monkeypatch, shared):
+    """Given each prompt's inputs (the rollout worker's length check made them), the engine runs no processor and
+    samples what it samples from its own processing, token for token (same seed), shared prefix or per row."""
+    monkeypatch.setattr(type(eos_engine.module), "supports_shared_prefix", shared)
+    sampling = SamplingConfig(n=G, temperature=1.0, max_tokens=6, seed=5)
+    own = eos_engine.generate(SAMPLES, sampling)
+    module, proc = eos_engine.module, eos_engine.processor
+    texts = module.prepare_prompt(proc, [{"prompt": s.prompt} for s in SAMPLES])
+    given = [module.prepare_model_inputs(proc, [t], [s.images]) for t, s in zip(texts, SAMPLES)]
+    monkeypatch.setattr(module, "prepare_model_inputs", lambda *a, **kw: pytest.fail("the processor ran again"))
+    results = eos_engine.generate(SAMPLES, sampling, given)
+    for r, o in zip(results, own):
+        assert [c.token_ids for c in r.completions] == [c.token_ids for c in o.completions]
+        for c, d in zip(r.completions, o.completions):
+            assert c.logprobs == pytest.approx(d.logprobs, abs=1e-5)
+
+
 def test_per_row_generate_for_modules_without_shared_prefix(eos_engine, monkeypatch):
     """A module that does not declare ``supports_shared_prefix`` gets a ``generate`` row per completion, in
     chunks of ``max_batch_size`` rows, with the same log-prob contract."""

@@ -187,6 +187,15 @@ def test_batch_shapes_padding_and_rewards(worker, dataset):
     assert diff < LOGPROB_TOL, f"sampling log-probs differ from a forward over the batch by {diff:.2e}"
 
 
+def test_the_processor_runs_once_a_prompt_in_the_worker(worker, dataset, monkeypatch):
+    """The length check's inputs feed the engine: one processor call per prompt in the whole of ``generate``."""
+    calls, prepare = [], worker.module.prepare_model_inputs
+    monkeypatch.setattr(worker.module, "prepare_model_inputs", lambda proc, texts, images, **kw:
+                        calls.append(len(texts)) or prepare(proc, texts, images, **kw))
+    batch = worker.generate([dataset[i] for i in range(3)], SamplingConfig(n=4, max_tokens=3, seed=0))
+    assert calls == [1, 1, 1] and batch.completion_ids.shape[0] == 12
+
+
 def test_generate_records_each_images_model_input_size(worker, dataset):
     """The ``iou`` reward maps a box from the model's input to the image: generate records each
     sample's first-image input size (w, h) as the processor resizes it (Qwen2-VL: 28-pixel steps)."""
