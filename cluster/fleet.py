@@ -226,13 +226,14 @@ class Fleet:
                              "for every process (vlgrpo sets 0, as vLLM does, unless the job's env_vars set it)")
 
     def allot_threads(self) -> None:
-        """Give every actor its torch threads (``placement.thread_shares``) and state them when they change."""
+        """Give every actor its torch threads (``placement.thread_shares``); state them when they change."""
         actors = [("learner", ip) for ip, _ in self.learners_at] + [("worker", s.node_ip) for s in self.slots]
         cores, mode = placement.node_cores(), self.cfg.trainer.mode
         threads = placement.thread_shares(mode, actors, cores, {"learner": self.cfg.learner.num_threads,
                                                                 "worker": self.cfg.rollout.num_threads})
+        # every actor, every time: a replaced learner or worker is a fresh process with the same share
+        self.get([a.set_threads.remote(n) for a, n in zip(self.learners + self.workers, threads)], "set threads")
         if threads != self.threads:
-            self.get([a.set_threads.remote(n) for a, n in zip(self.learners + self.workers, threads)], "set threads")
             self.threads = threads
             log.info("cores (%s mode: %s): %s; torch threads: learners %s, rollout workers %s", mode,
                      "each phase runs alone on all its node's cores" if mode == "sync" else "learners and workers run "

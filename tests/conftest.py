@@ -83,6 +83,15 @@ def policy_weights(trainer) -> dict:
     return saved_weights(trainer.fleet.learners)
 
 
+def process_threads(trainer) -> list[int]:
+    """torch threads as each learner and worker process reports them."""
+    import ray
+    import torch
+
+    return ray.get([a.__ray_call__.remote(lambda self: torch.get_num_threads())
+                    for a in trainer.fleet.learners + trainer.fleet.workers])
+
+
 # -- a Ray learner group --------------------------------------------------------------------------
 def start_learner_group(cfg, model_cfg, world_size: int, num_cpus: float = 0.5, actor_class=None) -> list:
     """``world_size`` ``ray.remote(actor_class)`` actors (default: the plain ``Learner``; the cluster

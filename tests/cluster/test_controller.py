@@ -7,12 +7,11 @@ import os
 
 import pytest
 import ray
-import torch
 
 from vlgrpo.cluster.controller import Trainer
 from vlgrpo.rollout.hf_engine import tensor_checksum
 
-from ..conftest import policy_weights, small_run_config
+from ..conftest import policy_weights, process_threads, small_run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 _cfg = small_run_config
@@ -31,12 +30,6 @@ def _version(trainer, i: int) -> int:
     return ray.get(trainer.fleet.workers[i].health.remote())["version"]
 
 
-def _threads(trainer) -> list[int]:
-    """torch threads as each learner and worker process reports them."""
-    return ray.get([a.__ray_call__.remote(lambda self: torch.get_num_threads())
-                    for a in trainer.fleet.learners + trainer.fleet.workers])
-
-
 def _transports(trainer) -> list[str]:
     return [s.transport for s in trainer.fleet.slots]
 
@@ -52,7 +45,7 @@ def test_sync_frozen_once_and_scaling(tmp_path, transport):
         shm = transport == "auto"
         assert _transports(trainer) == ["shm" if shm else "broadcast"] * 2
         cores = min(os.cpu_count(), int(ray.cluster_resources()["CPU"]))  # sync: each phase has all the cores
-        assert _threads(trainer) == [cores] + [max(1, cores // 2)] * 2
+        assert process_threads(trainer) == [cores] + [max(1, cores // 2)] * 2
         before = _learner_checksums(trainer)
         names = list(before)
         assert all(c == before for c in _worker_checksums(trainer, names)), "workers start from the learner's weights"
@@ -75,13 +68,13 @@ def test_sync_frozen_once_and_scaling(tmp_path, transport):
         assert all(c == after for c in _worker_checksums(trainer, names))
         assert _version(trainer, 2) == 1
         assert _transports(trainer) == ["shm" if shm else "broadcast"] * 3
-        assert _threads(trainer) == [cores] + [max(1, cores // 3)] * 3
+        assert process_threads(trainer) == [cores] + [max(1, cores // 3)] * 3
         m2 = trainer.train_step()
         assert m2["rollout/weights_version"] == 1 and m2["sync/version"] == 2
         trainer.fleet.scale(1, trainer.version)
         m3 = trainer.train_step()
         assert len(trainer.fleet.slots) == 1 and m3["rollout/weights_version"] == 2
-        assert _threads(trainer) == [cores, cores]  # the one worker now has the node's cores while it generates
+        assert process_threads(trainer) == [cores, cores]  # the one worker now has the node's cores while it generates
         assert all(c == _learner_checksums(trainer) for c in _worker_checksums(trainer, names))
     finally:
         trainer.shutdown()

@@ -19,7 +19,7 @@ from vlgrpo.cluster.controller import Trainer
 from vlgrpo.rollout.hf_engine import tensor_checksum
 from vlgrpo.rollout.synthetic import make_dataset
 
-from ..conftest import policy_weights, small_run_config
+from ..conftest import policy_weights, process_threads, small_run_config
 
 PROMPTS, G = 4, 4
 
@@ -53,8 +53,10 @@ def test_rollout_worker_death(tmp_path, ray_session, fault_log):
         learner = {n: tensor_checksum(t) for n, t in policy_weights(trainer).items()}
         workers = ray.get([w.weights_checksum.remote(list(learner)) for w in trainer.fleet.workers])
         pids = {h["pid"] for h in ray.get([w.health.remote() for w in trainer.fleet.workers])}
+        threads, allotted = process_threads(trainer), trainer.fleet.threads
     finally:
         trainer.shutdown()
+    assert threads == allotted, "the replacement worker did not get its share of the cores"
     assert trainer.killed_pid is not None and trainer.killed_pid not in pids
     assert len(pids) == 2  # replaced, not just dropped
     assert [h["step"] for h in history] == [1, 2, 3]
@@ -88,10 +90,11 @@ def test_dead_learner_restarts_from_the_last_checkpoint(tmp_path, ray_session, f
                            "trainer.max_restarts=1"))
         try:
             trainer.setup()
-            runs[name] = (trainer.run(), _metrics(tmp_path / name), policy_weights(trainer))
+            runs[name] = (trainer.run(), _metrics(tmp_path / name), policy_weights(trainer), process_threads(trainer))
         finally:
             trainer.shutdown()
-    (history, logged, weights), (clean, _, clean_weights) = runs["killed"], runs["clean"]
+    (history, logged, weights, threads), (clean, _, clean_weights, clean_threads) = runs["killed"], runs["clean"]
+    assert threads == clean_threads, "the restarted learner did not get its share of the cores"
     assert [h["step"] for h in history] == [m["step"] for m in logged] == [1, 2, 3, 4, 5]
     assert history[-1]["faults/learner_restarts"] == 1 and history[-1]["faults/recovery_s"] > 0
     assert "faults/learner_restarts" not in clean[-1]
