@@ -2,7 +2,7 @@
 completion length and optimizer settings.
 
     bash benchmarks/setup_trl_env.sh                     # once: TRL in its own venv (.venv-trl)
-    python -m vlgrpo.benchmarks.step_vs_trl              # both sizes: micro, then small
+    python -m vlgrpo.benchmarks.step_vs_trl              # micro, small, then small with long prompts
     python -m vlgrpo.benchmarks.step_vs_trl --size small # ~20M params (compute dominates): the headline
     python -m vlgrpo.benchmarks.step_vs_trl --size micro # ~0.2M params (fixed per-step overhead dominates)
 
@@ -26,8 +26,10 @@ and its default ``learner.shared_prefix=true`` (each prompt's forward once for i
 
 Each side runs ``--warmup`` untimed steps, then ``--steps`` timed ones. Also printed: learner tokens/s
 (prompt + completion tokens of every row, as a per-row learner runs them, per second of learner step) and
-the prompt tokens the shared prefix saves a step. Headline (``RESULT``): vlgrpo's best mode steps/s / TRL
-steps/s at the largest size run.
+the prompt tokens the shared prefix saves a step. Cases: each ``--size`` with ``--image-size`` (56 px: 4 image
+tokens, a 46-token prompt), then the largest size with ``--long-image-size`` (420 px: 225 image tokens, a 267-token
+prompt, as real VLM prompts are; 0 skips it). Headline (``RESULT``): vlgrpo's best mode steps/s / TRL steps/s at
+the largest size, short prompts; the long-prompt ratio is printed just before it.
 """
 from __future__ import annotations
 
@@ -282,6 +284,55 @@ def run_trl_side(spec: dict[str, Any], trl_python: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
+def run_case(args: argparse.Namespace, work: Path, size: str, px: int, modes: list[str], have_trl: bool,
+             t_all: float) -> dict[str, dict]:
+    """One (model size, image size) case: every vlgrpo mode, then TRL; prints its table."""
+    model, data, n_params = prepare(size, work, n_data=256, image_size=px)
+    spec = {"model": model, "data": data, "prompts": args.prompts, "group_size": args.group_size,
+            "max_tokens": args.max_tokens, "lr": args.lr, "threads": args.threads, "steps": args.steps,
+            "warmup": args.warmup, "seed": 0}
+    n_prompt = prompt_tokens(model, data)
+    threads = f"{args.threads} torch thread(s) per process" if args.threads else (
+        f"equal cores ({os.cpu_count()}): TRL {os.cpu_count()} threads, vlgrpo its allotment")
+    print(f"\n== size {size}: qwen2-vl, {n_params / 1e6:.2f}M params; {args.prompts} prompts x {args.group_size} "
+          f"completions, max {args.max_tokens} tokens, {n_prompt}-token prompts; {threads}; "
+          f"learner.shared_prefix {args.shared_prefix}", flush=True)
+    res: dict[str, dict] = {}
+    variants = {"on": [True], "off": [False], "both": [True, False]}[args.shared_prefix]
+    for mode in modes:
+        for shared in variants:
+            label = f"vlgrpo {mode}" + (" per-row" if not shared and len(variants) > 1 else "")
+            res[label] = run_vlgrpo_side(spec, mode, shared)
+            print(f"  {label}: {res[label]['step_s']:.3f} s/step, learner {res[label]['learner_step_s']:.3f} s "
+                  f"({time.perf_counter() - t_all:.0f}s so far)", flush=True)
+    if have_trl:
+        res["TRL"] = run_trl_side(spec, args.trl_python)
+        print(f"  TRL: {res['TRL']['step_s']:.3f} s/step ({res['TRL']['versions']}; optimizer "
+              f"{res['TRL']['optimizer']}, gradient checkpointing {res['TRL']['gradient_checkpointing']}, "
+              f"scheduler {res['TRL']['lr_scheduler']}) ({time.perf_counter() - t_all:.0f}s so far)", flush=True)
+    cols = list(res)
+    rows = []
+    for label, vk, tk in PHASES:
+        row = [label]
+        for c in cols:
+            key = tk if c == "TRL" else vk
+            row.append(res[c].get(key, float("nan")) if key else float("nan"))
+        rows.append(row)
+    rows.append(["steps/s"] + [1.0 / res[c]["step_s"] for c in cols])
+    rows.append(["completion tokens / step"] + [res[c].get("completion_tokens", float("nan")) for c in cols])
+    rows_n = args.prompts * args.group_size
+    learner_s = {c: res[c]["learner_step_s"] if c != "TRL" else
+                 res[c]["forward_s"] + res[c]["backward_s"] + res[c]["optimizer_s"] for c in cols}
+    rows.append(["learner tokens/s (prompt + completion, per row)"] + [
+        (rows_n * n_prompt + res[c].get("completion_tokens", 0.0)) / max(learner_s[c], 1e-9) for c in cols])
+    print(table(["phase (mean s per step)"] + cols, rows,
+                title=f"size {size} ({n_params / 1e6:.2f}M params, {px} px images): mean over {args.steps} steps after "
+                      f"{args.warmup} warm-up; '-' = no such phase on that side"), flush=True)
+    print(f"  the shared prefix saves {args.prompts * (args.group_size - 1) * n_prompt} prompt tokens a step in the "
+          f"learner and as many in the transformers engine ({args.prompts} prompt passes instead of {rows_n})")
+    return res
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="both", choices=["micro", "tiny", "small", "both"],
@@ -294,6 +345,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--image-size", type=int, default=56,
                     help="image side in pixels: 56 = 4 image tokens a prompt; 420 = 225 (a long, VLM-like prompt)")
+    ap.add_argument("--long-image-size", type=int, default=420, help="the long-prompt case at the largest size "
+                    "(420 px = 225 image tokens); 0: skip it")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process on both sides; 0: equal "
                     "cores, TRL all of them, vlgrpo its own allotment")
     ap.add_argument("--modes", default="sync,async", help="vlgrpo modes to run")
@@ -321,66 +374,26 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"NOTE: no TRL environment at {args.trl_python}; run `bash benchmarks/setup_trl_env.sh` first "
               "(measuring the vlgrpo side only)", flush=True)
     t_all = time.perf_counter()
-    ratios: dict[str, dict[str, float]] = {}
-    for size in sizes:
-        model, data, n_params = prepare(size, work, n_data=256, image_size=args.image_size)
-        spec = {"model": model, "data": data, "prompts": args.prompts, "group_size": args.group_size,
-                "max_tokens": args.max_tokens, "lr": args.lr, "threads": args.threads, "steps": args.steps,
-                "warmup": args.warmup, "seed": 0}
-        n_prompt = prompt_tokens(model, data)
-        threads = f"{args.threads} torch thread(s) per process" if args.threads else (
-            f"equal cores ({os.cpu_count()}): TRL {os.cpu_count()} threads, vlgrpo its allotment")
-        print(f"\n== size {size}: qwen2-vl, {n_params / 1e6:.2f}M params; {args.prompts} prompts x {args.group_size} "
-              f"completions, max {args.max_tokens} tokens, {n_prompt}-token prompts; {threads}; "
-              f"learner.shared_prefix {args.shared_prefix}", flush=True)
-        res: dict[str, dict] = {}
-        variants = {"on": [True], "off": [False], "both": [True, False]}[args.shared_prefix]
-        for mode in modes:
-            for shared in variants:
-                label = f"vlgrpo {mode}" + (" per-row" if not shared and len(variants) > 1 else "")
-                res[label] = run_vlgrpo_side(spec, mode, shared)
-                print(f"  {label}: {res[label]['step_s']:.3f} s/step, learner {res[label]['learner_step_s']:.3f} s "
-                      f"({time.perf_counter() - t_all:.0f}s so far)", flush=True)
-        if have_trl:
-            res["TRL"] = run_trl_side(spec, args.trl_python)
-            print(f"  TRL: {res['TRL']['step_s']:.3f} s/step ({res['TRL']['versions']}; optimizer "
-                  f"{res['TRL']['optimizer']}, gradient checkpointing {res['TRL']['gradient_checkpointing']}, "
-                  f"scheduler {res['TRL']['lr_scheduler']}) ({time.perf_counter() - t_all:.0f}s so far)", flush=True)
-        cols = list(res)
-        rows = []
-        for label, vk, tk in PHASES:
-            row = [label]
-            for c in cols:
-                key = tk if c == "TRL" else vk
-                row.append(res[c].get(key, float("nan")) if key else float("nan"))
-            rows.append(row)
-        rows.append(["steps/s"] + [1.0 / res[c]["step_s"] for c in cols])
-        rows.append(["completion tokens / step"] + [res[c].get("completion_tokens", float("nan")) for c in cols])
-        rows_n = args.prompts * args.group_size
-        learner_s = {c: res[c]["learner_step_s"] if c != "TRL" else
-                     res[c]["forward_s"] + res[c]["backward_s"] + res[c]["optimizer_s"] for c in cols}
-        rows.append(["learner tokens/s (prompt + completion, per row)"] + [
-            (rows_n * n_prompt + res[c].get("completion_tokens", 0.0)) / max(learner_s[c], 1e-9) for c in cols])
-        print(table(["phase (mean s per step)"] + cols, rows,
-                    title=f"size {size} ({n_params / 1e6:.2f}M params): mean over {args.steps} steps after "
-                          f"{args.warmup} warm-up; '-' = no such phase on that side"), flush=True)
-        print(f"  the shared prefix saves {args.prompts * (args.group_size - 1) * n_prompt} prompt tokens a step in the "
-              f"learner and as many in the transformers engine ({args.prompts} prompt passes instead of {rows_n})")
+    cases = [(size, args.image_size) for size in sizes] + [(sizes[-1], args.long_image_size)] * (args.long_image_size > 0)
+    ratios: dict[tuple[str, int], dict[str, float]] = {}
+    head, results = (sizes[-1], args.image_size), {}
+    for size, px in cases:
+        res = results[size, px] = run_case(args, work, size, px, modes, have_trl, t_all)
         if "TRL" in res:
-            ratios[size] = {m: res["TRL"]["step_s"] / res[f"vlgrpo {m}"]["step_s"] for m in modes}
-            print("  vlgrpo steps/s / TRL steps/s: " + ", ".join(f"{m} {v:.3f}" for m, v in ratios[size].items()),
+            ratios[size, px] = {m: res["TRL"]["step_s"] / res[f"vlgrpo {m}"]["step_s"] for m in modes}
+            print("  vlgrpo steps/s / TRL steps/s: " + ", ".join(f"{m} {v:.3f}" for m, v in ratios[size, px].items()),
                   flush=True)
     tmp.cleanup()
     if not ratios:
         print("\nTRL was not run: no ratio. RESULT shows the vlgrpo sync steps/s instead.")
-        result("vlgrpo_sync_steps_per_s_no_trl", 1.0 / res[f"vlgrpo {modes[0]}"]["step_s"])
+        result(f"vlgrpo_{modes[0]}_steps_per_s_no_trl", 1.0 / results[head][f"vlgrpo {modes[0]}"]["step_s"])
         return
     print()
-    for size, r in ratios.items():
-        print(f"size {size}: vlgrpo/TRL steps/s = " + ", ".join(f"{m} {v:.3f}" for m, v in r.items()))
-    head = sizes[-1]
+    for (size, px), r in ratios.items():
+        print(f"size {size}, {px} px images: vlgrpo/TRL steps/s = " + ", ".join(f"{m} {v:.3f}" for m, v in r.items())
+              + f" (best {max(r.values()):.3f})")
     mode = max(ratios[head], key=ratios[head].get)  # vlgrpo's best mode
-    result(f"step_vs_trl_{head}_vlgrpo_{mode}_over_trl", ratios[head][mode])
+    result(f"step_vs_trl_{head[0]}_vlgrpo_{mode}_over_trl", ratios[head][mode])
 
 
 if __name__ == "__main__":
