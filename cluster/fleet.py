@@ -191,7 +191,6 @@ class Fleet:
 
     def form_sync_group(self) -> None:
         """(Re)form the sync group: learner rank 0 + every worker. Called when membership changes."""
-        self.allot_threads()
         if self.sync_info is not None:
             source = self.learners[0].leave_sync_group.remote()
             refs, gone = [(slot, slot.actor.leave_sync_group.remote()) for slot in self.slots], []
@@ -203,6 +202,7 @@ class Fleet:
                     gone.append(slot)
             if gone:
                 return self.replace(gone, 0, sync=False)  # forms the group; the caller syncs
+        self.allot_threads()  # after leaving: every member answered (a 2nd dead worker is replaced above)
         addr, port = placement.rendezvous(self.learner_pg)
         first, rank = [], 1
         for slot in self.slots:  # a TP=k engine takes k consecutive ranks, from first[i]

@@ -29,24 +29,29 @@ def _cfg(out, *extra):
 
 
 class KillWorkerMidGeneration(Trainer):
-    """SIGKILLs the process of rollout worker 0 right after step 1's prompts were sent to it."""
+    """SIGKILLs the processes of the first ``kill`` rollout workers right after step 1's prompts were sent."""
 
-    killed_pid = None
+    kill, killed_pids = 1, None
 
     def launch(self, step):
-        if step != 1 or self.killed_pid is not None:
+        if step != 1 or self.killed_pids is not None:
             return super().launch(step)
-        pid = ray.get(self.fleet.workers[0].health.remote())["pid"]
+        pids = [h["pid"] for h in ray.get([w.health.remote() for w in self.fleet.workers[:self.kill]])]
         chunks = super().launch(step)
-        time.sleep(0.05)  # the chunk is in flight (32 tokens take longer than this)
-        os.kill(pid, signal.SIGKILL)
-        self.killed_pid = pid
+        time.sleep(0.05)  # the chunks are in flight (32 tokens take longer than this)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        self.killed_pids = pids
         return chunks
 
 
 @pytest.mark.slow
-def test_rollout_worker_death(tmp_path, ray_session, fault_log):
+@pytest.mark.parametrize("kill", [1, 2])
+def test_rollout_worker_death(tmp_path, ray_session, fault_log, kill):
+    """kill=2: the driver finds one dead chunk first; re-forming the sync group then finds the other worker
+    dead too (as when a node is lost) and replaces it before allotting threads or syncing."""
     trainer = KillWorkerMidGeneration(_cfg(tmp_path / "kill", "trainer.total_steps=3", "rollout.max_tokens=32"))
+    trainer.kill = kill
     try:
         trainer.setup()
         history = trainer.run()
@@ -56,16 +61,16 @@ def test_rollout_worker_death(tmp_path, ray_session, fault_log):
         threads, allotted = process_threads(trainer), trainer.fleet.threads
     finally:
         trainer.shutdown()
-    assert threads == allotted, "the replacement worker did not get its share of the cores"
-    assert trainer.killed_pid is not None and trainer.killed_pid not in pids
+    assert threads == allotted, "a replacement worker did not get its share of the cores"
+    assert len(trainer.killed_pids) == kill and not pids & set(trainer.killed_pids)
     assert len(pids) == 2  # replaced, not just dropped
     assert [h["step"] for h in history] == [1, 2, 3]
-    assert history[1]["faults/worker_replaced"] >= 1 and history[1]["faults/prompts_retried"] >= 1
+    assert history[1]["faults/worker_replaced"] >= kill and history[1]["faults/prompts_retried"] >= 1
     rows = [int(h["learner/num_seqs"]) for h in history]
     lost = sum(PROMPTS * G - r for r in rows)
     assert lost == 0, rows
-    assert all(w == learner for w in workers), "the replacement worker does not hold the learner's weights"
-    fault_log("rollout worker SIGKILLed mid-generation", survived=True, data_lost=lost)
+    assert all(w == learner for w in workers), "a replacement worker does not hold the learner's weights"
+    fault_log(f"{kill} rollout worker(s) SIGKILLed mid-generation", survived=True, data_lost=lost)
 
 
 class KillLearnerInUpdate(Trainer):
